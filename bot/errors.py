@@ -1,0 +1,32 @@
+"""Errors the bot raises on purpose. Each carries a message fit to show a person."""
+
+from __future__ import annotations
+
+
+class DishbotError(Exception):
+    """Base of every expected failure; `str(error)` is a complete, user-facing sentence."""
+
+
+class ConfigError(DishbotError):
+    """The settings are missing, malformed or contradictory."""
+
+
+class DatabaseUnavailable(DishbotError):
+    """The database cannot be reached or opened."""
+
+
+class SchemaOutdated(DishbotError):
+    """The database schema is not at the revision this version of dishbot needs."""
+
+    def __init__(self, current: str | None, head: str) -> None:
+        self.current = current
+        self.head = head
+        found = f"revision {current}" if current else "no dishbot schema"
+        super().__init__(
+            f"the database has {found}, this dishbot needs {head}; "
+            "run `dishbot db upgrade` first"
+        )
+
+
+class NotFound(DishbotError):
+    """A row the caller named does not exist."""

@@ -1,0 +1,285 @@
+"""dishbot's configuration: environment variables ``DISHBOT_*`` and an optional ``dishbot.toml``.
+
+Nested settings use ``__`` in the environment (``DISHBOT_TELEGRAM__TOKEN``) and tables in
+TOML (``[telegram] token = "..."``). The environment wins over the file, the file over the
+defaults. The file is ``$DISHBOT_CONFIG`` when set, otherwise ``./dishbot.toml`` if present.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from bot.errors import ConfigError
+
+CONFIG_ENV_VAR = "DISHBOT_CONFIG"
+DEFAULT_CONFIG_FILE = Path("dishbot.toml")
+ADMIN_PLATFORMS = ("telegram", "discord")
+
+
+class _Section(BaseModel):
+    # A typo in dishbot.toml should be an error, not a silently ignored key.
+    model_config = ConfigDict(extra="forbid")
+
+
+class OpenAISettings(_Section):
+    """A remote OpenAI-compatible server: `lmdeploy serve api_server`, its proxy, or vLLM."""
+
+    base_url: str = "http://127.0.0.1:23333/v1"
+    api_key: SecretStr | None = None
+    model: str | None = Field(
+        default=None, description="model name to request; the server's first model when unset"
+    )
+
+
+class EngineSettings(_Section):
+    """The shared InternVL engine: backend, model, batching, queue and generation limits."""
+
+    backend: Literal["auto", "lmdeploy", "transformers", "openai"] = Field(
+        default="auto",
+        description="auto: lmdeploy when it is installed and a GPU is visible, else transformers",
+    )
+    model: str = "OpenGVLab/InternVL2-2B"
+    device: str = Field(default="auto", description="torch device for the transformers backend")
+    max_batch_size: int = Field(default=16, ge=1, description="requests generated together")
+    max_queue: int = Field(default=256, ge=1, description="questions waiting, all users together")
+    max_tiles: int = Field(default=6, ge=1, le=40, description="448x448 tiles per image")
+    max_new_tokens: int = Field(default=512, ge=1, le=8192)
+    request_timeout_s: float = Field(default=120.0, gt=0, description="queue wait + generation")
+    load_timeout_s: float = Field(default=600.0, gt=0, description="loading or swapping a model")
+    openai: OpenAISettings = OpenAISettings()
+
+
+class TelegramSettings(_Section):
+    """The Telegram bot. `base_url`/`base_file_url` point at a self-hosted Bot API server."""
+
+    token: SecretStr | None = None
+    base_url: str = "https://api.telegram.org/bot"
+    base_file_url: str = "https://api.telegram.org/file/bot"
+    mode: Literal["polling", "webhook"] = "polling"
+    webhook_url: str | None = Field(default=None, description="public HTTPS URL Telegram posts to")
+    webhook_listen: str = "127.0.0.1"
+    webhook_port: int = Field(default=8443, ge=1, le=65535)
+    webhook_path: str = "/telegram"
+    webhook_secret: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _webhook_needs_url(self) -> TelegramSettings:
+        if self.mode == "webhook" and not self.webhook_url:
+            raise ValueError("telegram.mode = webhook needs telegram.webhook_url")
+        return self
+
+
+class DiscordSettings(_Section):
+    """The Discord bot. `api_base`/`gateway_url` override the endpoints (self-hosted or tests)."""
+
+    token: SecretStr | None = None
+    api_base: str | None = None
+    gateway_url: str | None = None
+
+
+class LimitSettings(_Section):
+    """What one user may ask for."""
+
+    questions_per_minute: int = Field(default=6, ge=1, description="per-user rate limit")
+    max_pending_per_user: int = Field(default=3, ge=1, description="unanswered questions per user")
+
+
+class TrainingSettings(_Section):
+    """Retraining with XTuner, which runs as a subprocess in its own Python environment."""
+
+    python: str = Field(default="python3", description="interpreter of the XTuner environment")
+    work_dir: Path | None = Field(default=None, description="default: <data_dir>/training")
+    deepspeed: str = Field(default="deepspeed_zero2", description="XTuner deepspeed preset")
+    epochs: int = Field(default=1, ge=1)
+    learning_rate: float = Field(default=2e-5, gt=0)
+    batch_size: int = Field(default=4, ge=1, description="per device")
+    accumulative_counts: int = Field(default=2, ge=1)
+    max_length: int = Field(default=8192, ge=256)
+    lora_r: int = Field(default=128, ge=1)
+    lora_alpha: int = Field(default=256, ge=1)
+    lora_dropout: float = Field(default=0.05, ge=0, lt=1)
+
+
+def _parse_admins(value: Any) -> Any:
+    """Accept a JSON list (``["telegram:1","discord:2"]``) or a comma-separated string."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"admins is not a valid JSON list: {exc.msg}") from None
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+class Settings(BaseSettings):
+    """Everything dishbot reads from its environment and ``dishbot.toml``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="DISHBOT_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    data_dir: Path = Path("./data")
+    database_url: str | None = Field(
+        default=None, description="default: SQLite file <data_dir>/dishbot.db"
+    )
+    admins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description='e.g. ["telegram:123","discord:456"]'
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    engine: EngineSettings = EngineSettings()
+    telegram: TelegramSettings = TelegramSettings()
+    discord: DiscordSettings = DiscordSettings()
+    limits: LimitSettings = LimitSettings()
+    training: TrainingSettings = TrainingSettings()
+
+    @field_validator("admins", mode="before")
+    @classmethod
+    def _admins_from_text(cls, value: Any) -> Any:
+        return _parse_admins(value)
+
+    @field_validator("admins")
+    @classmethod
+    def _admins_are_platform_ids(cls, value: list[str]) -> list[str]:
+        for admin in value:
+            platform, _, user_id = admin.partition(":")
+            if platform not in ADMIN_PLATFORMS or not user_id.isdigit():
+                raise ValueError(
+                    f"admin {admin!r} is not of the form telegram:<user id> or discord:<user id>"
+                )
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_log_level(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _fill_derived_defaults(self) -> Settings:
+        if self.database_url is None:
+            self.database_url = f"sqlite+aiosqlite:///{(self.data_dir / 'dishbot.db').resolve()}"
+        if self.training.work_dir is None:
+            self.training.work_dir = self.data_dir / "training"
+        return self
+
+    @property
+    def db_url(self) -> str:
+        """The database URL (always set after validation)."""
+        assert self.database_url is not None
+        return self.database_url
+
+    def is_admin(self, platform: str, user_id: str | int) -> bool:
+        """Whether ``platform:user_id`` was named in ``admins``."""
+        return f"{platform}:{user_id}" in self.admins
+
+    def secret_values(self) -> list[str]:
+        """Every secret set in these settings, for scrubbing them from log output."""
+        secrets = [
+            self.telegram.token,
+            self.telegram.webhook_secret,
+            self.discord.token,
+            self.engine.openai.api_key,
+        ]
+        values = [s.get_secret_value() for s in secrets if s is not None]
+        password = _database_password(self.db_url)
+        if password:
+            values.append(password)
+        return [v for v in values if v]
+
+    def redacted(self) -> dict[str, Any]:
+        """The effective settings as plain data, with every secret replaced by asterisks."""
+        data = self.model_dump(mode="json")  # SecretStr dumps as '**********'
+        data["database_url"] = redact_url(self.db_url)
+        return data
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = _config_file()
+        if config_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+        return tuple(sources)
+
+
+def _config_file() -> Path | None:
+    named = os.environ.get(CONFIG_ENV_VAR)
+    if named:
+        path = Path(named)
+        if not path.is_file():
+            raise ConfigError(f"{CONFIG_ENV_VAR} names {path}, which is not a file")
+        return path
+    return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None
+
+
+def _database_password(url: str) -> str | None:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).password
+    except ArgumentError:
+        return None
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password, if any, replaced by asterisks."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<unparseable URL>"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the settings, turning any problem into one `ConfigError` a person can act on."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_describe_validation_error(exc)) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"the config file is not valid TOML: {exc}") from None
+
+
+def _describe_validation_error(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors(include_input=False, include_url=False):
+        where = ".".join(str(part) for part in error["loc"]) or "settings"
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown setting"
+        problems.append(f"{where}: {message}")
+    return "invalid settings: " + "; ".join(problems)

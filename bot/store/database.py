@@ -1,0 +1,65 @@
+"""Opening the database: URL normalisation and per-dialect connection set-up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from bot.errors import ConfigError
+
+# A plain `postgresql://` or `sqlite://` URL gets the async driver dishbot ships with.
+_ASYNC_DRIVERS = {
+    "sqlite": "sqlite+aiosqlite",
+    "postgresql": "postgresql+asyncpg",
+    "postgres": "postgresql+asyncpg",
+}
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def async_url(url: str) -> URL:
+    """Parse ``url`` and give it an async driver if it names none."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ConfigError("database_url is not a valid database URL") from None
+    driver = _ASYNC_DRIVERS.get(parsed.drivername)
+    if driver:
+        parsed = parsed.set(drivername=driver)
+    if parsed.get_backend_name() not in ("sqlite", "postgresql"):
+        raise ConfigError(
+            f"database_url: {parsed.get_backend_name()} is not supported; "
+            "use sqlite or postgresql"
+        )
+    return parsed
+
+
+def is_sqlite(url: URL) -> bool:
+    """Whether ``url`` names an SQLite database."""
+    return url.get_backend_name() == "sqlite"
+
+
+def open_engine(url: str, **engine_options: Any) -> AsyncEngine:
+    """An async engine for ``url``; an SQLite file's directory is created if missing."""
+    parsed = async_url(url)
+    if not is_sqlite(parsed):
+        return create_async_engine(parsed, pool_pre_ping=True, **engine_options)
+    if parsed.database and parsed.database != ":memory:":
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_async_engine(parsed, **engine_options)
+    event.listen(engine.sync_engine, "connect", _configure_sqlite_connection)
+    return engine
+
+
+def _configure_sqlite_connection(dbapi_connection: Any, _record: Any) -> None:
+    # WAL lets readers run beside the writer; foreign keys are off by default in SQLite.
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.close()
