@@ -23,8 +23,7 @@ class SchemaOutdated(DishbotError):
         self.head = head
         found = f"revision {current}" if current else "no dishbot schema"
         super().__init__(
-            f"the database has {found}, this dishbot needs {head}; "
-            "run `dishbot db upgrade` first"
+            f"the database has {found}, this dishbot needs {head}; run `dishbot db upgrade` first"
         )
 
 

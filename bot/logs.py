@@ -38,5 +38,7 @@ def configure_logging(level: str, secrets: Iterable[str], stream: object = None)
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
-    # httpx logs every request URL at INFO, and Telegram's URLs carry the token.
-    logging.getLogger("httpx").setLevel(max(logging.WARNING, root.level))
+    # httpx logs every request URL at INFO, and Telegram's URLs carry the token;
+    # alembic narrates every connection it configures.
+    for chatty in ("httpx", "alembic"):
+        logging.getLogger(chatty).setLevel(max(logging.WARNING, root.level))

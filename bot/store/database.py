@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from bot.errors import ConfigError
+from bot.errors import ConfigError, DatabaseUnavailable
+from bot.settings import redact_url
 
 # A plain `postgresql://` or `sqlite://` URL gets the async driver dishbot ships with.
 _ASYNC_DRIVERS = {
@@ -32,8 +35,7 @@ def async_url(url: str) -> URL:
         parsed = parsed.set(drivername=driver)
     if parsed.get_backend_name() not in ("sqlite", "postgresql"):
         raise ConfigError(
-            f"database_url: {parsed.get_backend_name()} is not supported; "
-            "use sqlite or postgresql"
+            f"database_url: {parsed.get_backend_name()} is not supported; use sqlite or postgresql"
         )
     return parsed
 
@@ -63,3 +65,15 @@ def _configure_sqlite_connection(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
     cursor.close()
+
+
+@contextlib.asynccontextmanager
+async def database_errors(url: str) -> AsyncIterator[None]:
+    """Turn a failure to reach the database into one `DatabaseUnavailable` line."""
+    try:
+        yield
+    except (DBAPIError, OSError) as exc:
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise DatabaseUnavailable(
+            f"cannot use the database at {redact_url(url)}: {reason}"
+        ) from exc

@@ -1,0 +1,143 @@
+"""The ``dishbot`` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+
+from bot.app import App
+from bot.errors import DishbotError
+from bot.logs import REDACTED, configure_logging
+from bot.settings import Settings, load_settings, redact_url
+from bot.store.database import database_errors, open_engine
+from bot.store.schema import current_revision, head_revision, upgrade
+
+Handler = Callable[[Settings], int]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every `dishbot` subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="dishbot",
+        description="A food-photo chatbot for Telegram and Discord, answered by a local "
+        "InternVL model. Settings come from DISHBOT_* environment variables and dishbot.toml "
+        "(or the file named by DISHBOT_CONFIG).",
+    )
+    parser.add_argument(
+        "--debug", action="store_true", help="show the full traceback when something fails"
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = commands.add_parser("run", help="start the configured chat bots")
+    run.set_defaults(handler=cmd_run)
+
+    config = commands.add_parser("config", help="print the effective settings, secrets hidden")
+    config.set_defaults(handler=cmd_config)
+
+    db = commands.add_parser("db", help="database schema: upgrade, current")
+    db_commands = db.add_subparsers(dest="db_command", metavar="DB_COMMAND", required=True)
+    db_upgrade = db_commands.add_parser(
+        "upgrade", help="create the database or migrate it to the newest schema"
+    )
+    db_upgrade.set_defaults(handler=cmd_db_upgrade)
+    db_current = db_commands.add_parser("current", help="show the database's schema revision")
+    db_current.set_defaults(handler=cmd_db_current)
+    return parser
+
+
+def cmd_run(settings: Settings) -> int:
+    """`dishbot run`: start the bots and keep them running."""
+    asyncio.run(App(settings).run())
+    return 0
+
+
+def cmd_config(settings: Settings) -> int:
+    """`dishbot config`: the effective settings as JSON, with secrets redacted."""
+    print(json.dumps(settings.redacted(), indent=2, ensure_ascii=False))
+    return 0
+
+
+def cmd_db_upgrade(settings: Settings) -> int:
+    """`dishbot db upgrade`: create or migrate the database to head."""
+
+    async def go() -> tuple[str | None, str | None]:
+        engine = open_engine(settings.db_url)
+        try:
+            async with database_errors(settings.db_url):
+                before = await current_revision(engine)
+                await upgrade(engine)
+                return before, await current_revision(engine)
+        finally:
+            await engine.dispose()
+
+    before, after = asyncio.run(go())
+    where = redact_url(settings.db_url)
+    if before == after:
+        print(f"{where}: schema already at revision {after} (head)")
+    else:
+        print(f"{where}: schema upgraded from {before or 'nothing'} to revision {after} (head)")
+    return 0
+
+
+def cmd_db_current(settings: Settings) -> int:
+    """`dishbot db current`: which schema revision the database is at."""
+
+    async def go() -> str | None:
+        engine = open_engine(settings.db_url)
+        try:
+            async with database_errors(settings.db_url):
+                return await current_revision(engine)
+        finally:
+            await engine.dispose()
+
+    revision = asyncio.run(go())
+    head = head_revision()
+    where = redact_url(settings.db_url)
+    if revision is None:
+        print(f"{where}: no dishbot schema yet; run `dishbot db upgrade`")
+    elif revision == head:
+        print(f"{where}: schema at revision {revision} (head)")
+    else:
+        print(f"{where}: schema at revision {revision}, head is {head}; run `dishbot db upgrade`")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the `dishbot` command; returns the process exit status."""
+    args = build_parser().parse_args(argv)
+    secrets: list[str] = []
+    try:
+        settings = load_settings()
+        secrets = settings.secret_values()
+        configure_logging(settings.log_level, secrets)
+        handler: Handler = args.handler
+        return handler(settings)
+    except KeyboardInterrupt:
+        return 130
+    except DishbotError as exc:
+        _print_error(str(exc), secrets, show_traceback=args.debug)
+        return 1
+    except Exception as exc:
+        message = f"unexpected error: {type(exc).__name__}: {exc}"
+        if not args.debug:
+            message += " (run `dishbot --debug ...` for the traceback)"
+        _print_error(message, secrets, show_traceback=args.debug)
+        return 1
+
+
+def _print_error(message: str, secrets: Sequence[str], *, show_traceback: bool) -> None:
+    """One line on stderr (after the traceback, if asked for), with secrets scrubbed."""
+    text = (
+        (traceback.format_exc() if show_traceback else "") + "dishbot: " + " ".join(message.split())
+    )
+    for secret in secrets:
+        text = text.replace(secret, REDACTED)
+    print(text, file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,628 @@
+"""The Store: every read and write the bot makes to SQL and to the photo files."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import delete, exists, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import CursorResult
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from bot.errors import NotFound
+from bot.store.database import open_engine
+from bot.store.models import (
+    Correction,
+    Exchange,
+    ExchangeStatus,
+    ModelVersion,
+    Photo,
+    Rating,
+    TrainingRun,
+    TrainingStatus,
+    User,
+    utcnow,
+)
+from bot.store.photos import PhotoFiles
+from bot.store.records import (
+    CorrectionRecord,
+    ExchangeRecord,
+    ForgetReport,
+    ModelVersionRecord,
+    PhotoRecord,
+    RatingRecord,
+    TrainingRunRecord,
+    UserRecord,
+    snapshot,
+)
+
+RATING_VALUES = (-1, 1)
+MAX_CONVERSATION_TURNS = 50
+_FINISHED_TRAINING = (TrainingStatus.SUCCEEDED, TrainingStatus.FAILED, TrainingStatus.CANCELLED)
+
+
+class Store:
+    """dishbot's persistent state: users, photos, exchanges, feedback, models, training runs.
+
+    Every method is a complete transaction. Methods that a platform may retry (a rating
+    press, a re-delivered message) are idempotent.
+    """
+
+    def __init__(self, engine: AsyncEngine, data_dir: Path) -> None:
+        self.engine = engine
+        self.photos = PhotoFiles(data_dir)
+        self._sessions = async_sessionmaker(engine, expire_on_commit=False)
+        self._dialect = engine.dialect.name
+        # SQLite has one writer at a time; queueing writers here instead of in SQLite's
+        # busy loop keeps them fair and avoids its lock-upgrade deadlock.
+        self._sqlite_writer = asyncio.Lock() if self._dialect == "sqlite" else None
+
+    @classmethod
+    def open(cls, database_url: str, data_dir: Path) -> Store:
+        """A store on a new engine for ``database_url``; `close` disposes of it."""
+        return cls(open_engine(database_url), data_dir)
+
+    async def close(self) -> None:
+        """Close every database connection."""
+        await self.engine.dispose()
+
+    @contextlib.asynccontextmanager
+    async def _write(self) -> AsyncIterator[AsyncSession]:
+        async with contextlib.AsyncExitStack() as stack:
+            if self._sqlite_writer is not None:
+                await stack.enter_async_context(self._sqlite_writer)
+            session = await stack.enter_async_context(self._sessions.begin())
+            yield session
+
+    def _read(self) -> AsyncSession:
+        return self._sessions()
+
+    def _insert(self, model: type[Any]) -> Any:
+        """INSERT with ON CONFLICT support for the dialect in use."""
+        if self._dialect == "postgresql":
+            return postgresql.insert(model)
+        return sqlite.insert(model)
+
+    # -- users --------------------------------------------------------------------------
+
+    async def upsert_user(
+        self,
+        platform: str,
+        platform_user_id: str,
+        *,
+        display_name: str | None = None,
+        language: str | None = None,
+    ) -> UserRecord:
+        """The user with this platform id, created if new; a given name or language updates it."""
+        now = utcnow()
+        stmt = self._insert(User).values(
+            platform=platform,
+            platform_user_id=platform_user_id,
+            display_name=display_name,
+            language=language,
+            created_at=now,
+            updated_at=now,
+        )
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[User.platform, User.platform_user_id],
+            set_={
+                "display_name": func.coalesce(stmt.excluded.display_name, User.display_name),
+                "language": func.coalesce(stmt.excluded.language, User.language),
+                "updated_at": now,
+            },
+        )
+        async with self._write() as session:
+            await session.execute(stmt)
+            user = await session.scalar(
+                select(User).where(
+                    User.platform == platform, User.platform_user_id == platform_user_id
+                )
+            )
+            assert user is not None
+            return snapshot(UserRecord, user)
+
+    async def get_user(self, user_id: int) -> UserRecord | None:
+        """The user with this id, or None."""
+        async with self._read() as session:
+            user = await session.get(User, user_id)
+            return snapshot(UserRecord, user) if user else None
+
+    async def find_user(self, platform: str, platform_user_id: str) -> UserRecord | None:
+        """The user with this platform id, or None if the bot never stored them."""
+        async with self._read() as session:
+            user = await session.scalar(
+                select(User).where(
+                    User.platform == platform, User.platform_user_id == platform_user_id
+                )
+            )
+            return snapshot(UserRecord, user) if user else None
+
+    async def set_user_banned(self, user_id: int, banned: bool) -> None:
+        """Ban or unban a user."""
+        await self._update_user(user_id, banned=banned)
+
+    async def set_user_language(self, user_id: int, language: str) -> None:
+        """Remember the language a user wants answers in."""
+        await self._update_user(user_id, language=language)
+
+    async def _update_user(self, user_id: int, **values: Any) -> None:
+        async with self._write() as session:
+            result = await session.execute(
+                update(User).where(User.id == user_id).values(updated_at=utcnow(), **values)
+            )
+            if result.rowcount == 0:  # type: ignore[attr-defined]
+                raise NotFound(f"user {user_id} does not exist")
+
+    # -- photos -------------------------------------------------------------------------
+
+    async def add_photo(
+        self, data: bytes, *, image_format: str, width: int, height: int
+    ) -> PhotoRecord:
+        """Store a photo's bytes (once per content) and its row; the same bytes give the same row.
+
+        The file is written before the row, so a row never names a missing file.
+        """
+        sha256, relative = await asyncio.to_thread(self.photos.write, data, image_format)
+        stmt = (
+            self._insert(Photo)
+            .values(
+                sha256=sha256,
+                path=relative,
+                width=width,
+                height=height,
+                format=image_format.upper(),
+                bytes=len(data),
+                created_at=utcnow(),
+            )
+            .on_conflict_do_nothing(index_elements=[Photo.sha256])
+        )
+        async with self._write() as session:
+            await session.execute(stmt)
+            photo = await session.get(Photo, sha256)
+            assert photo is not None
+            return snapshot(PhotoRecord, photo)
+
+    async def get_photo(self, sha256: str) -> PhotoRecord | None:
+        """The photo with this sha256, or None."""
+        async with self._read() as session:
+            photo = await session.get(Photo, sha256)
+            return snapshot(PhotoRecord, photo) if photo else None
+
+    def photo_file(self, photo: PhotoRecord) -> Path:
+        """The file holding a stored photo."""
+        return self.photos.absolute(photo.path)
+
+    # -- exchanges ----------------------------------------------------------------------
+
+    async def start_exchange(
+        self,
+        *,
+        user_id: int,
+        platform: str,
+        chat_id: str,
+        question: str,
+        question_message_id: str | None = None,
+        photo_sha256: str | None = None,
+        parent_id: int | None = None,
+    ) -> ExchangeRecord:
+        """Record a question as pending.
+
+        A message the platform delivers twice (same chat and message id) yields the exchange
+        stored the first time, not a second one.
+        """
+        values = {
+            "user_id": user_id,
+            "platform": platform,
+            "chat_id": chat_id,
+            "question": question,
+            "question_message_id": question_message_id,
+            "photo_sha256": photo_sha256,
+            "parent_id": parent_id,
+            "status": ExchangeStatus.PENDING,
+            "created_at": utcnow(),
+        }
+        stmt = self._insert(Exchange).values(**values)
+        if question_message_id is not None:
+            stmt = stmt.on_conflict_do_nothing(
+                index_elements=[Exchange.platform, Exchange.chat_id, Exchange.question_message_id]
+            )
+        async with self._write() as session:
+            try:
+                new_id = await session.scalar(stmt.returning(Exchange.id))
+            except IntegrityError:
+                raise NotFound("the user, photo or parent exchange does not exist") from None
+            exchange = (
+                await session.get(Exchange, new_id)
+                if new_id is not None
+                else await session.scalar(
+                    select(Exchange).where(
+                        Exchange.platform == platform,
+                        Exchange.chat_id == chat_id,
+                        Exchange.question_message_id == question_message_id,
+                    )
+                )
+            )
+            assert exchange is not None
+            return snapshot(ExchangeRecord, exchange)
+
+    async def finish_exchange(
+        self,
+        exchange_id: int,
+        *,
+        answer: str,
+        model_version: str | None,
+        latency_ms: int,
+        reply_message_id: str | None = None,
+    ) -> ExchangeRecord:
+        """Store the answer to a pending question."""
+        values: dict[str, Any] = {
+            "answer": answer,
+            "model_version": model_version,
+            "latency_ms": latency_ms,
+        }
+        if reply_message_id is not None:
+            values["reply_message_id"] = reply_message_id
+        return await self._finish(exchange_id, ExchangeStatus.ANSWERED, values)
+
+    async def fail_exchange(
+        self, exchange_id: int, *, error: str, latency_ms: int | None = None
+    ) -> ExchangeRecord:
+        """Mark a question as failed (engine error, timeout, cancellation) with the reason."""
+        values: dict[str, Any] = {"error": error, "latency_ms": latency_ms}
+        return await self._finish(exchange_id, ExchangeStatus.FAILED, values)
+
+    async def set_reply_message(self, exchange_id: int, reply_message_id: str) -> None:
+        """Remember which platform message carries the answer (for replies and buttons)."""
+        async with self._write() as session:
+            exchange = await self._exchange_or_raise(session, exchange_id)
+            exchange.reply_message_id = reply_message_id
+
+    async def _finish(
+        self, exchange_id: int, status: ExchangeStatus, values: dict[str, Any]
+    ) -> ExchangeRecord:
+        async with self._write() as session:
+            exchange = await self._exchange_or_raise(session, exchange_id)
+            for name, value in values.items():
+                setattr(exchange, name, value)
+            exchange.status = status
+            exchange.finished_at = utcnow()
+            await session.flush()
+            return snapshot(ExchangeRecord, exchange)
+
+    @staticmethod
+    async def _exchange_or_raise(session: AsyncSession, exchange_id: int) -> Exchange:
+        exchange = await session.get(Exchange, exchange_id)
+        if exchange is None:
+            raise NotFound(f"exchange {exchange_id} does not exist")
+        return exchange
+
+    async def get_exchange(self, exchange_id: int) -> ExchangeRecord | None:
+        """The exchange with this id, or None."""
+        async with self._read() as session:
+            exchange = await session.get(Exchange, exchange_id)
+            return snapshot(ExchangeRecord, exchange) if exchange else None
+
+    async def find_exchange_by_reply(
+        self, platform: str, chat_id: str, reply_message_id: str
+    ) -> ExchangeRecord | None:
+        """The exchange whose answer is this platform message (a user replied to it)."""
+        async with self._read() as session:
+            exchange = await session.scalar(
+                select(Exchange)
+                .where(
+                    Exchange.platform == platform,
+                    Exchange.chat_id == chat_id,
+                    Exchange.reply_message_id == reply_message_id,
+                )
+                .order_by(Exchange.id.desc())
+                .limit(1)
+            )
+            return snapshot(ExchangeRecord, exchange) if exchange else None
+
+    async def conversation(self, exchange_id: int) -> list[ExchangeRecord]:
+        """The chain of exchanges ending at ``exchange_id``, oldest first (for follow-ups)."""
+        chain: list[ExchangeRecord] = []
+        next_id: int | None = exchange_id
+        async with self._read() as session:
+            while next_id is not None and len(chain) < MAX_CONVERSATION_TURNS:
+                exchange = await session.get(Exchange, next_id)
+                if exchange is None:
+                    break
+                chain.append(snapshot(ExchangeRecord, exchange))
+                next_id = exchange.parent_id
+        chain.reverse()
+        return chain
+
+    # -- feedback -----------------------------------------------------------------------
+
+    async def record_rating(
+        self, exchange_id: int, user_id: int, value: int, *, rated_at: datetime | None = None
+    ) -> RatingRecord:
+        """Store a user's 👍 (+1) or 👎 (-1) for an answer; one rating per user per answer.
+
+        ``rated_at`` is when the user pressed (default: now). The rating with the latest
+        press wins however the writes interleave, so a retried or late write of an older
+        press never overrides a newer one. Returns the rating as stored.
+        """
+        if value not in RATING_VALUES:
+            raise ValueError(f"a rating is +1 or -1, not {value!r}")
+        pressed = rated_at or utcnow()
+        stmt = self._insert(Rating).values(
+            exchange_id=exchange_id,
+            user_id=user_id,
+            value=value,
+            rated_at=pressed,
+            created_at=utcnow(),
+        )
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[Rating.exchange_id, Rating.user_id],
+            set_={"value": stmt.excluded.value, "rated_at": stmt.excluded.rated_at},
+            where=Rating.rated_at <= stmt.excluded.rated_at,
+        )
+        async with self._write() as session:
+            try:
+                await session.execute(stmt)
+            except IntegrityError:
+                raise NotFound(f"exchange {exchange_id} or user {user_id} does not exist") from None
+            rating = await session.scalar(
+                select(Rating).where(Rating.exchange_id == exchange_id, Rating.user_id == user_id)
+            )
+            assert rating is not None
+            return snapshot(RatingRecord, rating)
+
+    async def ratings(self, exchange_id: int) -> list[RatingRecord]:
+        """Every rating of one answer."""
+        async with self._read() as session:
+            rows = await session.scalars(
+                select(Rating).where(Rating.exchange_id == exchange_id).order_by(Rating.user_id)
+            )
+            return [snapshot(RatingRecord, row) for row in rows]
+
+    async def record_correction(
+        self, exchange_id: int, user_id: int, text: str
+    ) -> CorrectionRecord:
+        """Store what a user says an answer should have been; a second one replaces the first."""
+        text = text.strip()
+        if not text:
+            raise ValueError("a correction needs some text")
+        now = utcnow()
+        stmt = self._insert(Correction).values(
+            exchange_id=exchange_id, user_id=user_id, text=text, created_at=now, updated_at=now
+        )
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[Correction.exchange_id, Correction.user_id],
+            set_={"text": stmt.excluded.text, "updated_at": now},
+        )
+        async with self._write() as session:
+            try:
+                await session.execute(stmt)
+            except IntegrityError:
+                raise NotFound(f"exchange {exchange_id} or user {user_id} does not exist") from None
+            correction = await session.scalar(
+                select(Correction).where(
+                    Correction.exchange_id == exchange_id, Correction.user_id == user_id
+                )
+            )
+            assert correction is not None
+            return snapshot(CorrectionRecord, correction)
+
+    async def corrections(self, exchange_id: int) -> list[CorrectionRecord]:
+        """Every correction of one answer."""
+        async with self._read() as session:
+            rows = await session.scalars(
+                select(Correction)
+                .where(Correction.exchange_id == exchange_id)
+                .order_by(Correction.id)
+            )
+            return [snapshot(CorrectionRecord, row) for row in rows]
+
+    # -- forgetting a user --------------------------------------------------------------
+
+    async def forget(self, user_id: int) -> ForgetReport:
+        """Delete everything stored about a user, and their photos that nothing else uses.
+
+        Removes the user, their exchanges (with every rating and correction of them), their
+        own ratings and corrections elsewhere, and photo files no exchange refers to any
+        more. Other users' follow-ups to this user's answers stay, unlinked from them.
+        """
+        async with self._write() as session:
+            own_exchanges = select(Exchange.id).where(Exchange.user_id == user_id)
+            photo_keys = (
+                await session.scalars(
+                    select(Exchange.photo_sha256)
+                    .where(Exchange.user_id == user_id, Exchange.photo_sha256.is_not(None))
+                    .distinct()
+                )
+            ).all()
+            ratings = await self._delete(
+                session,
+                delete(Rating).where(
+                    (Rating.user_id == user_id) | Rating.exchange_id.in_(own_exchanges)
+                ),
+            )
+            corrections = await self._delete(
+                session,
+                delete(Correction).where(
+                    (Correction.user_id == user_id) | Correction.exchange_id.in_(own_exchanges)
+                ),
+            )
+            await session.execute(
+                update(Exchange)
+                .where(Exchange.parent_id.in_(own_exchanges), Exchange.user_id != user_id)
+                .values(parent_id=None)
+            )
+            exchanges = await self._delete(
+                session, delete(Exchange).where(Exchange.user_id == user_id)
+            )
+            await session.execute(
+                update(TrainingRun)
+                .where(TrainingRun.requested_by == user_id)
+                .values(requested_by=None)
+            )
+            users = await self._delete(session, delete(User).where(User.id == user_id))
+            orphan_paths = await self._delete_unreferenced_photos(session, photo_keys)
+        for path in orphan_paths:
+            await asyncio.to_thread(self.photos.remove, path)
+        return ForgetReport(
+            users=users,
+            exchanges=exchanges,
+            ratings=ratings,
+            corrections=corrections,
+            photos=len(orphan_paths),
+        )
+
+    @staticmethod
+    async def _delete(session: AsyncSession, statement: Any) -> int:
+        result: CursorResult[Any] = await session.execute(  # type: ignore[assignment]
+            statement.execution_options(synchronize_session=False)
+        )
+        return result.rowcount
+
+    @staticmethod
+    async def _delete_unreferenced_photos(
+        session: AsyncSession, keys: Sequence[str | None]
+    ) -> list[str]:
+        if not keys:
+            return []
+        still_used = exists().where(Exchange.photo_sha256 == Photo.sha256)
+        rows = await session.execute(
+            delete(Photo).where(Photo.sha256.in_(keys), ~still_used).returning(Photo.path)
+        )
+        return [path for (path,) in rows]
+
+    # -- model versions -----------------------------------------------------------------
+
+    async def add_model_version(
+        self,
+        name: str,
+        path: str,
+        *,
+        parent_id: int | None = None,
+        metrics: dict[str, Any] | None = None,
+    ) -> ModelVersionRecord:
+        """Register a model the engine can load; it is not active until `activate_model_version`."""
+        async with self._write() as session:
+            version = ModelVersion(
+                name=name,
+                path=path,
+                parent_id=parent_id,
+                metrics=metrics or {},
+                created_at=utcnow(),
+            )
+            session.add(version)
+            try:
+                await session.flush()
+            except IntegrityError:
+                raise ValueError(f"a model version named {name!r} already exists") from None
+            return snapshot(ModelVersionRecord, version)
+
+    async def activate_model_version(self, name: str) -> ModelVersionRecord:
+        """Make ``name`` the one active model version (the previous one is deactivated)."""
+        async with self._write() as session:
+            version = await session.scalar(select(ModelVersion).where(ModelVersion.name == name))
+            if version is None:
+                raise NotFound(f"model version {name!r} does not exist")
+            await session.execute(
+                update(ModelVersion)
+                .where(ModelVersion.is_active, ModelVersion.id != version.id)
+                .values(is_active=False)
+            )
+            if not version.is_active:
+                version.is_active = True
+                version.activated_at = utcnow()
+            await session.flush()
+            return snapshot(ModelVersionRecord, version)
+
+    async def active_model_version(self) -> ModelVersionRecord | None:
+        """The model version that should be served, or None before any was activated."""
+        async with self._read() as session:
+            version = await session.scalar(select(ModelVersion).where(ModelVersion.is_active))
+            return snapshot(ModelVersionRecord, version) if version else None
+
+    async def model_versions(self) -> list[ModelVersionRecord]:
+        """Every registered model version, oldest first."""
+        async with self._read() as session:
+            rows = await session.scalars(select(ModelVersion).order_by(ModelVersion.id))
+            return [snapshot(ModelVersionRecord, row) for row in rows]
+
+    # -- training runs ------------------------------------------------------------------
+
+    async def request_training_run(
+        self, *, requested_by: int | None, parameters: dict[str, Any]
+    ) -> TrainingRunRecord:
+        """Queue a retraining run for a worker to claim."""
+        async with self._write() as session:
+            run = TrainingRun(
+                requested_by=requested_by,
+                parameters=parameters,
+                metrics={},
+                status=TrainingStatus.QUEUED,
+                created_at=utcnow(),
+            )
+            session.add(run)
+            await session.flush()
+            return snapshot(TrainingRunRecord, run)
+
+    async def claim_training_run(self, worker: str) -> TrainingRunRecord | None:
+        """Take the oldest queued run for ``worker`` and mark it running; None if none waits.
+
+        Two workers never claim the same run.
+        """
+        oldest_queued = (
+            select(TrainingRun.id)
+            .where(TrainingRun.status == TrainingStatus.QUEUED)
+            .order_by(TrainingRun.id)
+            .limit(1)
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
+        async with self._write() as session:
+            run_id = await session.scalar(
+                update(TrainingRun)
+                .where(TrainingRun.id == oldest_queued, TrainingRun.status == TrainingStatus.QUEUED)
+                .values(status=TrainingStatus.RUNNING, worker=worker, started_at=utcnow())
+                .returning(TrainingRun.id)
+            )
+            if run_id is None:
+                return None
+            run = await session.get(TrainingRun, run_id)
+            assert run is not None
+            return snapshot(TrainingRunRecord, run)
+
+    async def finish_training_run(
+        self,
+        run_id: int,
+        *,
+        status: TrainingStatus,
+        metrics: dict[str, Any] | None = None,
+        error: str | None = None,
+        output_path: str | None = None,
+        model_version_id: int | None = None,
+    ) -> TrainingRunRecord:
+        """Record how a run ended: succeeded, failed or cancelled, with its results."""
+        if status not in _FINISHED_TRAINING:
+            raise ValueError(f"{status} is not an end state of a training run")
+        async with self._write() as session:
+            run = await session.get(TrainingRun, run_id)
+            if run is None:
+                raise NotFound(f"training run {run_id} does not exist")
+            run.status = status
+            run.metrics = metrics or run.metrics
+            run.error = error
+            run.output_path = output_path or run.output_path
+            run.model_version_id = model_version_id or run.model_version_id
+            run.finished_at = utcnow()
+            await session.flush()
+            return snapshot(TrainingRunRecord, run)
+
+    async def get_training_run(self, run_id: int) -> TrainingRunRecord | None:
+        """The training run with this id, or None."""
+        async with self._read() as session:
+            run = await session.get(TrainingRun, run_id)
+            return snapshot(TrainingRunRecord, run) if run else None
