@@ -1,0 +1,60 @@
+"""Small builders for store tests: a photo, a user, an answered question."""
+
+from __future__ import annotations
+
+import io
+from itertools import count
+
+from PIL import Image
+
+from bot.store import ExchangeRecord, PhotoRecord, Store, UserRecord
+
+_message_ids = count(1000)
+
+
+def jpeg_bytes(
+    color: tuple[int, int, int] = (200, 80, 40), size: tuple[int, int] = (64, 48)
+) -> bytes:
+    """A real, decodable JPEG; a different colour gives different bytes."""
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+async def add_photo(store: Store, color: tuple[int, int, int] = (200, 80, 40)) -> PhotoRecord:
+    return await store.add_photo(jpeg_bytes(color), image_format="JPEG", width=64, height=48)
+
+
+async def add_user(store: Store, platform_user_id: str, platform: str = "telegram") -> UserRecord:
+    return await store.upsert_user(
+        platform, platform_user_id, display_name=f"user {platform_user_id}"
+    )
+
+
+async def answered(
+    store: Store,
+    user: UserRecord,
+    *,
+    photo: PhotoRecord | None = None,
+    question: str = "这是什么菜？",
+    answer: str = "叉烧 (char siu)",
+    parent_id: int | None = None,
+    chat_id: str = "42",
+) -> ExchangeRecord:
+    """A question by ``user`` that the bot answered, as the dialog would store it."""
+    exchange = await store.start_exchange(
+        user_id=user.id,
+        platform=user.platform,
+        chat_id=chat_id,
+        question=question,
+        question_message_id=str(next(_message_ids)),
+        photo_sha256=photo.sha256 if photo else None,
+        parent_id=parent_id,
+    )
+    return await store.finish_exchange(
+        exchange.id,
+        answer=answer,
+        model_version="internvl2-2b",
+        latency_ms=850,
+        reply_message_id=str(next(_message_ids)),
+    )

@@ -1,0 +1,108 @@
+"""Questions and answers as the dialog stores them."""
+
+from __future__ import annotations
+
+import pytest
+
+from bot.errors import NotFound
+from bot.store import ExchangeStatus, Store
+from tests.factories import add_photo, add_user, answered
+
+
+async def test_a_question_is_pending_until_answered_with_latency_and_model_version(
+    store: Store,
+) -> None:
+    user = await add_user(store, "5")
+    photo = await add_photo(store)
+
+    pending = await store.start_exchange(
+        user_id=user.id,
+        platform="telegram",
+        chat_id="-1001",
+        question="is this spicy?",
+        question_message_id="77",
+        photo_sha256=photo.sha256,
+    )
+    assert pending.status is ExchangeStatus.PENDING
+    assert pending.answer is None
+
+    done = await store.finish_exchange(
+        pending.id,
+        answer="Mapo tofu: yes, quite spicy.",
+        model_version="internvl2-2b",
+        latency_ms=1234,
+        reply_message_id="78",
+    )
+    assert done.status is ExchangeStatus.ANSWERED
+    assert (done.answer, done.model_version, done.latency_ms) == (
+        "Mapo tofu: yes, quite spicy.",
+        "internvl2-2b",
+        1234,
+    )
+    assert done.finished_at is not None and done.finished_at >= done.created_at
+    assert await store.get_exchange(pending.id) == done
+
+
+async def test_a_failed_question_keeps_its_reason(store: Store) -> None:
+    user = await add_user(store, "5")
+    pending = await store.start_exchange(
+        user_id=user.id, platform="discord", chat_id="9", question="?", question_message_id="1"
+    )
+
+    failed = await store.fail_exchange(pending.id, error="timed out in the queue")
+
+    assert failed.status is ExchangeStatus.FAILED
+    assert failed.error == "timed out in the queue"
+    assert failed.answer is None
+
+
+async def test_a_message_delivered_twice_is_one_exchange(store: Store) -> None:
+    user = await add_user(store, "5")
+    first = await store.start_exchange(
+        user_id=user.id, platform="telegram", chat_id="42", question="?", question_message_id="9"
+    )
+    again = await store.start_exchange(
+        user_id=user.id, platform="telegram", chat_id="42", question="?", question_message_id="9"
+    )
+    other_chat = await store.start_exchange(
+        user_id=user.id, platform="telegram", chat_id="43", question="?", question_message_id="9"
+    )
+
+    assert again.id == first.id
+    assert other_chat.id != first.id
+
+
+async def test_a_reply_to_an_answer_finds_the_conversation_oldest_first(store: Store) -> None:
+    user = await add_user(store, "5")
+    photo = await add_photo(store)
+    first = await answered(store, user, photo=photo, question="这是什么菜？", answer="叉烧")
+    second = await answered(
+        store, user, photo=photo, question="is it sweet?", answer="yes", parent_id=first.id
+    )
+    assert second.reply_message_id is not None
+
+    found = await store.find_exchange_by_reply("telegram", "42", second.reply_message_id)
+    assert found is not None and found.id == second.id
+    history = await store.conversation(second.id)
+    assert [(e.question, e.answer) for e in history] == [
+        ("这是什么菜？", "叉烧"),
+        ("is it sweet?", "yes"),
+    ]
+    assert await store.find_exchange_by_reply("telegram", "999", second.reply_message_id) is None
+
+
+async def test_answering_an_unknown_exchange_is_not_found(store: Store) -> None:
+    with pytest.raises(NotFound):
+        await store.finish_exchange(424242, answer="x", model_version=None, latency_ms=1)
+
+
+async def test_a_user_is_stored_once_and_keeps_what_a_later_update_omits(store: Store) -> None:
+    created = await store.upsert_user("telegram", "31", display_name="Mei", language="zh")
+    updated = await store.upsert_user("telegram", "31", display_name="Mei Ling")
+
+    assert updated.id == created.id
+    assert (updated.display_name, updated.language) == ("Mei Ling", "zh")
+    assert await store.find_user("discord", "31") is None
+    await store.set_user_banned(created.id, True)
+    banned = await store.find_user("telegram", "31")
+    assert banned is not None and banned.banned

@@ -1,0 +1,108 @@
+"""/forget: every row of the user and their unshared photo files go; nobody else's data does."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import func, select
+
+from bot.store import Store
+from bot.store.models import Correction, Exchange, Photo, Rating, User
+from tests.factories import add_photo, add_user, answered
+
+
+async def _count(store: Store, model: type, **where: object) -> int:
+    statement = select(func.count()).select_from(model)
+    for column, value in where.items():
+        statement = statement.where(getattr(model, column) == value)
+    async with store.engine.connect() as connection:
+        return int(await connection.scalar(statement) or 0)
+
+
+async def test_forget_removes_every_row_of_the_user_and_their_unshared_photos(
+    store: Store, data_dir: Path
+) -> None:
+    alice = await add_user(store, "1")
+    bob = await add_user(store, "2")
+    alice_only = await add_photo(store, color=(255, 0, 0))
+    shared = await add_photo(store, color=(0, 255, 0))
+    bob_only = await add_photo(store, color=(0, 0, 255))
+
+    alice_q = await answered(store, alice, photo=alice_only)
+    alice_follow_up = await answered(store, alice, photo=alice_only, parent_id=alice_q.id)
+    alice_shared = await answered(store, alice, photo=shared)
+    bob_shared = await answered(store, bob, photo=shared)
+    bob_q = await answered(store, bob, photo=bob_only)
+    # Bob continues Alice's conversation in a group; Alice rates and corrects Bob's answer.
+    bob_reply_to_alice = await answered(store, bob, photo=alice_only, parent_id=alice_q.id)
+    await store.record_rating(alice_q.id, alice.id, 1)
+    await store.record_rating(alice_q.id, bob.id, -1)  # Bob's rating of Alice's answer
+    await store.record_rating(bob_q.id, alice.id, -1)
+    await store.record_rating(bob_q.id, bob.id, 1)
+    await store.record_correction(bob_q.id, alice.id, "肠粉, not 叉烧")
+    await store.record_correction(alice_shared.id, alice.id, "烧鹅")
+    await store.record_correction(bob_shared.id, bob.id, "云吞面")
+
+    report = await store.forget(alice.id)
+
+    assert (report.users, report.exchanges, report.ratings, report.corrections) == (1, 3, 3, 2)
+    assert await store.get_user(alice.id) is None
+    assert await _count(store, Exchange, user_id=alice.id) == 0
+    assert await _count(store, Rating, user_id=alice.id) == 0
+    assert await _count(store, Correction, user_id=alice.id) == 0
+    for gone in (alice_q, alice_follow_up, alice_shared):
+        assert await store.get_exchange(gone.id) is None
+
+    # Bob's data is untouched: his user row, his exchanges, his own feedback on his answers.
+    assert await store.get_user(bob.id) == bob
+    assert await _count(store, User) == 1
+    assert {e.id for e in [bob_shared, bob_q, bob_reply_to_alice]} == {
+        e.id
+        for e in [
+            await store.get_exchange(bob_shared.id),
+            await store.get_exchange(bob_q.id),
+            await store.get_exchange(bob_reply_to_alice.id),
+        ]
+        if e is not None
+    }
+    assert [(r.user_id, r.value) for r in await store.ratings(bob_q.id)] == [(bob.id, 1)]
+    assert [c.text for c in await store.corrections(bob_shared.id)] == ["云吞面"]
+    follow_up = await store.get_exchange(bob_reply_to_alice.id)
+    assert follow_up is not None and follow_up.parent_id is None
+
+    # Photos: only a photo nobody refers to any more is removed, row and file.
+    # alice_only is still used by Bob's follow-up; shared by Bob's question.
+    assert report.photos == 0
+    for photo in (alice_only, shared, bob_only):
+        assert await store.get_photo(photo.sha256) is not None
+        assert (data_dir / photo.path).is_file()
+
+
+async def test_forget_deletes_the_files_of_photos_only_the_user_sent(
+    store: Store, data_dir: Path
+) -> None:
+    alice = await add_user(store, "1")
+    bob = await add_user(store, "2")
+    private = await add_photo(store, color=(255, 0, 0))
+    bobs = await add_photo(store, color=(0, 0, 255))
+    await answered(store, alice, photo=private)
+    await answered(store, alice, photo=private)
+    await answered(store, bob, photo=bobs)
+
+    report = await store.forget(alice.id)
+
+    assert report.photos == 1
+    assert await store.get_photo(private.sha256) is None
+    assert not (data_dir / private.path).exists()
+    assert await _count(store, Photo) == 1
+    assert (data_dir / bobs.path).is_file()
+
+
+async def test_forgetting_an_unknown_user_removes_nothing(store: Store) -> None:
+    bob = await add_user(store, "2")
+    await answered(store, bob, photo=await add_photo(store))
+
+    report = await store.forget(123_456)
+
+    assert (report.users, report.exchanges, report.photos) == (0, 0, 0)
+    assert await _count(store, Exchange) == 1
