@@ -39,7 +39,8 @@ async def test_a_question_is_pending_until_answered_with_latency_and_model_versi
         "internvl2-2b",
         1234,
     )
-    assert done.finished_at is not None and done.finished_at >= done.created_at
+    assert done.finished_at is not None
+    assert done.finished_at >= done.created_at
     assert await store.get_exchange(pending.id) == done
 
 
@@ -82,7 +83,8 @@ async def test_a_reply_to_an_answer_finds_the_conversation_oldest_first(store: S
     assert second.reply_message_id is not None
 
     found = await store.find_exchange_by_reply("telegram", "42", second.reply_message_id)
-    assert found is not None and found.id == second.id
+    assert found is not None
+    assert found.id == second.id
     history = await store.conversation(second.id)
     assert [(e.question, e.answer) for e in history] == [
         ("这是什么菜？", "叉烧"),
@@ -105,4 +107,5 @@ async def test_a_user_is_stored_once_and_keeps_what_a_later_update_omits(store: 
     assert await store.find_user("discord", "31") is None
     await store.set_user_banned(created.id, True)
     banned = await store.find_user("telegram", "31")
-    assert banned is not None and banned.banned
+    assert banned is not None
+    assert banned.banned

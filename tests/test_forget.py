@@ -68,7 +68,8 @@ async def test_forget_removes_every_row_of_the_user_and_their_unshared_photos(
     assert [(r.user_id, r.value) for r in await store.ratings(bob_q.id)] == [(bob.id, 1)]
     assert [c.text for c in await store.corrections(bob_shared.id)] == ["云吞面"]
     follow_up = await store.get_exchange(bob_reply_to_alice.id)
-    assert follow_up is not None and follow_up.parent_id is None
+    assert follow_up is not None
+    assert follow_up.parent_id is None
 
     # Photos: only a photo nobody refers to any more is removed, row and file.
     # alice_only is still used by Bob's follow-up; shared by Bob's question.

@@ -24,14 +24,17 @@ async def test_activating_a_version_deactivates_the_previous_one(store: Store) -
     await store.activate_model_version("internvl2-2b")
     active = await store.activate_model_version("food-lora-1")
 
-    assert active.name == "food-lora-1" and active.is_active
-    assert active.metrics == {"accuracy": 0.81} and active.parent_id == base.id
+    assert active.name == "food-lora-1"
+    assert active.is_active
+    assert active.metrics == {"accuracy": 0.81}
+    assert active.parent_id == base.id
     assert [(v.name, v.is_active) for v in await store.model_versions()] == [
         ("internvl2-2b", False),
         ("food-lora-1", True),
     ]
     assert (await store.active_model_version()) == active
-    assert tuned.activated_at is None and active.activated_at is not None
+    assert tuned.activated_at is None
+    assert active.activated_at is not None
 
 
 async def test_the_database_refuses_a_second_active_version(store: Store) -> None:
@@ -80,6 +83,7 @@ async def test_a_finished_training_run_keeps_its_result(store: Store) -> None:
 
     assert failed.status is TrainingStatus.FAILED
     assert failed.error == "CUDA out of memory"
-    assert failed.worker == "gpu-host" and failed.finished_at is not None
+    assert failed.worker == "gpu-host"
+    assert failed.finished_at is not None
     with pytest.raises(ValueError, match="end state"):
         await store.finish_training_run(run.id, status=TrainingStatus.RUNNING)
