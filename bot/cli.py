@@ -7,7 +7,10 @@ import asyncio
 import json
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
+
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot.app import App
 from bot.errors import DishbotError
@@ -17,6 +20,7 @@ from bot.store.database import database_errors, open_engine
 from bot.store.schema import current_revision, head_revision, upgrade
 
 Handler = Callable[[Settings], int]
+T = TypeVar("T")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,17 +68,12 @@ def cmd_config(settings: Settings) -> int:
 def cmd_db_upgrade(settings: Settings) -> int:
     """`dishbot db upgrade`: create or migrate the database to head."""
 
-    async def go() -> tuple[str | None, str | None]:
-        engine = open_engine(settings.db_url)
-        try:
-            async with database_errors(settings.db_url):
-                before = await current_revision(engine)
-                await upgrade(engine)
-                return before, await current_revision(engine)
-        finally:
-            await engine.dispose()
+    async def migrate(engine: AsyncEngine) -> tuple[str | None, str | None]:
+        before = await current_revision(engine)
+        await upgrade(engine)
+        return before, await current_revision(engine)
 
-    before, after = asyncio.run(go())
+    before, after = _on_database(settings, migrate)
     where = redact_url(settings.db_url)
     if before == after:
         print(f"{where}: schema already at revision {after} (head)")
@@ -85,16 +84,7 @@ def cmd_db_upgrade(settings: Settings) -> int:
 
 def cmd_db_current(settings: Settings) -> int:
     """`dishbot db current`: which schema revision the database is at."""
-
-    async def go() -> str | None:
-        engine = open_engine(settings.db_url)
-        try:
-            async with database_errors(settings.db_url):
-                return await current_revision(engine)
-        finally:
-            await engine.dispose()
-
-    revision = asyncio.run(go())
+    revision = _on_database(settings, current_revision)
     head = head_revision()
     where = redact_url(settings.db_url)
     if revision is None:
@@ -104,6 +94,20 @@ def cmd_db_current(settings: Settings) -> int:
     else:
         print(f"{where}: schema at revision {revision}, head is {head}; run `dishbot db upgrade`")
     return 0
+
+
+def _on_database(settings: Settings, action: Callable[[AsyncEngine], Awaitable[T]]) -> T:
+    """Run ``action`` on an engine for the configured database, then close it."""
+
+    async def go() -> T:
+        engine = open_engine(settings.db_url)
+        try:
+            async with database_errors(settings.db_url):
+                return await action(engine)
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(go())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
