@@ -1,0 +1,371 @@
+"""Safe image decoding and InternVL tiling: untrusted bytes in, model-ready pixels out.
+
+Photos come from strangers, so every limit is checked before any pixel is decoded: the byte
+size first, then the width and height the header declares. A decoded photo is kept only as
+large as InternVL's dynamic tiling can use, and large JPEGs are decoded at a reduced scale
+directly (libjpeg's DCT scaling), which is most of the speed and memory saving.
+
+Tiling follows InternVL's ``dynamic_preprocess``: pick the grid of 448-pixel tiles whose
+aspect ratio is closest to the image's, resize to that grid with BICUBIC, cut the tiles in
+row-major order and, when there is more than one tile, add a thumbnail of the whole image.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import importlib
+import io
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+from PIL import ExifTags, Image, UnidentifiedImageError
+
+from engine.errors import BadImage
+
+MAX_IMAGE_BYTES = 20 * 1024 * 1024
+# 50 megapixels is above any phone camera (a 48 MP sensor is 8064×6048) and well under
+# Pillow's own bomb limit, so a real photo passes and a bomb is refused by the header alone.
+MAX_IMAGE_PIXELS = 50_000_000
+TILE_SIZE = 448
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+NOT_AN_ACCEPTED_IMAGE = "the file is not a JPEG, PNG, WebP or HEIC image"
+CORRUPT_IMAGE = "the image data is truncated or corrupt"
+HEIC_NOT_SUPPORTED = "HEIC photos are not supported here; please send it as a JPEG"
+
+_WHITE = (255, 255, 255)
+_BASE_FORMATS = ("JPEG", "PNG", "WEBP")
+# Pillow reports a phone's multi-picture JPEG as "MPO"; to a user it is a JPEG.
+_FORMAT_NAMES = {"JPEG": "JPEG", "MPO": "JPEG", "PNG": "PNG", "WEBP": "WEBP", "HEIF": "HEIF"}
+_DRAFTABLE_FORMATS = frozenset({"JPEG", "MPO"})
+# ISO base media "ftyp" brands of HEIF still images and sequences (iPhone photos are "heic").
+_HEIF_BRANDS = frozenset({b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"})
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+# EXIF orientation -> the transpose that shows the photo upright (EXIF 2.3, tag 0x0112).
+_ORIENTATION_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_SWAPS_AXES = frozenset({5, 6, 7, 8})
+
+# ToTensor divides by 255, Normalize subtracts the mean and divides by the std; folded into
+# one multiply and one subtract per channel.
+_CHANNEL_SCALE = (1.0 / (255.0 * np.asarray(IMAGENET_STD, dtype=np.float64))).astype(np.float32)
+_CHANNEL_OFFSET = (np.asarray(IMAGENET_MEAN) / np.asarray(IMAGENET_STD)).astype(np.float32)
+
+_heif_lock = threading.Lock()
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedImage:
+    """A photo ready for tiling.
+
+    ``image`` is RGB, upright (EXIF orientation applied) and no larger than tiling with the
+    ``max_tiles`` it was decoded for can use. ``source_format`` is "JPEG", "PNG", "WEBP" or
+    "HEIF"; ``source_size`` is the original (width, height), after orientation.
+    """
+
+    image: Image.Image
+    source_format: str
+    source_size: tuple[int, int]
+
+
+def decode_image(
+    data: bytes,
+    *,
+    max_tiles: int,
+    max_bytes: int = MAX_IMAGE_BYTES,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+) -> DecodedImage:
+    """Decode untrusted image bytes into an upright RGB image sized for ``max_tiles`` tiles.
+
+    Raises `BadImage` with a reason a user can be told when the data is empty, larger than
+    ``max_bytes``, declares more than ``max_pixels`` pixels, is not a JPEG, PNG, WebP or
+    (when pillow-heif is installed) HEIC/HEIF image, or is truncated or corrupt.
+    """
+    _check_max_tiles(max_tiles)
+    if not data:
+        raise BadImage("the file is empty")
+    if len(data) > max_bytes:
+        raise BadImage(f"the photo is larger than {max_bytes / (1024 * 1024):g} MB")
+    try:
+        with Image.open(io.BytesIO(data), formats=_accepted_formats()) as opened:
+            return _decode_opened(opened, max_tiles, max_pixels)
+    except BadImage:
+        raise
+    except UnidentifiedImageError as exc:
+        # Without pillow-heif an iPhone photo is not unidentifiable, just unsupported: say so.
+        reason = HEIC_NOT_SUPPORTED if _looks_like_heif(data) else NOT_AN_ACCEPTED_IMAGE
+        raise BadImage(reason) from exc
+    except Image.DecompressionBombError as exc:
+        raise BadImage(f"the image has more than the {_megapixels(max_pixels)} allowed") from exc
+    except Exception as exc:
+        # Image parsers fail in many ways on hostile input (OSError, SyntaxError, struct and
+        # zlib errors, ValueError...); to the user they all mean the same thing.
+        raise BadImage(CORRUPT_IMAGE) from exc
+
+
+async def load_image(
+    data: bytes,
+    *,
+    max_tiles: int,
+    max_bytes: int = MAX_IMAGE_BYTES,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+) -> DecodedImage:
+    """`decode_image` in a worker thread, so decoding never blocks the event loop."""
+    return await asyncio.to_thread(
+        decode_image, data, max_tiles=max_tiles, max_bytes=max_bytes, max_pixels=max_pixels
+    )
+
+
+def grid_for(width: int, height: int, max_tiles: int) -> tuple[int, int]:
+    """The (columns, rows) of 448-pixel tiles InternVL cuts a ``width``×``height`` image into.
+
+    The grid with 1..``max_tiles`` tiles whose aspect ratio is closest to the image's; on a
+    tie the later (larger) grid wins when the image's area exceeds half the grid's area,
+    exactly as InternVL's ``find_closest_aspect_ratio``.
+    """
+    _check_max_tiles(max_tiles)
+    if width < 1 or height < 1:
+        raise ValueError(f"an image must have a positive size, not {width}×{height}")
+    aspect_ratio = width / height
+    area = width * height
+    best = (1, 1)
+    best_difference = float("inf")
+    for columns, rows in _candidate_grids(max_tiles):
+        difference = abs(aspect_ratio - columns / rows)
+        if difference < best_difference:
+            best, best_difference = (columns, rows), difference
+        elif difference == best_difference and area > 0.5 * TILE_SIZE * TILE_SIZE * columns * rows:
+            best = (columns, rows)
+    return best
+
+
+def tile_image(image: Image.Image, max_tiles: int) -> list[Image.Image]:
+    """The 448×448 tiles of ``image`` in row-major order, then a thumbnail if there are several.
+
+    The same tiles as InternVL's ``dynamic_preprocess`` with ``use_thumbnail=True``.
+    """
+    columns, rows = grid_for(image.width, image.height, max_tiles)
+    resized = image.resize((columns * TILE_SIZE, rows * TILE_SIZE), Image.Resampling.BICUBIC)
+    tiles = [
+        resized.crop(
+            (
+                column * TILE_SIZE,
+                row * TILE_SIZE,
+                (column + 1) * TILE_SIZE,
+                (row + 1) * TILE_SIZE,
+            )
+        )
+        for row in range(rows)
+        for column in range(columns)
+    ]
+    if len(tiles) > 1:
+        tiles.append(_thumbnail(image))
+    return tiles
+
+
+def pixel_values(image: Image.Image, max_tiles: int) -> npt.NDArray[np.float32]:
+    """The model input for ``image``: float32 (tiles, 3, 448, 448), ImageNet-normalised.
+
+    The tiles are those of `tile_image`, in the same order, channels first.
+    """
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    columns, rows = grid_for(rgb.width, rgb.height, max_tiles)
+    grid_tiles = columns * rows
+    total_tiles = grid_tiles + (1 if grid_tiles > 1 else 0)
+    resized = np.asarray(
+        rgb.resize((columns * TILE_SIZE, rows * TILE_SIZE), Image.Resampling.BICUBIC)
+    )
+    out = np.empty((total_tiles, 3, TILE_SIZE, TILE_SIZE), dtype=np.float32)
+    # Cut the tiles with a reshape instead of one crop per tile: the resized image viewed as
+    # (rows, 448, columns, 448, channels) reordered to (rows, columns, channels, 448, 448).
+    out[:grid_tiles] = (
+        resized.reshape(rows, TILE_SIZE, columns, TILE_SIZE, 3)
+        .transpose(0, 2, 4, 1, 3)
+        .reshape(grid_tiles, 3, TILE_SIZE, TILE_SIZE)
+    )
+    if total_tiles > grid_tiles:
+        out[grid_tiles] = np.asarray(_thumbnail(rgb)).transpose(2, 0, 1)
+    out *= _CHANNEL_SCALE[:, None, None]
+    out -= _CHANNEL_OFFSET[:, None, None]
+    return out
+
+
+def encode_jpeg(image: Image.Image, quality: int = 90) -> bytes:
+    """``image`` as JPEG bytes (for backends that take images over the network)."""
+    rgb = image if image.mode in ("RGB", "L") else image.convert("RGB")
+    buffer = io.BytesIO()
+    rgb.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def _decode_opened(opened: Image.Image, max_tiles: int, max_pixels: int) -> DecodedImage:
+    """Check the declared size, then decode no more pixels than tiling can use."""
+    width, height = opened.size
+    if width < 1 or height < 1:
+        raise BadImage(CORRUPT_IMAGE)
+    if width * height > max_pixels:
+        raise BadImage(
+            f"the image is {width}×{height} pixels, more than the {_megapixels(max_pixels)} allowed"
+        )
+    source_format = _FORMAT_NAMES.get(opened.format or "")
+    if source_format is None:
+        raise BadImage(NOT_AN_ACCEPTED_IMAGE)
+
+    draftable = opened.format in _DRAFTABLE_FORMATS
+    if not draftable:
+        # Some formats (PNG) only find their EXIF after the pixel data, so load first.
+        opened.load()
+    orientation = _orientation(opened)
+    swaps = orientation in _SWAPS_AXES
+    upright_size = (height, width) if swaps else (width, height)
+    target = _decode_size(upright_size, max_tiles)
+    # The stored pixels are not yet rotated: sizes before the transpose are swapped back.
+    stored_target = (target[1], target[0]) if swaps else target
+    if draftable:
+        if stored_target != opened.size:
+            # libjpeg decodes directly at 1/2, 1/4 or 1/8 scale, never below stored_target.
+            opened.draft(opened.mode, stored_target)
+        opened.load()
+
+    image = _to_rgb(opened)
+    if image.size != stored_target:
+        image = image.resize(stored_target, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    transpose = _ORIENTATION_TRANSPOSE.get(orientation)
+    if transpose is not None:
+        image = image.transpose(transpose)
+    # The pixels are upright now; keeping the EXIF (with its orientation) would let a later
+    # exif_transpose rotate the photo a second time.
+    image.info = {}
+    return DecodedImage(image=image, source_format=source_format, source_size=upright_size)
+
+
+def _decode_size(size: tuple[int, int], max_tiles: int) -> tuple[int, int]:
+    """The smallest size, same aspect ratio, that tiles like ``size`` at full quality.
+
+    Tiling resizes to (columns × 448, rows × 448) for the grid of the original size, so
+    anything covering that in both directions loses nothing. Rounding nudges the aspect ratio,
+    which near a tie between two grids could change the grid, so a candidate is used only if
+    it gets the same grid as the original; never larger than the original.
+    """
+    width, height = size
+    grid = grid_for(width, height, max_tiles)
+    need_width, need_height = grid[0] * TILE_SIZE, grid[1] * TILE_SIZE
+    if need_width >= width or need_height >= height:
+        return size
+    candidates: list[tuple[int, int]] = []
+    # Scale so that the tighter direction lands exactly on the need; integer arithmetic
+    # keeps the other direction's floor and ceiling exact.
+    if need_width * height >= need_height * width:
+        for exact in (need_width, need_width + 1):
+            low, high = _floor_and_ceiling(height * exact, width)
+            candidates += [(exact, low), (exact, high)]
+    else:
+        for exact in (need_height, need_height + 1):
+            low, high = _floor_and_ceiling(width * exact, height)
+            candidates += [(low, exact), (high, exact)]
+    for candidate_width, candidate_height in candidates:
+        if (
+            need_width <= candidate_width <= width
+            and need_height <= candidate_height <= height
+            and grid_for(candidate_width, candidate_height, max_tiles) == grid
+        ):
+            return candidate_width, candidate_height
+    return size
+
+
+def _floor_and_ceiling(numerator: int, denominator: int) -> tuple[int, int]:
+    """The floor and ceiling of ``numerator / denominator``, nearest first."""
+    low = numerator // denominator
+    high = -(-numerator // denominator)
+    return (high, low) if 2 * (numerator - low * denominator) >= denominator else (low, high)
+
+
+def _orientation(image: Image.Image) -> int:
+    """The EXIF orientation (1..8); 1 when absent, invalid or unreadable."""
+    try:
+        value = image.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception:
+        # A damaged EXIF block should not cost the user their photo, only its rotation.
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as 8-bit RGB: alpha over white, 16-bit scaled down, palettes expanded."""
+    if image.mode == "RGB" and "transparency" not in image.info:
+        return image
+    if image.mode in _SIXTEEN_BIT_MODES:
+        # Pillow's own conversion clips 16-bit values at 255 (a mostly white picture);
+        # keep the top 8 bits instead.
+        values = np.asarray(image).astype(np.int64)
+        return Image.fromarray((np.clip(values, 0, 65535) >> 8).astype(np.uint8)).convert("RGB")
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, _WHITE)
+        background.paste(rgba.convert("RGB"), mask=rgba.getchannel("A"))
+        return background
+    return image.convert("RGB")
+
+
+def _thumbnail(image: Image.Image) -> Image.Image:
+    """The whole image squeezed to one tile, InternVL's global view."""
+    return image.resize((TILE_SIZE, TILE_SIZE), Image.Resampling.BICUBIC)
+
+
+@functools.cache
+def _candidate_grids(max_tiles: int) -> Sequence[tuple[int, int]]:
+    """Every (columns, rows) with 1..max_tiles tiles, fewest tiles first, as InternVL orders."""
+    grids = [
+        (columns, rows)
+        for columns in range(1, max_tiles + 1)
+        for rows in range(1, max_tiles // columns + 1)
+    ]
+    return tuple(sorted(grids, key=lambda grid: grid[0] * grid[1]))
+
+
+def _accepted_formats() -> tuple[str, ...]:
+    """The Pillow formats `decode_image` opens: HEIF only when pillow-heif is installed."""
+    return (*_BASE_FORMATS, "HEIF") if _heif_registered() else _BASE_FORMATS
+
+
+def _heif_registered() -> bool:
+    """Register pillow-heif's opener on first use; False when it is not installed."""
+    with _heif_lock:
+        return _register_heif()
+
+
+@functools.cache
+def _register_heif() -> bool:
+    try:
+        pillow_heif = importlib.import_module("pillow_heif")
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    return True
+
+
+def _looks_like_heif(data: bytes) -> bool:
+    """Whether ``data`` starts like a HEIF file: a "ftyp" box with a HEIF brand."""
+    return data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS
+
+
+def _check_max_tiles(max_tiles: int) -> None:
+    if max_tiles < 1:
+        raise ValueError(f"max_tiles must be at least 1, not {max_tiles}")
+
+
+def _megapixels(pixels: int) -> str:
+    return f"{pixels / 1_000_000:g} megapixels"

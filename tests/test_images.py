@@ -1,0 +1,520 @@
+"""Image ingest: hostile files are refused with a reason, photos come out upright and RGB,
+large photos are shrunk only to what tiling can use, and tiles match InternVL's."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import struct
+import threading
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw, ImageOps
+
+from engine.errors import BadImage
+from engine.images import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MAX_IMAGE_BYTES,
+    TILE_SIZE,
+    DecodedImage,
+    decode_image,
+    encode_jpeg,
+    grid_for,
+    load_image,
+    pixel_values,
+    tile_image,
+)
+
+RED = (255, 0, 0)
+GREEN = (0, 255, 0)
+BLUE = (0, 0, 255)
+GREY = (128, 128, 128)
+NOT_AN_IMAGE = "the file is not a JPEG, PNG, WebP or HEIC image"
+CORRUPT = "the image data is truncated or corrupt"
+
+
+def encoded(image: Image.Image, image_format: str, **options: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=image_format, **options)
+    return buffer.getvalue()
+
+
+def photo_like(width: int, height: int, seed: int = 0) -> Image.Image:
+    """Smooth gradients, a few shapes and mild noise: compresses and resizes like a photo."""
+    rng = np.random.default_rng(seed)
+    x = np.linspace(0.0, 1.0, width, dtype=np.float32)[None, :]
+    y = np.linspace(0.0, 1.0, height, dtype=np.float32)[:, None]
+    pixels = np.empty((height, width, 3), dtype=np.float32)
+    pixels[..., 0] = 200 * x + 40 * y
+    pixels[..., 1] = 120 + 100 * np.sin(6 * x + 3 * y)
+    pixels[..., 2] = 220 * y
+    pixels += rng.normal(0.0, 4.0, size=(height, width, 1)).astype(np.float32)
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((width * 0.2, height * 0.2, width * 0.6, height * 0.7), fill=(240, 230, 200))
+    draw.rectangle((width * 0.65, height * 0.3, width * 0.9, height * 0.8), fill=(90, 40, 20))
+    return image
+
+
+def with_red_top_left(width: int, height: int) -> Image.Image:
+    """Grey, with a red block in the top-left corner, to see where rotation puts it."""
+    image = Image.new("RGB", (width, height), GREY)
+    ImageDraw.Draw(image).rectangle((0, 0, width // 4, height // 4), fill=RED)
+    return image
+
+
+def jpeg_with_orientation(image: Image.Image, orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encoded(image, "JPEG", quality=95, exif=exif)
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width``×``height`` RGB pixels but carries almost no data."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
+def corner_colours(image: Image.Image) -> dict[str, tuple[int, ...]]:
+    width, height = image.size
+    points = {
+        "top-left": (2, 2),
+        "top-right": (width - 3, 2),
+        "bottom-left": (2, height - 3),
+        "bottom-right": (width - 3, height - 3),
+    }
+    return {name: tuple(image.getpixel(point)) for name, point in points.items()}  # type: ignore[arg-type]
+
+
+def is_close(colour: tuple[int, ...], expected: tuple[int, int, int], tolerance: int = 40) -> bool:
+    return all(abs(a - b) <= tolerance for a, b in zip(colour, expected, strict=True))
+
+
+def decode_reason(data: bytes, **limits: int) -> str:
+    with pytest.raises(BadImage) as caught:
+        decode_image(data, max_tiles=6, **limits)
+    return caught.value.reason
+
+
+# --- refused files -------------------------------------------------------------------------
+
+
+def test_an_empty_file_is_refused() -> None:
+    assert decode_reason(b"") == "the file is empty"
+
+
+def test_a_photo_over_the_byte_limit_is_refused_before_decoding() -> None:
+    # Not an image at all: only a check made before decoding can answer about the size.
+    oversized = b"\xff\xd8" + b"\0" * MAX_IMAGE_BYTES
+
+    assert decode_reason(oversized) == "the photo is larger than 20 MB"
+
+
+def test_the_byte_limit_can_be_lowered() -> None:
+    data = encoded(photo_like(64, 64), "JPEG") + b"\0" * (1024 * 1024)
+
+    assert decode_reason(data, max_bytes=1024 * 1024) == "the photo is larger than 1 MB"
+
+
+def test_a_header_declaring_a_pixel_bomb_is_refused_without_decoding() -> None:
+    # The file holds no pixel data: decoding it would fail as corrupt, not as too large.
+    reason = decode_reason(png_declaring(100_000, 100_000))
+
+    assert "pixels" in reason
+    assert "allowed" in reason
+
+
+def test_an_image_over_the_pixel_limit_is_refused_with_its_size() -> None:
+    reason = decode_reason(png_declaring(10_000, 8_000))
+
+    assert reason == "the image is 10000×8000 pixels, more than the 50 megapixels allowed"
+
+
+def test_the_pixel_limit_does_not_depend_on_pillows_global_setting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+
+    assert "10000×8000" in decode_reason(png_declaring(10_000, 8_000))
+    assert "more than the 0.001 megapixels" in decode_reason(
+        encoded(photo_like(64, 64), "PNG"), max_pixels=1_000
+    )
+
+
+def test_a_truncated_jpeg_is_refused_as_corrupt() -> None:
+    data = encoded(photo_like(640, 480), "JPEG", quality=90)
+
+    assert decode_reason(data[: len(data) // 2]) == CORRUPT
+
+
+def test_a_truncated_png_is_refused_as_corrupt() -> None:
+    data = encoded(photo_like(320, 240), "PNG")
+
+    assert decode_reason(data[: len(data) // 2]) == CORRUPT
+
+
+def test_a_png_with_scrambled_image_data_is_refused_as_corrupt() -> None:
+    data = bytearray(encoded(photo_like(320, 240), "PNG"))
+    image_data = data.index(b"IDAT") + 4
+    data[image_data + 10 : image_data + 400] = bytes(range(195)) * 2
+
+    assert decode_reason(bytes(data)) == CORRUPT
+
+
+def test_random_bytes_are_not_an_image() -> None:
+    noise = np.random.default_rng(1).integers(0, 256, size=4096, dtype=np.uint8).tobytes()
+
+    assert decode_reason(noise) == NOT_AN_IMAGE
+
+
+def test_a_text_file_is_not_an_image() -> None:
+    assert decode_reason("红烧肉 recipe: pork belly, soy sauce\n".encode()) == NOT_AN_IMAGE
+
+
+@pytest.mark.parametrize("image_format", ["GIF", "BMP", "TIFF", "ICO"])
+def test_other_image_formats_are_refused(image_format: str) -> None:
+    assert decode_reason(encoded(photo_like(64, 64), image_format)) == NOT_AN_IMAGE
+
+
+# --- accepted formats ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("image_format", ["JPEG", "PNG", "WEBP"])
+def test_jpeg_png_and_webp_photos_are_accepted(image_format: str) -> None:
+    decoded = decode_image(encoded(photo_like(320, 240), image_format), max_tiles=6)
+
+    assert decoded.source_format == image_format
+    assert decoded.source_size == (320, 240)
+    assert decoded.image.mode == "RGB"
+    assert decoded.image.size == (320, 240)
+
+
+def test_a_phones_multi_picture_jpeg_counts_as_jpeg() -> None:
+    buffer = io.BytesIO()
+    photo_like(320, 240).save(
+        buffer, format="MPO", save_all=True, append_images=[photo_like(160, 120, seed=2)]
+    )
+
+    decoded = decode_image(buffer.getvalue(), max_tiles=6)
+
+    assert decoded.source_format == "JPEG"
+    assert decoded.image.size == (320, 240)
+
+
+def test_heic_photos_are_accepted_when_pillow_heif_is_installed() -> None:
+    pillow_heif = pytest.importorskip("pillow_heif")
+    pillow_heif.register_heif_opener()
+    data = encoded(photo_like(320, 240), "HEIF", quality=90)
+
+    decoded = decode_image(data, max_tiles=6)
+
+    assert decoded.source_format == "HEIF"
+    assert decoded.image.size == (320, 240)
+    assert decoded.image.mode == "RGB"
+
+
+def test_without_pillow_heif_a_heic_photo_is_refused_with_a_hint_to_send_jpeg(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("engine.images._heif_registered", lambda: False)
+    iphone_header = b"\x00\x00\x00\x1cftypheic\x00\x00\x00\x00mif1heic" + b"\0" * 512
+
+    assert decode_reason(iphone_header) == (
+        "HEIC photos are not supported here; please send it as a JPEG"
+    )
+
+
+# --- orientation ---------------------------------------------------------------------------
+
+# Where the stored top-left corner is once the photo is shown as EXIF says.
+ORIENTED_CORNER = {3: "bottom-right", 6: "top-right", 8: "bottom-left"}
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_a_photo_is_turned_upright_as_its_exif_orientation_says(orientation: int) -> None:
+    data = jpeg_with_orientation(with_red_top_left(300, 200), orientation)
+
+    decoded = decode_image(data, max_tiles=6)
+
+    expected_size = (200, 300) if orientation in (6, 8) else (300, 200)
+    assert decoded.image.size == expected_size
+    assert decoded.source_size == expected_size
+    corners = corner_colours(decoded.image)
+    assert is_close(corners[ORIENTED_CORNER[orientation]], RED)
+    assert sum(is_close(colour, RED) for colour in corners.values()) == 1
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_a_large_rotated_jpeg_is_upright_after_reduced_scale_decoding(orientation: int) -> None:
+    data = jpeg_with_orientation(with_red_top_left(2400, 1800), orientation)
+
+    decoded = decode_image(data, max_tiles=1)
+
+    # One tile: the upright photo shrinks until its short side is 448 pixels.
+    expected = (448, 597) if orientation in (6, 8) else (597, 448)
+    assert decoded.image.size == expected
+    assert decoded.source_size == ((1800, 2400) if orientation in (6, 8) else (2400, 1800))
+    assert is_close(corner_colours(decoded.image)[ORIENTED_CORNER[orientation]], RED)
+
+
+def test_an_upright_photo_is_not_rotated_again_by_a_later_exif_transpose() -> None:
+    decoded = decode_image(jpeg_with_orientation(with_red_top_left(300, 200), 6), max_tiles=6)
+
+    again = ImageOps.exif_transpose(decoded.image)
+
+    assert again.size == decoded.image.size == (200, 300)
+
+
+# --- colour modes --------------------------------------------------------------------------
+
+
+def test_transparent_pixels_of_an_rgba_png_become_white_not_black() -> None:
+    image = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    ImageDraw.Draw(image).rectangle((0, 0, 31, 63), fill=(*RED, 255))
+
+    decoded = decode_image(encoded(image, "PNG"), max_tiles=1)
+
+    assert decoded.image.mode == "RGB"
+    assert decoded.image.getpixel((10, 10)) == RED
+    assert decoded.image.getpixel((50, 10)) == (255, 255, 255)
+
+
+def test_a_half_transparent_grey_and_alpha_png_is_blended_over_white() -> None:
+    image = Image.new("LA", (32, 32), (0, 128))
+
+    decoded = decode_image(encoded(image, "PNG"), max_tiles=1)
+
+    assert is_close(decoded.image.getpixel((5, 5)), (127, 127, 127), tolerance=2)  # type: ignore[arg-type]
+
+
+def test_a_palette_png_with_a_transparent_colour_becomes_rgb_on_white() -> None:
+    image = Image.new("P", (32, 32), 0)
+    image.putpalette([*BLUE, *GREEN])
+    ImageDraw.Draw(image).rectangle((16, 0, 31, 31), fill=1)
+
+    decoded = decode_image(encoded(image, "PNG", transparency=0), max_tiles=1)
+
+    assert decoded.image.mode == "RGB"
+    assert decoded.image.getpixel((5, 5)) == (255, 255, 255)
+    assert decoded.image.getpixel((25, 5)) == GREEN
+
+
+def test_a_cmyk_jpeg_becomes_rgb_with_the_right_colours() -> None:
+    red_in_cmyk = Image.new("CMYK", (64, 64), (0, 255, 255, 0))
+
+    decoded = decode_image(encoded(red_in_cmyk, "JPEG", quality=95), max_tiles=1)
+
+    assert decoded.image.mode == "RGB"
+    assert is_close(decoded.image.getpixel((32, 32)), RED)  # type: ignore[arg-type]
+
+
+def test_a_16_bit_greyscale_png_keeps_its_tones_instead_of_turning_white() -> None:
+    ramp = np.repeat(np.linspace(0, 65535, 64).astype(np.uint16)[None, :], 16, axis=0)
+    data = encoded(Image.fromarray(ramp), "PNG")
+
+    decoded = decode_image(data, max_tiles=1)
+
+    pixels = np.asarray(decoded.image)
+    assert decoded.image.mode == "RGB"
+    assert pixels[0, 0].tolist() == [0, 0, 0]
+    assert pixels[0, -1].tolist() == [255, 255, 255]
+    assert 120 <= pixels[0, 32, 0] <= 136
+
+
+def test_a_greyscale_jpeg_becomes_rgb() -> None:
+    decoded = decode_image(encoded(Image.new("L", (64, 64), 200), "JPEG"), max_tiles=1)
+
+    assert decoded.image.mode == "RGB"
+    assert is_close(decoded.image.getpixel((10, 10)), (200, 200, 200), tolerance=3)  # type: ignore[arg-type]
+
+
+# --- size ----------------------------------------------------------------------------------
+
+
+def test_a_12_megapixel_jpeg_is_shrunk_to_what_six_tiles_can_use() -> None:
+    data = encoded(photo_like(4000, 3000), "JPEG", quality=90)
+
+    decoded = decode_image(data, max_tiles=6)
+
+    # 4:3 is closest to a 3×2 grid, which tiling resizes to 1344×896: nothing bigger is kept.
+    assert grid_for(4000, 3000, 6) == (3, 2)
+    width, height = decoded.image.size
+    assert (width, height) == (1344, 1008)
+    assert width / height == pytest.approx(4000 / 3000, abs=0.002)
+    assert decoded.source_size == (4000, 3000)
+    assert grid_for(width, height, 6) == (3, 2)
+
+
+def test_shrinking_a_large_photo_barely_changes_what_the_model_sees() -> None:
+    original = photo_like(3000, 2000)
+    decoded = decode_image(encoded(original, "PNG"), max_tiles=6)
+
+    shrunk = pixel_values(decoded.image, 6)
+    full = pixel_values(original, 6)
+
+    assert decoded.image.size < original.size
+    assert shrunk.shape == full.shape
+    assert float(np.abs(shrunk - full).mean()) < 0.02
+
+
+def test_a_small_photo_is_never_enlarged() -> None:
+    decoded = decode_image(encoded(photo_like(300, 200), "JPEG"), max_tiles=12)
+
+    assert decoded.image.size == (300, 200)
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "max_tiles"),
+    [(1280, 1024, 6), (5000, 4000, 6), (2560, 1600, 12), (4032, 3024, 12), (1000, 9000, 6)],
+)
+def test_a_shrunk_photo_is_cut_into_the_same_grid_as_the_original(
+    width: int, height: int, max_tiles: int
+) -> None:
+    data = encoded(Image.new("RGB", (width, height), GREY), "JPEG")
+
+    decoded = decode_image(data, max_tiles=max_tiles)
+
+    assert grid_for(*decoded.image.size, max_tiles) == grid_for(width, height, max_tiles)
+
+
+# --- tiling --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "max_tiles", "grid"),
+    [
+        (800, 800, 1, (1, 1)),
+        (800, 800, 6, (2, 2)),  # a tie with 1×1, won by the larger grid for a large image
+        (300, 300, 6, (1, 1)),  # the same tie, kept small for a small image
+        (1600, 800, 6, (2, 1)),
+        (800, 1600, 6, (1, 2)),
+        (400, 4000, 6, (1, 6)),
+        (400, 4000, 12, (1, 10)),
+        (4000, 3000, 6, (3, 2)),
+        (4000, 3000, 12, (4, 3)),
+        (1920, 1080, 6, (2, 1)),
+    ],
+)
+def test_the_tile_grid_follows_internvls_closest_aspect_ratio_rule(
+    width: int, height: int, max_tiles: int, grid: tuple[int, int]
+) -> None:
+    assert grid_for(width, height, max_tiles) == grid
+
+
+def test_one_tile_means_no_thumbnail() -> None:
+    tiles = tile_image(photo_like(600, 500), max_tiles=1)
+
+    assert [tile.size for tile in tiles] == [(TILE_SIZE, TILE_SIZE)]
+
+
+def test_several_tiles_come_in_row_major_order_followed_by_a_thumbnail() -> None:
+    # Four quadrants of different colours on a 2×2 grid.
+    image = Image.new("RGB", (896, 896), RED)
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((448, 0, 895, 447), fill=GREEN)
+    draw.rectangle((0, 448, 447, 895), fill=BLUE)
+    draw.rectangle((448, 448, 895, 895), fill=GREY)
+
+    tiles = tile_image(image, max_tiles=4)
+
+    assert len(tiles) == 5
+    assert all(tile.size == (TILE_SIZE, TILE_SIZE) for tile in tiles)
+    centres = [tile.getpixel((224, 224)) for tile in tiles[:4]]
+    assert centres == [RED, GREEN, BLUE, GREY]
+    thumbnail = tiles[4]
+    assert [thumbnail.getpixel(point) for point in [(50, 50), (400, 50), (50, 400)]] == [
+        RED,
+        GREEN,
+        BLUE,
+    ]
+
+
+def test_a_wide_photo_is_cut_into_two_tiles_and_a_thumbnail() -> None:
+    tiles = tile_image(photo_like(1600, 800), max_tiles=6)
+
+    assert len(tiles) == 3
+
+
+def test_pixel_values_are_the_normalised_tiles_channels_first() -> None:
+    image = photo_like(1000, 700)
+
+    values = pixel_values(image, max_tiles=6)
+
+    tiles = tile_image(image, max_tiles=6)
+    expected = np.stack(
+        [
+            (np.asarray(tile, dtype=np.float32) / 255 - IMAGENET_MEAN) / IMAGENET_STD
+            for tile in tiles
+        ]
+    ).transpose(0, 3, 1, 2)
+    assert values.dtype == np.float32
+    assert values.shape == (len(tiles), 3, TILE_SIZE, TILE_SIZE)
+    np.testing.assert_allclose(values, expected, atol=1e-5)
+
+
+def test_a_white_image_normalises_to_one_minus_mean_over_std() -> None:
+    values = pixel_values(Image.new("RGB", (448, 448), (255, 255, 255)), max_tiles=6)
+
+    assert values.shape == (1, 3, TILE_SIZE, TILE_SIZE)
+    for channel in range(3):
+        expected = (1 - IMAGENET_MEAN[channel]) / IMAGENET_STD[channel]
+        np.testing.assert_allclose(values[0, channel], expected, rtol=1e-5)
+
+
+def test_jpeg_encoding_for_remote_backends_round_trips() -> None:
+    image = photo_like(500, 300)
+
+    data = encode_jpeg(image)
+
+    decoded = decode_image(data, max_tiles=6)
+    assert decoded.source_format == "JPEG"
+    assert decoded.image.size == (500, 300)
+
+
+# --- off the event loop --------------------------------------------------------------------
+
+
+async def test_load_image_decodes_in_a_worker_thread_while_the_event_loop_keeps_running(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    loop_thread = threading.get_ident()
+    loop_ran_meanwhile = threading.Event()
+    decoding_threads: list[int] = []
+    real_decode = decode_image
+
+    def observed_decode(data: bytes, **limits: int) -> DecodedImage:
+        decoding_threads.append(threading.get_ident())
+        # Only a decode off the loop can see the loop run a callback before it finishes;
+        # the timeout just keeps a regression from hanging the suite.
+        loop_ran_meanwhile.wait(timeout=10)
+        return real_decode(data, **limits)
+
+    monkeypatch.setattr("engine.images.decode_image", observed_decode)
+    asyncio.get_running_loop().call_soon(loop_ran_meanwhile.set)
+
+    decoded = await load_image(encoded(photo_like(320, 240), "JPEG"), max_tiles=6)
+
+    assert isinstance(decoded, DecodedImage)
+    assert decoded.image.size == (320, 240)
+    assert decoding_threads
+    assert decoding_threads[0] != loop_thread
+    assert loop_ran_meanwhile.is_set()
+
+
+async def test_load_image_refuses_bad_data_like_decode_image() -> None:
+    with pytest.raises(BadImage, match="the file is empty"):
+        await load_image(b"", max_tiles=6)
