@@ -1,0 +1,237 @@
+"""A stand-in for the parts of lmdeploy (0.16+ main branch, the 0.18 line) dishbot uses.
+
+It keeps lmdeploy's contract as read from its sources, and records every call:
+
+* ``pipeline(model_path, backend_config=None, chat_template_config=None, log_level=...,
+  trust_remote_code=False, ...)`` returns a `FakePipeline`.
+* ``TurbomindEngineConfig`` / ``PytorchEngineConfig`` / ``GenerationConfig`` are dataclasses
+  with lmdeploy's field names and defaults (a subset), so an unknown keyword is a TypeError;
+  GenerationConfig asserts the ranges lmdeploy asserts.
+* ``Pipeline.stream_infer(prompts, sessions, gen_config)`` runs each conversation in a thread
+  (lmdeploy runs them on its own event loop thread) and returns a blocking iterator of
+  ``Response`` multiplexed by ``index``: text deltas with ``finish_reason=None``, then one
+  Response with the finish reason and empty text; the iterator ends after all of them.
+* ``Session.abort()`` cancels the session's request, which then ends with 'abort'; like
+  lmdeploy's, it does nothing while the request has not started yet.
+
+Replies are scripted per question (the text of the last user message) with `Reply`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from queue import Queue
+from types import ModuleType
+from typing import Any
+
+ABORT_WAIT_S = 5.0
+
+
+@dataclass
+class TurbomindEngineConfig:
+    dtype: str = "auto"
+    model_format: str | None = None
+    tp: int = 1
+    session_len: int | None = None
+    max_batch_size: int | None = None
+    cache_max_entry_count: float = 0.8
+    quant_policy: int = 0
+
+
+@dataclass
+class PytorchEngineConfig:
+    dtype: str = "auto"
+    tp: int = 1
+    session_len: int | None = None
+    max_batch_size: int | None = None
+    cache_max_entry_count: float = 0.8
+    device_type: str = "cuda"
+
+
+@dataclass
+class GenerationConfig:
+    n: int = 1
+    max_new_tokens: int = 512
+    do_sample: bool = False
+    top_p: float = 1.0
+    top_k: int = 50
+    min_p: float = 0.0
+    temperature: float = 0.8
+    repetition_penalty: float = 1.0
+    random_seed: int | None = None
+
+    def __post_init__(self) -> None:
+        assert 0 <= self.top_p <= 1
+        assert 0 <= self.temperature <= 2
+
+
+@dataclass
+class Response:
+    text: str
+    generate_token_len: int
+    input_token_len: int
+    finish_reason: str | None = None
+    token_ids: list[int] = field(default_factory=list)
+    index: int = 0
+    error_code: str | None = None
+    error_message: str | None = None
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What the fake model answers: text pieces, then how it ends.
+
+    ``hang`` keeps the request running after the pieces until its session is aborted.
+    ``error`` ends it with finish_reason 'error' and that message.
+    """
+
+    pieces: tuple[str, ...] = ("Char siu ", "(叉烧) is Cantonese ", "roast pork.")
+    finish_reason: str = "stop"
+    hang: bool = False
+    error: str | None = None
+
+
+class FakeSession:
+    """lmdeploy's Session: ``abort`` only reaches a request that holds an engine instance."""
+
+    def __init__(self, session_id: int, abort_tried: threading.Event) -> None:
+        self.session_id = session_id
+        self.abort_tried = abort_tried
+        self.aborts = 0
+        self.aborted = threading.Event()
+        self.started = threading.Event()
+
+    def abort(self) -> None:
+        self.aborts += 1
+        self.abort_tried.set()
+        if self.started.is_set():
+            self.aborted.set()
+
+
+class FakePipeline:
+    def __init__(self, lmdeploy: FakeLMDeploy, model_path: str, kwargs: dict[str, Any]) -> None:
+        self.lmdeploy = lmdeploy
+        self.model_path = model_path
+        self.kwargs = kwargs
+        self.closed = False
+        self.sessions: list[FakeSession] = []
+        self.stream_calls: list[dict[str, Any]] = []
+
+    def session(self) -> FakeSession:
+        session = FakeSession(next(self.lmdeploy.session_ids), self.lmdeploy.abort_tried)
+        self.sessions.append(session)
+        return session
+
+    def stream_infer(
+        self,
+        prompts: Any,
+        sessions: Any = None,
+        gen_config: Any = None,
+        do_preprocess: bool = True,
+        adapter_name: str | None = None,
+        stream_response: bool = True,
+        **kwargs: Any,
+    ) -> Iterator[Response]:
+        assert not self.closed, "stream_infer on a closed pipeline"
+        if self.lmdeploy.stream_error is not None:
+            raise self.lmdeploy.stream_error
+        assert all(isinstance(prompt, list) for prompt in prompts)
+        assert len(sessions) == len(prompts) == len(gen_config)
+        self.stream_calls.append(
+            {"prompts": prompts, "sessions": sessions, "gen_config": gen_config, **kwargs}
+        )
+        queue: Queue[Response | None] = Queue()
+        threads = [
+            threading.Thread(target=self._run, args=(index, prompt, session, queue))
+            for index, (prompt, session) in enumerate(zip(prompts, sessions, strict=True))
+        ]
+        for thread in threads:
+            thread.start()
+
+        def end_when_all_done() -> None:
+            for thread in threads:
+                thread.join()
+            queue.put(None)
+
+        threading.Thread(target=end_when_all_done, daemon=True).start()
+        return iter(queue.get, None)
+
+    def _run(
+        self, index: int, prompt: list[dict[str, Any]], session: FakeSession, queue: Queue[Any]
+    ) -> None:
+        reply = self.lmdeploy.reply_for(prompt)
+        generated = 0
+        if self.lmdeploy.start_gate is not None:
+            self.lmdeploy.start_gate.wait(ABORT_WAIT_S)
+        session.started.set()
+
+        def out(text: str, reason: str | None = None, **extra: Any) -> None:
+            queue.put(Response(text, generated, 100, reason, index=index, **extra))
+
+        for piece in reply.pieces:
+            if session.aborted.is_set():
+                out("", "abort")
+                return
+            generated += 1
+            out(piece)
+        if reply.hang:
+            session.aborted.wait(ABORT_WAIT_S)
+        if session.aborted.is_set():
+            out("", "abort")
+        elif reply.error is not None:
+            out("", "error", error_code="CONTEXT_LENGTH_EXCEEDED", error_message=reply.error)
+        else:
+            out("", reply.finish_reason)
+
+    def close(self) -> None:
+        self.closed = True
+        self.lmdeploy.log.append(f"close {self.model_path}")
+
+
+class FakeLMDeploy:
+    """Builds the stand-in ``lmdeploy`` module and keeps what was done with it."""
+
+    def __init__(self) -> None:
+        self.pipeline_calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+        self.pipelines: list[FakePipeline] = []
+        self.generation_config_calls: list[dict[str, Any]] = []
+        self.log: list[str] = []
+        self.replies: dict[str, Reply] = {}
+        self.load_error: Exception | None = None
+        self.load_gate: threading.Event | None = None  # when set, pipeline() waits for it
+        self.stream_error: Exception | None = None
+        self.start_gate: threading.Event | None = None  # when set, requests wait for it
+        self.session_ids = itertools.count(1)
+        self.abort_tried = threading.Event()  # set by the first Session.abort() call
+
+    def reply_for(self, prompt: list[dict[str, Any]]) -> Reply:
+        content = prompt[-1]["content"]
+        question = content if isinstance(content, str) else content[-1]["text"]
+        return self.replies.get(question, Reply())
+
+    def module(self) -> ModuleType:
+        module = ModuleType("lmdeploy")
+        module.pipeline = self._pipeline  # type: ignore[attr-defined]
+        module.TurbomindEngineConfig = TurbomindEngineConfig  # type: ignore[attr-defined]
+        module.PytorchEngineConfig = PytorchEngineConfig  # type: ignore[attr-defined]
+        module.GenerationConfig = self._generation_config  # type: ignore[attr-defined]
+        module.Response = Response  # type: ignore[attr-defined]
+        return module
+
+    def _pipeline(self, model_path: str, *args: Any, **kwargs: Any) -> FakePipeline:
+        self.pipeline_calls.append(((model_path, *args), kwargs))
+        self.log.append(f"pipeline {model_path}")
+        if self.load_gate is not None:
+            self.load_gate.wait(ABORT_WAIT_S)
+        if self.load_error is not None:
+            raise self.load_error
+        pipeline = FakePipeline(self, model_path, kwargs)
+        self.pipelines.append(pipeline)
+        return pipeline
+
+    def _generation_config(self, **kwargs: Any) -> GenerationConfig:
+        self.generation_config_calls.append(kwargs)
+        return GenerationConfig(**kwargs)

@@ -1,0 +1,105 @@
+"""A backend for engine tests: answers instantly-ish with scripted text, and records what it saw.
+
+It stands in for the model only; the engine under test is the production code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+
+from engine.errors import Cancelled, GenerationFailed, ModelLoadFailed
+from engine.types import BackendEvent, GenerationJob, JobDelta, JobFailed, JobFinished, ModelSpec
+
+
+class ScriptedBackend:
+    """Streams "<model name> says: <question>" word by word, ``step_s`` apart.
+
+    Questions starting with "fail" fail that job; "crash" raises out of the batch;
+    "slow" takes 100 steps.
+    """
+
+    name = "scripted"
+
+    def __init__(self, capacity: int = 4, max_batches: int | None = None, step_s: float = 0.005):
+        self._capacity = capacity
+        self._max_batches = capacity if max_batches is None else max_batches
+        self.step_s = step_s
+        self.model: ModelSpec | None = None
+        self.loads: list[str] = []
+        self.closed = False
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.jobs: list[GenerationJob] = []
+        self.answered_by: dict[str, str] = {}
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    @property
+    def max_batches(self) -> int:
+        return self._max_batches
+
+    async def load(self, model: ModelSpec) -> None:
+        await asyncio.sleep(0)
+        if model.path == "missing":
+            raise ModelLoadFailed(f"{model.path} does not exist")
+        self.model = model
+        self.loads.append(model.name)
+
+    async def close(self) -> None:
+        self.closed = True
+
+    async def generate(self, jobs: Sequence[GenerationJob]) -> AsyncIterator[BackendEvent]:
+        assert self.model is not None, "generate before load"
+        model_name = self.model.name
+        queue: asyncio.Queue[BackendEvent | None] = asyncio.Queue()
+        self.in_flight += len(jobs)
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        self.jobs.extend(jobs)
+
+        async def run(index: int, job: GenerationJob) -> None:
+            try:
+                await self._run_one(index, job, model_name, queue)
+            finally:
+                self.in_flight -= 1
+
+        tasks = [asyncio.create_task(run(i, job)) for i, job in enumerate(jobs)]
+        done = asyncio.gather(*tasks)
+        done.add_done_callback(lambda _: queue.put_nowait(None))
+        done.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved below
+        try:
+            while (event := await queue.get()) is not None:
+                yield event
+            await done  # re-raise a crash
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def _run_one(
+        self,
+        index: int,
+        job: GenerationJob,
+        model_name: str,
+        queue: asyncio.Queue[BackendEvent | None],
+    ) -> None:
+        if job.question.startswith("crash"):
+            raise RuntimeError("the GPU caught fire")
+        if job.question.startswith("fail"):
+            queue.put_nowait(JobFailed(index, GenerationFailed("out of memory")))
+            return
+        words = f"{model_name} says: {job.question}".split(" ")
+        steps = 100 if job.question.startswith("slow") else len(words)
+        text = ""
+        for step in range(steps):
+            await asyncio.sleep(self.step_s)
+            if job.cancelled.is_set():
+                queue.put_nowait(JobFailed(index, Cancelled("cancelled")))
+                return
+            if step < len(words):
+                delta = (" " if step else "") + words[step]
+                text += delta
+                queue.put_nowait(JobDelta(index, delta))
+        self.answered_by[job.question] = model_name
+        queue.put_nowait(JobFinished(index, text))

@@ -1,0 +1,272 @@
+"""The engine: queueing, streaming, deadlines, cancellation, failures and model swaps."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from engine.engine import (
+    Answer,
+    Engine,
+    EngineConfig,
+    Queued,
+    Request,
+    RequestHandle,
+    Started,
+    TextDelta,
+)
+from engine.errors import (
+    BadImage,
+    Cancelled,
+    DeadlineExceeded,
+    EngineClosed,
+    GenerationFailed,
+    ModelLoadFailed,
+    QueueFull,
+    TooManyPending,
+)
+from engine.prompts import DISHBOT_SYSTEM_PROMPT, XTUNER_INTERNLM2_SYSTEM_PROMPT
+from engine.types import ModelSpec, Turn
+from tests.factories import jpeg_bytes
+from tests.scripted_backend import ScriptedBackend
+
+BASE = ModelSpec(path="/models/base", name="base")
+
+
+@pytest.fixture
+def backend() -> ScriptedBackend:
+    return ScriptedBackend(capacity=2)
+
+
+@pytest.fixture
+async def engine(backend: ScriptedBackend) -> AsyncIterator[Engine]:
+    async with Engine(backend, BASE, EngineConfig(max_pending=6, max_pending_per_key=3)) as engine:
+        yield engine
+
+
+async def _events(handle: RequestHandle) -> list[object]:
+    events: list[object] = []
+    try:
+        async for event in handle:
+            events.append(event)
+    except Exception as exc:
+        events.append(exc)
+    return events
+
+
+async def test_an_answer_streams_in_pieces_that_add_up_to_the_whole(engine: Engine) -> None:
+    handle = await engine.submit(
+        Request(key="telegram:1", question="这是什么菜？", images=(jpeg_bytes(),))
+    )
+
+    events = await _events(handle)
+
+    assert isinstance(events[0], Started)
+    answer = events[-1]
+    assert isinstance(answer, Answer)
+    assert answer.text == "base says: 这是什么菜？"
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == answer.text
+    assert answer.model == "base"
+    assert answer.service_s > 0
+
+
+async def test_the_backend_gets_the_decoded_photo_history_and_the_models_prompt(
+    engine: Engine, backend: ScriptedBackend
+) -> None:
+    history = (Turn("这是什么菜？", "叉烧"),)
+
+    await (
+        await engine.submit(
+            Request(
+                key="k", question="甜吗？", images=(jpeg_bytes(size=(640, 480)),), history=history
+            )
+        )
+    ).result()
+
+    (job,) = backend.jobs
+    assert job.history == history
+    assert job.images[0].image.size == (640, 480)
+    assert job.images[0].source_format == "JPEG"
+    assert job.system_prompt == DISHBOT_SYSTEM_PROMPT
+    assert job.max_tiles == engine.config.max_tiles
+
+
+async def test_many_users_at_once_never_exceed_the_backends_capacity(
+    backend: ScriptedBackend,
+) -> None:
+    config = EngineConfig(max_pending=50, max_pending_per_key=5)
+    async with Engine(backend, BASE, config) as engine:
+        handles = [
+            await engine.submit(Request(key=f"user{n % 5}", question=f"dish {n}"))
+            for n in range(20)
+        ]
+        answers = await asyncio.gather(*(h.result() for h in handles))
+
+    assert [a.text for a in answers] == [f"base says: dish {n}" for n in range(20)]
+    assert backend.max_in_flight == 2
+    assert engine.stats().completed == 20
+
+
+async def test_waiting_users_are_told_how_many_are_ahead(engine: Engine) -> None:
+    running = [await engine.submit(Request(key=f"u{n}", question="slow")) for n in range(2)]
+    await asyncio.sleep(0.02)
+    third = await engine.submit(Request(key="u3", question="a"))
+    fourth = await engine.submit(Request(key="u4", question="b"))
+    for handle in running:
+        handle.cancel()
+
+    third_events, fourth_events = await asyncio.gather(_events(third), _events(fourth))
+
+    assert next(e for e in third_events if isinstance(e, Queued)) == Queued(0)
+    fourth_positions = [e.ahead for e in fourth_events if isinstance(e, Queued)]
+    assert fourth_positions[0] == 1
+    assert isinstance(fourth_events[-1], Answer)
+
+
+async def test_a_full_queue_and_a_greedy_user_are_refused_at_once(engine: Engine) -> None:
+    for n in range(3):
+        await engine.submit(Request(key="greedy", question=f"slow {n}"))
+
+    with pytest.raises(TooManyPending):
+        await engine.submit(Request(key="greedy", question="one more"))
+    for n in range(3):
+        await engine.submit(Request(key=f"other{n}", question="slow"))
+    await asyncio.sleep(0.02)  # two of the six are now generating: four wait
+    await engine.submit(Request(key="late1", question="slow"))
+    await engine.submit(Request(key="late2", question="slow"))
+    with pytest.raises(QueueFull):
+        await engine.submit(Request(key="late3", question="slow"))
+
+
+async def test_a_bad_photo_is_refused_with_its_reason_and_nothing_is_queued(
+    engine: Engine,
+) -> None:
+    with pytest.raises(BadImage, match="not a JPEG, PNG, WebP or HEIC"):
+        await engine.submit(Request(key="k", question="?", images=(b"GIF89a not really",)))
+
+    assert engine.stats().waiting == 0
+    assert engine.stats().in_flight == 0
+
+
+async def test_a_request_that_waits_past_its_deadline_times_out(engine: Engine) -> None:
+    for n in range(2):
+        await engine.submit(Request(key=f"u{n}", question="slow"))
+    late = await engine.submit(Request(key="late", question="quick", timeout_s=0.05))
+
+    with pytest.raises(DeadlineExceeded):
+        await late.result()
+    assert engine.stats().timed_out == 1
+
+
+async def test_a_request_still_generating_at_its_deadline_is_stopped(
+    engine: Engine, backend: ScriptedBackend
+) -> None:
+    handle = await engine.submit(Request(key="k", question="slow", timeout_s=0.05))
+
+    with pytest.raises(DeadlineExceeded):
+        await handle.result()
+    await asyncio.sleep(0.05)
+    assert backend.jobs[0].cancelled.is_set()
+    assert engine.stats().in_flight == 0  # the backend let go of it
+
+
+async def test_cancelling_ends_a_request_once_whether_waiting_or_running(engine: Engine) -> None:
+    running = await engine.submit(Request(key="a", question="slow"))
+    other = await engine.submit(Request(key="b", question="slow"))
+    waiting = await engine.submit(Request(key="c", question="slow"))
+    await asyncio.sleep(0.02)
+
+    assert engine.cancel(waiting.id)
+    assert engine.cancel(running.id)
+    assert not engine.cancel(running.id)
+    other.cancel()
+
+    for handle in (running, waiting, other):
+        with pytest.raises(Cancelled):
+            await handle.result()
+    assert engine.stats().cancelled == 3
+
+
+async def test_one_failed_answer_does_not_fail_the_others(engine: Engine) -> None:
+    bad = await engine.submit(Request(key="a", question="fail please"))
+    good = await engine.submit(Request(key="b", question="肠粉"))
+
+    with pytest.raises(GenerationFailed):
+        await bad.result()
+    assert (await good.result()).text == "base says: 肠粉"
+
+
+async def test_a_crashing_backend_fails_its_batch_and_the_engine_keeps_serving(
+    engine: Engine,
+) -> None:
+    crashed = await engine.submit(Request(key="a", question="crash"))
+
+    with pytest.raises(GenerationFailed):
+        await crashed.result()
+    after = await engine.submit(Request(key="a", question="still there?"))
+    assert (await after.result()).text == "base says: still there?"
+
+
+async def test_swapping_the_model_keeps_every_request_and_uses_its_prompt(
+    engine: Engine, backend: ScriptedBackend
+) -> None:
+    before = [await engine.submit(Request(key=f"u{n}", question=f"q{n}")) for n in range(4)]
+    tuned = ModelSpec(
+        path="/models/lora-1", name="lora-1", system_prompt=XTUNER_INTERNLM2_SYSTEM_PROMPT
+    )
+
+    await engine.swap_model(tuned)
+    after = await engine.submit(Request(key="late", question="after"))
+
+    answers = await asyncio.gather(*(h.result() for h in [*before, after]))
+    assert all(
+        a.text.endswith(q) for a, q in zip(answers, ["q0", "q1", "q2", "q3", "after"], strict=True)
+    )
+    assert answers[-1].model == "lora-1"
+    assert backend.jobs[-1].system_prompt == XTUNER_INTERNLM2_SYSTEM_PROMPT
+    assert engine.model == tuned
+    assert backend.loads == ["base", "lora-1"]
+
+
+async def test_a_model_that_fails_to_load_leaves_the_old_one_serving(
+    engine: Engine, backend: ScriptedBackend
+) -> None:
+    with pytest.raises(ModelLoadFailed):
+        await engine.swap_model(ModelSpec(path="missing", name="broken"))
+
+    assert engine.model == BASE
+    answer = await (await engine.submit(Request(key="k", question="hi"))).result()
+    assert answer.model == "base"
+    assert backend.loads == ["base", "base"]
+
+
+async def test_stopping_answers_every_open_request_and_refuses_new_ones(
+    backend: ScriptedBackend,
+) -> None:
+    engine = Engine(backend, BASE, EngineConfig())
+    await engine.start()
+    handles = [await engine.submit(Request(key=f"u{n}", question="slow")) for n in range(4)]
+
+    await engine.stop()
+
+    for handle in handles:
+        with pytest.raises(EngineClosed):
+            await handle.result()
+    with pytest.raises(EngineClosed):
+        await engine.submit(Request(key="k", question="?"))
+    assert backend.closed
+
+
+async def test_stats_report_queue_and_timings(engine: Engine) -> None:
+    handles = [await engine.submit(Request(key=f"u{n}", question="dish")) for n in range(3)]
+    await asyncio.gather(*(h.result() for h in handles))
+
+    stats = engine.stats()
+
+    assert (stats.completed, stats.waiting, stats.in_flight, stats.capacity) == (3, 0, 0, 2)
+    assert stats.model == "base"
+    assert stats.service_p50_s is not None
+    assert stats.service_p50_s > 0
+    assert stats.wait_p95_s is not None

@@ -1,0 +1,415 @@
+"""The lmdeploy backend against a stand-in lmdeploy that keeps the real library's contract.
+
+lmdeploy needs CUDA and cannot be installed here; `tests.fake_lmdeploy` records how the
+backend calls it and streams the way lmdeploy's pipeline does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from engine.backends.lmdeploy import INSTALL_HINT, LMDeployBackend, LMDeployConfig
+from engine.errors import Cancelled, GenerationFailed, ModelLoadFailed
+from engine.images import DecodedImage
+from engine.prompts import DISHBOT_SYSTEM_PROMPT, XTUNER_INTERNLM2_SYSTEM_PROMPT
+from engine.types import (
+    BackendEvent,
+    GenerationJob,
+    GenerationParams,
+    JobDelta,
+    JobFailed,
+    JobFinished,
+    ModelSpec,
+    Turn,
+)
+from tests.fake_lmdeploy import FakeLMDeploy, PytorchEngineConfig, Reply, TurbomindEngineConfig
+
+BASE_MODEL = ModelSpec(path="/models/InternVL2-8B", name="internvl2-8b")
+TUNED_MODEL = ModelSpec(
+    path="/models/dishbot-v2", name="dishbot-v2", system_prompt=XTUNER_INTERNLM2_SYSTEM_PROMPT
+)
+
+
+@pytest.fixture
+def lmdeploy(monkeypatch: pytest.MonkeyPatch) -> FakeLMDeploy:
+    fake = FakeLMDeploy()
+    monkeypatch.setitem(sys.modules, "lmdeploy", fake.module())
+    return fake
+
+
+@pytest.fixture
+async def backend(lmdeploy: FakeLMDeploy) -> AsyncIterator[LMDeployBackend]:
+    backend = LMDeployBackend()
+    await backend.load(BASE_MODEL)
+    yield backend
+    await backend.close()
+
+
+def photo(color: str = "red") -> DecodedImage:
+    return DecodedImage(Image.new("RGB", (640, 480), color), "JPEG", (640, 480))
+
+
+def job(
+    question: str = "What is this?",
+    *,
+    images: Sequence[DecodedImage] = (),
+    history: Sequence[Turn] = (),
+    system_prompt: str = DISHBOT_SYSTEM_PROMPT,
+    params: GenerationParams | None = None,
+    max_tiles: int = 6,
+) -> GenerationJob:
+    return GenerationJob(
+        images=tuple(images) or (photo(),),
+        history=tuple(history),
+        question=question,
+        system_prompt=system_prompt,
+        params=params or GenerationParams(),
+        max_tiles=max_tiles,
+    )
+
+
+async def collect(events: AsyncIterator[BackendEvent]) -> list[BackendEvent]:
+    return [event async for event in events]
+
+
+def endings(events: list[BackendEvent]) -> dict[int, BackendEvent]:
+    return {e.index: e for e in events if isinstance(e, JobFinished | JobFailed)}
+
+
+# -- loading ------------------------------------------------------------------------------
+
+
+async def test_load_creates_turbomind_pipeline_with_engine_settings(
+    lmdeploy: FakeLMDeploy,
+) -> None:
+    backend = LMDeployBackend(LMDeployConfig(max_batch_size=24, tp=2, session_len=16384))
+    await backend.load(BASE_MODEL)
+
+    (args, kwargs) = lmdeploy.pipeline_calls[0]
+    assert args == (BASE_MODEL.path,)
+    assert kwargs["trust_remote_code"] is True
+    assert kwargs["backend_config"] == TurbomindEngineConfig(
+        tp=2, session_len=16384, max_batch_size=24, cache_max_entry_count=0.8, dtype="auto"
+    )
+    await backend.close()
+
+
+async def test_load_uses_pytorch_engine_when_configured(lmdeploy: FakeLMDeploy) -> None:
+    backend = LMDeployBackend(LMDeployConfig(engine="pytorch", max_batch_size=8))
+    await backend.load(BASE_MODEL)
+
+    config = lmdeploy.pipeline_calls[0][1]["backend_config"]
+    assert config == PytorchEngineConfig(max_batch_size=8, tp=1, session_len=8192)
+    await backend.close()
+
+
+async def test_load_leaves_the_chat_template_to_lmdeploy(lmdeploy: FakeLMDeploy) -> None:
+    backend = LMDeployBackend()
+    await backend.load(BASE_MODEL)
+
+    (args, kwargs) = lmdeploy.pipeline_calls[0]
+    assert kwargs.get("chat_template_config") is None
+    assert "internvl2-internlm2" not in repr((args, kwargs))
+    await backend.close()
+
+
+async def test_capacity_and_batches_follow_max_batch_size() -> None:
+    backend = LMDeployBackend(LMDeployConfig(max_batch_size=12))
+
+    assert (backend.capacity, backend.max_batches) == (12, 12)
+
+
+async def test_load_without_lmdeploy_says_how_to_install_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "lmdeploy", None)  # makes `import lmdeploy` fail
+
+    with pytest.raises(ModelLoadFailed, match="pip install 'dishbot\\[gpu\\]'") as caught:
+        await LMDeployBackend().load(BASE_MODEL)
+    assert str(caught.value) == INSTALL_HINT
+
+
+async def test_load_failure_names_the_model_and_the_cause(lmdeploy: FakeLMDeploy) -> None:
+    lmdeploy.load_error = RuntimeError("CUDA out of memory")
+
+    with pytest.raises(ModelLoadFailed, match="CUDA out of memory") as caught:
+        await LMDeployBackend().load(BASE_MODEL)
+    assert BASE_MODEL.path in str(caught.value)
+
+
+async def test_swap_closes_the_first_pipeline_before_creating_the_second(
+    lmdeploy: FakeLMDeploy, backend: LMDeployBackend
+) -> None:
+    await backend.load(TUNED_MODEL)
+
+    assert lmdeploy.log == [
+        f"pipeline {BASE_MODEL.path}",
+        f"close {BASE_MODEL.path}",
+        f"pipeline {TUNED_MODEL.path}",
+    ]
+    assert backend.model == TUNED_MODEL
+
+
+async def test_close_releases_the_pipeline_and_cuda_cache(
+    lmdeploy: FakeLMDeploy, backend: LMDeployBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    emptied: list[bool] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+
+    await backend.close()
+
+    assert lmdeploy.pipelines[0].closed
+    assert emptied == [True]
+    events = await collect(backend.generate([job()]))
+    assert isinstance(events[0], JobFailed)
+    assert "no model is loaded" in str(events[0].error)
+
+
+# -- what lmdeploy is asked -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("params", "expected"),
+    [
+        (
+            GenerationParams(max_new_tokens=300),
+            {"max_new_tokens": 300, "do_sample": False, "temperature": 0.7, "top_p": 0.9},
+        ),
+        (
+            GenerationParams(max_new_tokens=128, do_sample=True, temperature=0.5, top_p=0.8),
+            {"max_new_tokens": 128, "do_sample": True, "temperature": 0.5, "top_p": 0.8},
+        ),
+    ],
+    ids=["greedy", "sampled"],
+)
+async def test_generation_config_says_greedy_or_sampled_explicitly(
+    lmdeploy: FakeLMDeploy,
+    backend: LMDeployBackend,
+    params: GenerationParams,
+    expected: dict[str, Any],
+) -> None:
+    await collect(backend.generate([job(params=params)]))
+
+    assert lmdeploy.generation_config_calls == [expected]
+    sent = lmdeploy.pipelines[0].stream_calls[0]["gen_config"][0]
+    assert (sent.do_sample, sent.max_new_tokens) == (expected["do_sample"], params.max_new_tokens)
+
+
+@pytest.mark.parametrize(
+    "system_prompt",
+    [DISHBOT_SYSTEM_PROMPT, XTUNER_INTERNLM2_SYSTEM_PROMPT],
+    ids=["dishbot", "xtuner"],
+)
+async def test_messages_carry_system_prompt_history_and_tiled_photos(
+    lmdeploy: FakeLMDeploy, backend: LMDeployBackend, system_prompt: str
+) -> None:
+    photos = [photo("red"), photo("green")]
+    history = [Turn("What dish is this?", "叉烧 (char siu)."), Turn("Is it sweet?", "Yes.")]
+    await collect(
+        backend.generate(
+            [job("How is it made?", images=photos, history=history, system_prompt=system_prompt)]
+        )
+    )
+
+    (messages,) = lmdeploy.pipelines[0].stream_calls[0]["prompts"]
+    assert messages[0] == {"role": "system", "content": system_prompt}
+    first_question = messages[1]
+    assert first_question["role"] == "user"
+    assert first_question["content"] == [
+        {"type": "image_data", "image_data": {"data": photos[0].image, "max_dynamic_patch": 6}},
+        {"type": "image_data", "image_data": {"data": photos[1].image, "max_dynamic_patch": 6}},
+        {"type": "text", "text": "What dish is this?"},
+    ]
+    assert messages[2:] == [
+        {"role": "assistant", "content": "叉烧 (char siu)."},
+        {"role": "user", "content": "Is it sweet?"},
+        {"role": "assistant", "content": "Yes."},
+        {"role": "user", "content": "How is it made?"},
+    ]
+
+
+async def test_each_photo_is_limited_to_the_jobs_tiles(
+    lmdeploy: FakeLMDeploy, backend: LMDeployBackend
+) -> None:
+    await collect(backend.generate([job(max_tiles=12)]))
+
+    (messages,) = lmdeploy.pipelines[0].stream_calls[0]["prompts"]
+    assert messages[1]["content"][0]["image_data"]["max_dynamic_patch"] == 12
+
+
+# -- streaming ----------------------------------------------------------------------------
+
+
+async def test_streamed_pieces_add_up_to_the_final_answer(backend: LMDeployBackend) -> None:
+    events = await collect(backend.generate([job()]))
+
+    deltas = [e.text for e in events if isinstance(e, JobDelta)]
+    assert deltas == ["Char siu ", "(叉烧) is Cantonese ", "roast pork."]
+    assert events[-1] == JobFinished(0, "".join(deltas), "stop")
+
+
+async def test_answer_cut_at_max_new_tokens_finishes_with_length(
+    lmdeploy: FakeLMDeploy, backend: LMDeployBackend
+) -> None:
+    lmdeploy.replies["Long story?"] = Reply(("Once ", "upon"), finish_reason="length")
+
+    events = await collect(backend.generate([job("Long story?")]))
+
+    assert events[-1] == JobFinished(0, "Once upon", "length")
+
+
+async def test_jobs_of_a_batch_stream_concurrently_in_their_own_sessions(
+    lmdeploy: FakeLMDeploy, backend: LMDeployBackend
+) -> None:
+    lmdeploy.replies["A?"] = Reply(("dim ", "sum"))
+    lmdeploy.replies["B?"] = Reply(("har ", "gow"))
+
+    events = await collect(backend.generate([job("A?"), job("B?")]))
+
+    assert endings(events) == {0: JobFinished(0, "dim sum"), 1: JobFinished(1, "har gow")}
+    sessions = lmdeploy.pipelines[0].stream_calls[0]["sessions"]
+    assert len({session.session_id for session in sessions}) == 2
+
+
+async def test_concurrent_generate_calls_get_distinct_sessions(
+    lmdeploy: FakeLMDeploy, backend: LMDeployBackend
+) -> None:
+    results = await asyncio.gather(*(collect(backend.generate([job()])) for _ in range(5)))
+
+    assert all(isinstance(events[-1], JobFinished) for events in results)
+    ids = [session.session_id for session in lmdeploy.pipelines[0].sessions]
+    assert len(ids) == len(set(ids)) == 5
+
+
+async def test_an_error_fails_only_that_job(
+    lmdeploy: FakeLMDeploy, backend: LMDeployBackend
+) -> None:
+    lmdeploy.replies["Huge?"] = Reply((), error="Input length (9000) must be smaller")
+
+    events = await collect(backend.generate([job("Huge?"), job()]))
+
+    failed = endings(events)[0]
+    assert isinstance(failed, JobFailed)
+    assert isinstance(failed.error, GenerationFailed)
+    assert "Input length (9000)" in str(failed.error)
+    assert isinstance(endings(events)[1], JobFinished)
+
+
+async def test_parameters_lmdeploy_refuses_fail_only_that_job(backend: LMDeployBackend) -> None:
+    too_hot = GenerationParams(do_sample=True, temperature=5.0)
+
+    events = await collect(backend.generate([job(params=too_hot), job()]))
+
+    assert isinstance(endings(events)[0], JobFailed)
+    assert isinstance(endings(events)[1], JobFinished)
+
+
+# -- cancellation -------------------------------------------------------------------------
+
+
+async def test_cancelling_a_job_aborts_its_session_and_fails_it_as_cancelled(
+    lmdeploy: FakeLMDeploy, backend: LMDeployBackend
+) -> None:
+    lmdeploy.replies["Slow?"] = Reply(("Let me think",), hang=True)
+    slow, quick = job("Slow?"), job()
+    events: list[BackendEvent] = []
+
+    async for event in backend.generate([slow, quick]):
+        events.append(event)
+        if event == JobDelta(0, "Let me think"):
+            slow.cancelled.set()
+
+    failed = endings(events)[0]
+    assert isinstance(failed, JobFailed)
+    assert isinstance(failed.error, Cancelled)
+    assert isinstance(endings(events)[1], JobFinished)
+    slow_session, quick_session = lmdeploy.pipelines[0].stream_calls[0]["sessions"]
+    assert slow_session.aborts >= 1
+    assert quick_session.aborts == 0
+
+
+async def test_a_job_cancelled_before_it_starts_gets_no_text(
+    lmdeploy: FakeLMDeploy, backend: LMDeployBackend
+) -> None:
+    cancelled = job()
+    cancelled.cancelled.set()
+
+    events = await asyncio.wait_for(collect(backend.generate([cancelled])), 5)
+
+    assert [type(e) for e in events] == [JobFailed]
+    assert isinstance(events[0], JobFailed)
+    assert isinstance(events[0].error, Cancelled)
+
+
+async def test_closing_the_stream_early_aborts_every_session(
+    lmdeploy: FakeLMDeploy, backend: LMDeployBackend
+) -> None:
+    lmdeploy.replies["Slow?"] = Reply(("Hmm",), hang=True)
+    stream = backend.generate([job("Slow?"), job("Slow?")])
+
+    await anext(stream)
+    await stream.aclose()  # type: ignore[attr-defined]
+
+    sessions = lmdeploy.pipelines[0].stream_calls[0]["sessions"]
+    for session in sessions:
+        await asyncio.to_thread(session.aborted.wait, 5)
+    assert all(session.aborts >= 1 for session in sessions)
+
+
+async def test_a_load_abandoned_by_a_timeout_closes_the_pipeline_it_made(
+    lmdeploy: FakeLMDeploy,
+) -> None:
+    lmdeploy.load_gate = threading.Event()
+    backend = LMDeployBackend()
+
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(backend.load(BASE_MODEL), 0.05)
+    lmdeploy.load_gate.set()
+
+    for _ in range(100):
+        if lmdeploy.pipelines and lmdeploy.pipelines[0].closed:
+            break
+        await asyncio.sleep(0.05)
+    assert lmdeploy.pipelines[0].closed
+    assert backend.model is None
+
+
+async def test_a_broken_stream_fails_every_job_of_the_batch(
+    lmdeploy: FakeLMDeploy, backend: LMDeployBackend
+) -> None:
+    lmdeploy.stream_error = RuntimeError("engine loop died")
+
+    events = await collect(backend.generate([job(), job()]))
+
+    assert sorted(endings(events)) == [0, 1]
+    assert all(isinstance(e, JobFailed) for e in events)
+    assert all("engine loop died" in str(e.error) for e in events if isinstance(e, JobFailed))
+
+
+async def test_an_abort_that_came_before_the_request_started_is_repeated(
+    lmdeploy: FakeLMDeploy, backend: LMDeployBackend
+) -> None:
+    lmdeploy.replies["Slow?"] = Reply(("Hmm", "m"), hang=True)
+    lmdeploy.start_gate = threading.Event()
+    cancelled = job("Slow?")
+    cancelled.cancelled.set()
+
+    running = asyncio.create_task(collect(backend.generate([cancelled])))
+    assert await asyncio.to_thread(lmdeploy.abort_tried.wait, 4)
+    lmdeploy.start_gate.set()  # the request starts only after the first abort missed it
+    events = await asyncio.wait_for(running, 4)
+
+    assert [type(e) for e in events] == [JobFailed]
+    (session,) = lmdeploy.pipelines[0].sessions
+    assert session.aborted.is_set()
+    assert session.aborts >= 2
