@@ -8,10 +8,12 @@ import json
 import sys
 import traceback
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from bot.adapters.console import chat
 from bot.app import App
 from bot.errors import DishbotError
 from bot.logs import REDACTED, configure_logging
@@ -19,7 +21,7 @@ from bot.settings import Settings, load_settings, redact_url
 from bot.store.database import database_errors, open_engine
 from bot.store.schema import current_revision, head_revision, upgrade
 
-Handler = Callable[[Settings], int]
+Handler = Callable[[Settings, argparse.Namespace], int]
 T = TypeVar("T")
 
 
@@ -39,6 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="start the configured chat bots")
     run.set_defaults(handler=cmd_run)
 
+    chat = commands.add_parser(
+        "chat",
+        help="ask the configured model about a photo from the terminal",
+        description="Stream the model's answer about IMAGE; when stdin is a terminal, "
+        "keep taking follow-up questions about the same photo until an empty line or EOF.",
+    )
+    chat.add_argument("image", type=Path, help="a JPEG, PNG, WebP or HEIC photo")
+    chat.add_argument("question", nargs="?", help='default: "What dish is this?"')
+    chat.set_defaults(handler=cmd_chat)
+
     config = commands.add_parser("config", help="print the effective settings, secrets hidden")
     config.set_defaults(handler=cmd_config)
 
@@ -53,19 +65,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def cmd_run(settings: Settings) -> int:
+def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     """`dishbot run`: start the bots and keep them running."""
     asyncio.run(App(settings).run())
     return 0
 
 
-def cmd_config(settings: Settings) -> int:
+def cmd_chat(settings: Settings, args: argparse.Namespace) -> int:
+    """`dishbot chat IMAGE [QUESTION]`: the console adapter."""
+    asyncio.run(chat(settings, args.image, args.question))
+    return 0
+
+
+def cmd_config(settings: Settings, args: argparse.Namespace) -> int:
     """`dishbot config`: the effective settings as JSON, with secrets redacted."""
     print(json.dumps(settings.redacted(), indent=2, ensure_ascii=False))
     return 0
 
 
-def cmd_db_upgrade(settings: Settings) -> int:
+def cmd_db_upgrade(settings: Settings, args: argparse.Namespace) -> int:
     """`dishbot db upgrade`: create or migrate the database to head."""
 
     async def migrate(engine: AsyncEngine) -> tuple[str | None, str | None]:
@@ -82,7 +100,7 @@ def cmd_db_upgrade(settings: Settings) -> int:
     return 0
 
 
-def cmd_db_current(settings: Settings) -> int:
+def cmd_db_current(settings: Settings, args: argparse.Namespace) -> int:
     """`dishbot db current`: which schema revision the database is at."""
     revision = _on_database(settings, current_revision)
     head = head_revision()
@@ -119,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         secrets = settings.secret_values()
         configure_logging(settings.log_level, secrets)
         handler: Handler = args.handler
-        return handler(settings)
+        return handler(settings, args)
     except KeyboardInterrupt:
         return 130
     except DishbotError as exc:

@@ -67,6 +67,10 @@ class EngineSettings(_Section):
     max_new_tokens: int = Field(default=512, ge=1, le=8192)
     request_timeout_s: float = Field(default=120.0, gt=0, description="queue wait + generation")
     load_timeout_s: float = Field(default=600.0, gt=0, description="loading or swapping a model")
+    lmdeploy_engine: Literal["turbomind", "pytorch"] = Field(
+        default="turbomind", description="lmdeploy's inference engine"
+    )
+    tp: int = Field(default=1, ge=1, description="GPUs one model is split over (lmdeploy)")
     openai: OpenAISettings = OpenAISettings()
 
 

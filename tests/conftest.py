@@ -18,6 +18,7 @@ from sqlalchemy.engine import make_url
 
 from bot.store import Store
 from bot.store.schema import upgrade
+from tests.tiny_model import build_tiny_internvl
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -71,6 +72,12 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         )
     finally:
         asyncio.run(_postgres_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="session")
+def tiny_internvl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight InternVL checkpoint with its tokenizer, built once per session."""
+    return build_tiny_internvl(tmp_path_factory.mktemp("tiny-internvl"))
 
 
 @pytest.fixture

@@ -33,12 +33,6 @@ from tests.tiny_model import CONTEXT_IMAGE_TOKEN, build_tiny_internvl
 TOKENS_PER_TILE = 16
 
 
-@pytest.fixture(scope="session")
-def tiny_internvl(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random InternVL checkpoint, built once per test session."""
-    return build_tiny_internvl(tmp_path_factory.mktemp("tiny-internvl"))
-
-
 @pytest.fixture
 async def backend(tiny_internvl: Path) -> AsyncIterator[TransformersBackend]:
     backend = TransformersBackend(TransformersConfig(device="cpu", max_batch_size=8))

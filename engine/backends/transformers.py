@@ -29,6 +29,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer, InternVLForConditionalGeneration
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
+from transformers.utils import logging as hf_logging
 
 from engine import images
 from engine.errors import Cancelled, EngineError, GenerationFailed, ModelLoadFailed
@@ -393,8 +394,10 @@ class _BatchStreamer(BaseStreamer):
 
 def _load_model(path: str, config: TransformersConfig) -> _LoadedModel:
     """Load the checkpoint at ``path`` (blocking); raise `ModelLoadFailed` with the reason."""
-    if not Path(path).is_dir():
+    # A hub id ("OpenGVLab/InternVL3-1B-hf") is left to from_pretrained and its cache.
+    if path.startswith(("/", "./", "../", "~")) and not Path(path).expanduser().is_dir():
         raise ModelLoadFailed(f"model directory {path} does not exist")
+    hf_logging.disable_progress_bar()  # a server's log is no place for progress bars
     device = _device(config.device)
     dtype = _dtype(config.dtype, device)
     try:

@@ -1,0 +1,88 @@
+"""Building the engine from the settings: which backend, which model, which limits."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import PurePath
+
+from bot.settings import EngineSettings, Settings
+from engine.backends.base import Backend
+from engine.engine import Engine, EngineConfig
+from engine.types import ModelSpec
+
+log = logging.getLogger(__name__)
+
+
+def resolve_backend_name(engine: EngineSettings) -> str:
+    """The configured backend; for ``auto``, lmdeploy on a GPU, otherwise transformers."""
+    if engine.backend != "auto":
+        return engine.backend
+    if importlib.util.find_spec("lmdeploy") is not None and _cuda_available():
+        return "lmdeploy"
+    return "transformers"
+
+
+def _cuda_available() -> bool:
+    if importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def make_backend(engine: EngineSettings) -> Backend:
+    """A backend object for the configured engine (its model is loaded by the Engine)."""
+    name = resolve_backend_name(engine)
+    if name == "lmdeploy":
+        from engine.backends.lmdeploy import LMDeployBackend, LMDeployConfig
+
+        return LMDeployBackend(
+            LMDeployConfig(
+                engine=engine.lmdeploy_engine, max_batch_size=engine.max_batch_size, tp=engine.tp
+            )
+        )
+    if name == "openai":
+        from engine.backends.openai import OpenAIBackend, OpenAIConfig
+
+        api_key = engine.openai.api_key
+        return OpenAIBackend(
+            OpenAIConfig(
+                base_url=engine.openai.base_url,
+                api_key=api_key.get_secret_value() if api_key else None,
+                model=engine.openai.model,
+                max_concurrency=engine.max_batch_size,
+                request_timeout_s=engine.request_timeout_s,
+            )
+        )
+    from engine.backends.transformers import TransformersBackend, TransformersConfig
+
+    return TransformersBackend(
+        TransformersConfig(device=engine.device, max_batch_size=engine.max_batch_size)
+    )
+
+
+def engine_config(settings: Settings) -> EngineConfig:
+    """The engine's queue limits and generation defaults from the settings."""
+    return EngineConfig(
+        max_pending=settings.engine.max_queue,
+        max_pending_per_key=settings.limits.max_pending_per_user,
+        max_tiles=settings.engine.max_tiles,
+        max_new_tokens=settings.engine.max_new_tokens,
+        request_timeout_s=settings.engine.request_timeout_s,
+        load_timeout_s=settings.engine.load_timeout_s,
+    )
+
+
+def configured_model(engine: EngineSettings) -> ModelSpec:
+    """The model named in the settings, served with dishbot's system prompt."""
+    name = PurePath(engine.model.rstrip("/")).name or engine.model
+    return ModelSpec(path=engine.model, name=name)
+
+
+def build_engine(settings: Settings, model: ModelSpec | None = None) -> Engine:
+    """An engine (not yet started) for the configured backend and ``model``."""
+    backend = make_backend(settings.engine)
+    spec = model or configured_model(settings.engine)
+    log.info("engine: %s backend, model %s", backend.name, spec.path)
+    return Engine(backend, spec, engine_config(settings))
