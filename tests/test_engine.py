@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
+from engine.backends.transformers import TransformersBackend, TransformersConfig
 from engine.engine import (
     Answer,
     Engine,
@@ -270,3 +272,34 @@ async def test_stats_report_queue_and_timings(engine: Engine) -> None:
     assert stats.service_p50_s is not None
     assert stats.service_p50_s > 0
     assert stats.wait_p95_s is not None
+
+
+async def test_the_engine_serves_concurrent_users_with_the_real_transformers_backend(
+    tiny_internvl: Path,
+) -> None:
+    backend = TransformersBackend(TransformersConfig(device="cpu", max_batch_size=4))
+    model = ModelSpec(path=str(tiny_internvl), name="tiny")
+    config = EngineConfig(max_new_tokens=8)
+    photos = [jpeg_bytes(color=(40 * n, 90, 200 - 40 * n)) for n in range(4)]
+
+    async with Engine(backend, model, config) as engine:
+        alone = await (
+            await engine.submit(Request(key="solo", question="这是什么菜？", images=(photos[0],)))
+        ).result()
+        handles = [
+            await engine.submit(Request(key=f"user{n}", question="这是什么菜？", images=(photo,)))
+            for n, photo in enumerate(photos)
+        ]
+        results = await asyncio.gather(*(_events(handle) for handle in handles))
+
+    answers = [events[-1] for events in results]
+    assert all(isinstance(answer, Answer) for answer in answers)
+    for events in results:
+        answer = events[-1]
+        assert isinstance(answer, Answer)
+        assert "".join(e.text for e in events if isinstance(e, TextDelta)) == answer.text
+        assert answer.model == "tiny"
+    # Batched with three others, the first photo gets the answer it got alone.
+    first = answers[0]
+    assert isinstance(first, Answer)
+    assert first.text == alone.text
