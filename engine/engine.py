@@ -217,6 +217,7 @@ class Engine:
         self._paused = False
         self._closed = True
         self._swap_lock = asyncio.Lock()
+        self._announced_at = -1
         self._counts = {"completed": 0, "failed": 0, "timed_out": 0, "cancelled": 0}
         self._waits: deque[float] = deque(maxlen=STATS_WINDOW)
         self._services: deque[float] = deque(maxlen=STATS_WINDOW)
@@ -498,6 +499,9 @@ class Engine:
         self._end(ticket, failure)
 
     def _announce_positions(self) -> None:
+        if self._scheduler.changes == self._announced_at:
+            return  # nothing moved in the queue since the last announcement
+        self._announced_at = self._scheduler.changes
         for ticket_id, ahead in self._scheduler.positions().items():
             work = self._tickets[ticket_id].payload
             if work.last_position != ahead:

@@ -68,6 +68,7 @@ class Scheduler(Generic[P]):
         self._open_per_key: dict[str, int] = {}
         self._waiting_count = 0
         self._slots_used = 0
+        self._changes = 0
 
     # -- counts ---------------------------------------------------------------------------
 
@@ -80,6 +81,11 @@ class Scheduler(Generic[P]):
     def in_flight(self) -> int:
         """Requests holding a backend slot."""
         return self._slots_used
+
+    @property
+    def changes(self) -> int:
+        """A counter that moves whenever the waiting queue changes (so positions may have)."""
+        return self._changes
 
     @property
     def free_slots(self) -> int:
@@ -116,6 +122,7 @@ class Scheduler(Generic[P]):
             self._ring.append(key)
         queue.append(ticket)
         self._waiting_count += 1
+        self._changes += 1
         self._open_per_key[key] = self.open_for(key) + 1
         return ticket
 
@@ -137,6 +144,7 @@ class Scheduler(Generic[P]):
             else:
                 del self._waiting[key]
             self._waiting_count -= 1
+            self._changes += 1
             ticket.state = TicketState.RUNNING
             ticket.started_at = self._clock()
             ticket.holds_slot = True
@@ -176,6 +184,7 @@ class Scheduler(Generic[P]):
         queue = self._waiting[ticket.key]
         queue.remove(ticket)
         self._waiting_count -= 1
+        self._changes += 1
         if not queue:
             del self._waiting[ticket.key]
             self._ring.remove(ticket.key)
@@ -199,19 +208,20 @@ class Scheduler(Generic[P]):
     def positions(self) -> dict[int, int]:
         """For each waiting ticket id, how many waiting requests will be dispatched first.
 
-        The j-th request of a key (0-based) goes in round j; in each round, keys are served
-        in ring order. So it has ahead of it j requests per key later in the ring (each
-        capped by that key's queue length), j + 1 per key earlier in the ring, and the j
-        before it in its own queue.
+        This replays the round-robin order: round r serves the r-th request of every key
+        that has one, keys in ring order. One pass, linear in the number waiting.
         """
-        lengths = [(key, len(self._waiting[key])) for key in self._ring]
         result: dict[int, int] = {}
-        for ring_index, (key, _) in enumerate(lengths):
-            for j, ticket in enumerate(self._waiting[key]):
-                ahead = j
-                for other_index, (_, other_length) in enumerate(lengths):
-                    if other_index != ring_index:
-                        rounds = j + 1 if other_index < ring_index else j
-                        ahead += min(other_length, rounds)
-                result[ticket.id] = ahead
+        position = 0
+        active = [self._waiting[key] for key in self._ring]
+        round_index = 0
+        while active:
+            still_active = []
+            for queue in active:
+                result[queue[round_index].id] = position
+                position += 1
+                if len(queue) > round_index + 1:
+                    still_active.append(queue)
+            active = still_active
+            round_index += 1
         return result

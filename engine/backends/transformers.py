@@ -397,7 +397,7 @@ def _load_model(path: str, config: TransformersConfig) -> _LoadedModel:
     # A hub id ("OpenGVLab/InternVL3-1B-hf") is left to from_pretrained and its cache.
     if path.startswith(("/", "./", "../", "~")) and not Path(path).expanduser().is_dir():
         raise ModelLoadFailed(f"model directory {path} does not exist")
-    hf_logging.disable_progress_bar()  # a server's log is no place for progress bars
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # not in a server log
     device = _device(config.device)
     dtype = _dtype(config.dtype, device)
     try:
