@@ -124,7 +124,7 @@ async def measure(model_dir: Path, args: argparse.Namespace) -> dict[str, float]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=8)
-    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--new-tokens", type=int, default=96)
     parser.add_argument("--repeats", type=int, default=3)
     # One torch thread by default: on a small shared box (2 cores, other processes running)
     # two intra-op threads stall on each other and made both modes ~10x slower in our runs.
