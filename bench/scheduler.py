@@ -51,7 +51,7 @@ import random
 import statistics
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 
 from engine.engine import Answer, Engine, EngineConfig, Request, TextDelta
@@ -146,7 +146,7 @@ class SimulatedBatchingBackend:
             await asyncio.gather(self._loop_task, return_exceptions=True)
             self._loop_task = None
 
-    async def generate(self, jobs: Sequence[GenerationJob]) -> AsyncIterator[BackendEvent]:
+    async def generate(self, jobs: Sequence[GenerationJob]) -> AsyncGenerator[BackendEvent, None]:
         out: asyncio.Queue[BackendEvent] = asyncio.Queue()
         slots = [_Slot(job, i, job.params.max_new_tokens, out) for i, job in enumerate(jobs)]
         now = time.monotonic()

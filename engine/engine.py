@@ -19,13 +19,14 @@ import contextlib
 import logging
 import statistics
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 
 from engine.backends.base import Backend
 from engine.errors import (
+    BadImage,
     Cancelled,
     DeadlineExceeded,
     EngineClosed,
@@ -61,6 +62,8 @@ class EngineConfig:
     max_new_tokens: int = 512
     request_timeout_s: float = 120.0
     load_timeout_s: float = 600.0
+    max_images_per_request: int = 4
+    max_concurrent_decodes: int = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,6 +221,8 @@ class Engine:
         self._closed = True
         self._swap_lock = asyncio.Lock()
         self._announced_at = -1
+        self._decoding: Counter[str] = Counter()
+        self._decode_slots = asyncio.Semaphore(self.config.max_concurrent_decodes)
         self._counts = {"completed": 0, "failed": 0, "timed_out": 0, "cancelled": 0}
         self._waits: deque[float] = deque(maxlen=STATS_WINDOW)
         self._services: deque[float] = deque(maxlen=STATS_WINDOW)
@@ -244,13 +249,15 @@ class Engine:
             self._end(ticket, EngineClosed("the engine is shutting down"))
         if self._dispatcher is not None:
             self._dispatcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._dispatcher
-        for task in list(self._batches):
+        tasks = [t for t in (self._dispatcher, *self._batches) if t is not None]
+        for task in tasks:
             task.cancel()
-        if self._batches:
-            await asyncio.gather(*self._batches, return_exceptions=True)
-        await self.backend.close()
+        for outcome in await asyncio.gather(*tasks, return_exceptions=True):
+            if isinstance(outcome, Exception):
+                log.error("an engine task had failed: %r", outcome)
+        self._batch_done.set()  # a swap waiting for batches sees the engine closed
+        async with self._swap_lock:  # and a swap that is loading finishes before the close
+            await self.backend.close()
 
     async def __aenter__(self) -> Engine:
         await self.start()
@@ -282,16 +289,20 @@ class Engine:
         async with self._swap_lock:
             self._paused = True
             try:
-                while self._batches:
+                while self._batches and not self._closed:
                     self._batch_done.clear()
                     await self._batch_done.wait()
+                if self._closed:
+                    raise EngineClosed("the engine stopped before the model could be swapped")
                 previous = self._model
                 try:
                     await self._load(model)
-                except Exception as exc:
+                except BaseException as exc:
+                    # Backends free the old model before loading a new one, so whatever
+                    # went wrong (cancellation included), put the old one back.
                     log.exception("loading %s failed; going back to %s", model.name, previous.name)
                     await self._load(previous)
-                    if isinstance(exc, ModelLoadFailed):
+                    if isinstance(exc, ModelLoadFailed | asyncio.CancelledError):
                         raise
                     raise ModelLoadFailed(f"could not load {model.name}: {exc}") from exc
                 self._model = model
@@ -310,20 +321,37 @@ class Engine:
         """
         if self._closed:
             raise EngineClosed("the engine is not running")
-        self._scheduler.check_admission(request.key)  # refuse before the costly decode
-        images = tuple(
-            [await load_image(data, max_tiles=self.config.max_tiles) for data in request.images]
+        if len(request.images) > self.config.max_images_per_request:
+            raise BadImage(f"at most {self.config.max_images_per_request} photos per question")
+        # Refuse before the costly decode, counting requests still decoding as pending.
+        self._scheduler.check_admission(
+            request.key,
+            also_pending=self._decoding[request.key],
+            also_waiting=sum(self._decoding.values()),
         )
+        self._decoding[request.key] += 1
+        try:
+            images = tuple([await self._decode(data) for data in request.images])
+        finally:
+            self._decoding[request.key] -= 1
+            if not self._decoding[request.key]:
+                del self._decoding[request.key]
         if self._closed:
             raise EngineClosed("the engine is not running")
         handle = RequestHandle(self.cancel)
         work = _Work(handle=handle, images=images, request=request)
-        timeout = request.timeout_s or self.config.request_timeout_s
+        timeout = self.config.request_timeout_s if request.timeout_s is None else request.timeout_s
         ticket = self._scheduler.admit(request.key, work, timeout_s=timeout)
         handle.id = ticket.id
         self._tickets[ticket.id] = ticket
         self._wakeup.set()
         return handle
+
+    async def _decode(self, data: bytes) -> DecodedImage:
+        # Decoding runs in worker threads; a bound keeps a burst of photos from taking
+        # every thread and a lot of memory at once.
+        async with self._decode_slots:
+            return await load_image(data, max_tiles=self.config.max_tiles)
 
     def cancel(self, request_id: int) -> bool:
         """Cancel a request; False if it had already ended."""
@@ -450,17 +478,19 @@ class Engine:
         assert all(job is not None for job in jobs)
         model_name = self._model.name
         try:
-            async for event in self.backend.generate([job for job in jobs if job is not None]):
-                ticket = batch[event.index]
-                if isinstance(event, JobDelta):
-                    self._deliver_delta(ticket, event.text)
-                    continue
-                self._scheduler.release(ticket)
-                self._wakeup.set()
-                if isinstance(event, JobFinished):
-                    self._finish(ticket, event, model_name)
-                elif isinstance(event, JobFailed):
-                    self._fail(ticket, event.error)
+            events = self.backend.generate([job for job in jobs if job is not None])
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    ticket = batch[event.index]
+                    if isinstance(event, JobDelta):
+                        self._deliver_delta(ticket, event.text)
+                        continue
+                    self._scheduler.release(ticket)
+                    self._wakeup.set()
+                    if isinstance(event, JobFinished):
+                        self._finish(ticket, event, model_name)
+                    elif isinstance(event, JobFailed):
+                        self._fail(ticket, event.error)
         except Exception as exc:  # a backend bug must not take the engine down
             log.exception("the %s backend failed a batch", self.backend.name)
             for ticket in batch:

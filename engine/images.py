@@ -46,6 +46,7 @@ _DRAFTABLE_FORMATS = frozenset({"JPEG", "MPO"})
 # ISO base media "ftyp" brands of HEIF still images and sequences (iPhone photos are "heic").
 _HEIF_BRANDS = frozenset({b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"})
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+_RESIZE_WITH_ALPHA = frozenset({"RGBA", "LA"})
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 # EXIF orientation -> the transpose that shows the photo upright (EXIF 2.3, tag 0x0112).
 _ORIENTATION_TRANSPOSE = {
@@ -240,9 +241,12 @@ def _decode_opened(opened: Image.Image, max_tiles: int, max_pixels: int) -> Deco
             opened.draft(opened.mode, stored_target)
         opened.load()
 
-    image = _to_rgb(opened)
+    # A photo with an alpha channel is shrunk before it is flattened onto white (Pillow
+    # resizes alpha correctly), so the copies flattening makes are small ones.
+    image = opened if opened.mode in _RESIZE_WITH_ALPHA else _to_rgb(opened)
     if image.size != stored_target:
         image = image.resize(stored_target, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    image = _to_rgb(image)
     transpose = _ORIENTATION_TRANSPOSE.get(orientation)
     if transpose is not None:
         image = image.transpose(transpose)
@@ -310,8 +314,10 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in _SIXTEEN_BIT_MODES:
         # Pillow's own conversion clips 16-bit values at 255 (a mostly white picture);
         # keep the top 8 bits instead.
-        values = np.asarray(image).astype(np.int64)
-        return Image.fromarray((np.clip(values, 0, 65535) >> 8).astype(np.uint8)).convert("RGB")
+        values = np.asarray(image)
+        if values.dtype != np.uint16:  # mode "I" is int32: clip without widening further
+            values = np.clip(values, 0, 65535)
+        return Image.fromarray((values >> 8).astype(np.uint8)).convert("RGB")
     if image.mode in _ALPHA_MODES or "transparency" in image.info:
         rgba = image.convert("RGBA")
         background = Image.new("RGB", rgba.size, _WHITE)

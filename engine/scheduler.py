@@ -98,13 +98,17 @@ class Scheduler(Generic[P]):
 
     # -- admission ------------------------------------------------------------------------
 
-    def check_admission(self, key: str) -> None:
-        """Raise `QueueFull` or `TooManyPending` if a request for ``key`` would be refused."""
-        if self.open_for(key) >= self.max_pending_per_key:
+    def check_admission(self, key: str, *, also_pending: int = 0, also_waiting: int = 0) -> None:
+        """Raise `QueueFull` or `TooManyPending` if a request for ``key`` would be refused.
+
+        ``also_pending`` / ``also_waiting`` count requests on their way in (being decoded)
+        for this key and overall, so a burst cannot slip past the limits before admission.
+        """
+        if self.open_for(key) + also_pending >= self.max_pending_per_key:
             raise TooManyPending(
                 f"{self.max_pending_per_key} questions are already pending for this user"
             )
-        if self._waiting_count >= self.max_pending:
+        if self._waiting_count + also_waiting >= self.max_pending:
             raise QueueFull(f"{self.max_pending} questions are already waiting")
 
     def admit(self, key: str, payload: P, *, timeout_s: float) -> Ticket[P]:

@@ -6,7 +6,7 @@ It stands in for the model only; the engine under test is the production code.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 
 from engine.errors import Cancelled, GenerationFailed, ModelLoadFailed
 from engine.types import BackendEvent, GenerationJob, JobDelta, JobFailed, JobFinished, ModelSpec
@@ -51,7 +51,7 @@ class ScriptedBackend:
     async def close(self) -> None:
         self.closed = True
 
-    async def generate(self, jobs: Sequence[GenerationJob]) -> AsyncIterator[BackendEvent]:
+    async def generate(self, jobs: Sequence[GenerationJob]) -> AsyncGenerator[BackendEvent, None]:
         assert self.model is not None, "generate before load"
         model_name = self.model.name
         queue: asyncio.Queue[BackendEvent | None] = asyncio.Queue()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Protocol
 
 from engine.types import BackendEvent, GenerationJob, ModelSpec
@@ -31,7 +31,7 @@ class Backend(Protocol):
         """Load ``model`` (replacing any loaded one); raise `ModelLoadFailed` if it cannot."""
         ...
 
-    def generate(self, jobs: Sequence[GenerationJob]) -> AsyncIterator[BackendEvent]:
+    def generate(self, jobs: Sequence[GenerationJob]) -> AsyncGenerator[BackendEvent, None]:
         """Generate answers for ``jobs``, streaming text as it comes.
 
         Yields `JobDelta` events and, for every job, exactly one `JobFinished` or

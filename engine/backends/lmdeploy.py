@@ -73,7 +73,7 @@ import importlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, Literal
@@ -213,7 +213,7 @@ class LMDeployBackend:
         self._model = model
         logger.info("lmdeploy loaded %s from %s (%s)", model.name, model.path, self.config)
 
-    async def generate(self, jobs: Sequence[GenerationJob]) -> AsyncIterator[BackendEvent]:
+    async def generate(self, jobs: Sequence[GenerationJob]) -> AsyncGenerator[BackendEvent, None]:
         """Generate answers for ``jobs`` concurrently, one lmdeploy session each, streaming.
 
         Yields `JobDelta` events and one `JobFinished` or `JobFailed` per job. A cancelled

@@ -343,7 +343,13 @@ class OpenAIBackend:
             if session.closed:
                 # close() while this job waited to retry: an ordinary end, not a bug.
                 return JobFailed(index, GenerationFailed("the openai backend was closed"))
-            logger.debug("job %d: attempt %d of %d to %s", index, attempt, attempts, url)
+            logger.debug(
+                "job %d: attempt %d of %d to %s/chat/completions",
+                index,
+                attempt,
+                attempts,
+                self._shown_url,
+            )
             try:
                 finish_reason = await self._stream_once(session, url, body, answer)
                 return JobFinished(index, answer.text, finish_reason)

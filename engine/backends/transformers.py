@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import threading
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -151,7 +151,7 @@ class TransformersBackend:
         self._executor.shutdown(wait=False)
         self._executor = None
 
-    async def generate(self, jobs: Sequence[GenerationJob]) -> AsyncIterator[BackendEvent]:
+    async def generate(self, jobs: Sequence[GenerationJob]) -> AsyncGenerator[BackendEvent, None]:
         """Generate answers for ``jobs``, streaming each job's text as it comes.
 
         Jobs whose sampling settings differ cannot share a ``model.generate`` call; they run
