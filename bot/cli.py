@@ -18,7 +18,7 @@ from bot.app import App
 from bot.errors import DishbotError
 from bot.logs import REDACTED, configure_logging
 from bot.settings import Settings, load_settings, redact_url
-from bot.store.database import database_errors, open_engine
+from bot.store.database import database_errors, missing_sqlite_file, open_engine
 from bot.store.schema import current_revision, head_revision, upgrade
 
 Handler = Callable[[Settings, argparse.Namespace], int]
@@ -102,6 +102,10 @@ def cmd_db_upgrade(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_db_current(settings: Settings, args: argparse.Namespace) -> int:
     """`dishbot db current`: which schema revision the database is at."""
+    missing = missing_sqlite_file(settings.db_url)
+    if missing is not None:  # don't create an empty database just to look at it
+        print(f"no database at {missing} yet; run `dishbot db upgrade`")
+        return 0
     revision = _on_database(settings, current_revision)
     head = head_revision()
     where = redact_url(settings.db_url)

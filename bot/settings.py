@@ -252,9 +252,11 @@ def _database_password(url: str) -> str | None:
     from sqlalchemy.exc import ArgumentError
 
     try:
-        return make_url(url).password
+        parsed = make_url(url)
     except ArgumentError:
         return None
+    in_query = parsed.query.get("password")
+    return parsed.password or (in_query if isinstance(in_query, str) else None)
 
 
 def redact_url(url: str) -> str:
@@ -263,9 +265,18 @@ def redact_url(url: str) -> str:
     from sqlalchemy.exc import ArgumentError
 
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        parsed = make_url(url)
     except ArgumentError:
         return "<unparseable URL>"
+    hidden = {key: _QUERY_MASK for key in parsed.query if key in _SECRET_QUERY_KEYS}
+    if hidden:
+        parsed = parsed.update_query_dict(hidden)
+    return parsed.render_as_string(hide_password=True).replace(_QUERY_MASK, "***")
+
+
+# Connection parameters that carry a secret when given in a database URL's query string.
+_SECRET_QUERY_KEYS = frozenset({"password", "sslpassword", "passfile"})
+_QUERY_MASK = "REDACTEDxSECRET"  # survives URL quoting, then shown as ***
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -54,7 +54,8 @@ def test_db_upgrade_on_an_empty_directory_creates_the_database(
     monkeypatch.setenv("DISHBOT_DATA_DIR", str(data_dir))
 
     assert main(["db", "current"]) == 0
-    assert "no dishbot schema yet" in capsys.readouterr().out
+    assert "no database at" in capsys.readouterr().out
+    assert not data_dir.exists()  # looking does not create it
     assert main(["db", "upgrade"]) == 0
     assert f"to revision {head_revision()} (head)" in capsys.readouterr().out
 

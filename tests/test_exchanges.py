@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from sqlalchemy import update
 
 from bot.errors import NotFound
-from bot.store import ExchangeStatus, Store
+from bot.store import CorrectionStatus, ExchangeStatus, Store
+from bot.store.models import Correction
 from tests.factories import add_photo, add_user, answered
 
 
@@ -109,3 +111,32 @@ async def test_a_user_is_stored_once_and_keeps_what_a_later_update_omits(store: 
     banned = await store.find_user("telegram", "31")
     assert banned is not None
     assert banned.banned
+
+
+async def test_an_answer_that_arrives_after_a_failure_clears_the_error(store: Store) -> None:
+    user = await add_user(store, "5")
+    pending = await store.start_exchange(
+        user_id=user.id, platform="telegram", chat_id="1", question="?", question_message_id="3"
+    )
+    await store.fail_exchange(pending.id, error="timed out")
+
+    late = await store.finish_exchange(pending.id, answer="叉烧", model_version="m", latency_ms=9)
+
+    assert late.status is ExchangeStatus.ANSWERED
+    assert late.error is None
+
+
+async def test_changing_a_correction_sends_it_back_for_review(store: Store) -> None:
+    user = await add_user(store, "5")
+    exchange = await answered(store, user)
+    first = await store.record_correction(exchange.id, user.id, "肠粉")
+    async with store.engine.begin() as connection:
+        await connection.execute(
+            update(Correction).where(Correction.id == first.id).values(status="accepted")
+        )
+
+    changed = await store.record_correction(exchange.id, user.id, "  虾饺  ")
+
+    assert changed.text == "虾饺"
+    assert changed.status is CorrectionStatus.NEW
+    assert [c.id for c in await store.corrections(exchange.id)] == [first.id]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
 
 from bot.store.database import open_engine
 from bot.store.models import Base
@@ -49,5 +51,25 @@ async def test_migrated_schema_matches_the_orm_models(database_url: str) -> None
         await upgrade(engine)
         async with engine.connect() as connection:
             assert await connection.run_sync(_differences_from_models) == []
+    finally:
+        await engine.dispose()
+
+
+async def test_a_migration_that_fails_half_way_leaves_no_half_schema(database_url: str) -> None:
+    engine = open_engine(database_url)
+    try:
+        async with engine.begin() as connection:  # a leftover table in the way
+            await connection.exec_driver_sql("CREATE TABLE ratings (x INTEGER)")
+
+        with pytest.raises(DBAPIError):
+            await upgrade(engine)
+
+        async with engine.connect() as connection:
+            assert await connection.run_sync(_table_names) == {"ratings"}
+        assert await current_revision(engine) is None
+        async with engine.begin() as connection:
+            await connection.exec_driver_sql("DROP TABLE ratings")
+        await upgrade(engine)  # and once it is out of the way, the upgrade goes through
+        assert await current_revision(engine) == head_revision()
     finally:
         await engine.dispose()

@@ -150,6 +150,19 @@ def test_dishbot_config_shows_the_settings_but_no_secret(
     assert TOKEN not in repr(load_settings())
 
 
+def test_a_database_password_in_the_query_string_is_hidden_too(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("DISHBOT_DATABASE_URL", "postgresql://dishbot@db/dishbot?password=pg-secret")
+
+    assert main(["config"]) == 0
+
+    out = capsys.readouterr().out
+    assert "pg-secret" not in out
+    assert json.loads(out)["database_url"] == "postgresql://dishbot@db/dishbot?password=***"
+    assert "pg-secret" in load_settings().secret_values()
+
+
 def test_a_token_in_a_log_line_or_traceback_is_redacted(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DISHBOT_TELEGRAM__TOKEN", TOKEN)
     settings = load_settings()

@@ -40,6 +40,15 @@ def async_url(url: str) -> URL:
     return parsed
 
 
+def missing_sqlite_file(url: str) -> Path | None:
+    """The file of an SQLite URL if it does not exist yet (None for anything else)."""
+    parsed = async_url(url)
+    if not is_sqlite(parsed) or not parsed.database or parsed.database == ":memory:":
+        return None
+    path = Path(parsed.database)
+    return None if path.exists() else path
+
+
 def is_sqlite(url: URL) -> bool:
     """Whether ``url`` names an SQLite database."""
     return url.get_backend_name() == "sqlite"
@@ -51,9 +60,16 @@ def open_engine(url: str, **engine_options: Any) -> AsyncEngine:
     if not is_sqlite(parsed):
         return create_async_engine(parsed, pool_pre_ping=True, **engine_options)
     if parsed.database and parsed.database != ":memory:":
-        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(parsed.database).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot create the database folder {folder}: {exc.strerror}"
+            ) from None
     engine = create_async_engine(parsed, **engine_options)
     event.listen(engine.sync_engine, "connect", _configure_sqlite_connection)
+    event.listen(engine.sync_engine, "begin", _begin_sqlite_transaction)
     return engine
 
 
@@ -65,6 +81,14 @@ def _configure_sqlite_connection(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
     cursor.close()
+    # Python's sqlite3 begins transactions only before DML, so a migration's CREATE TABLEs
+    # would each commit alone and a failed one would leave half a schema. Let SQLAlchemy
+    # begin every transaction itself instead ("begin" below).
+    dbapi_connection.isolation_level = None
+
+
+def _begin_sqlite_transaction(connection: Any) -> None:
+    connection.exec_driver_sql("BEGIN")
 
 
 @contextlib.asynccontextmanager

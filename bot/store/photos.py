@@ -11,6 +11,7 @@ from pathlib import Path
 # Image formats as Pillow names them, and the file extension each is stored under.
 EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "HEIF": "heic", "GIF": "gif"}
 PHOTOS_DIR = "photos"
+PHOTO_FILE_MODE = 0o644  # readable by a training job or backup running as another user
 
 
 def sha256_hex(data: bytes) -> str:
@@ -24,6 +25,14 @@ def extension_for(image_format: str) -> str:
         return EXTENSIONS[image_format.upper()]
     except KeyError:
         raise ValueError(f"photo format {image_format!r} is not one dishbot stores") from None
+
+
+def _fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class PhotoFiles:
@@ -55,10 +64,12 @@ class PhotoFiles:
         fd, temp_name = tempfile.mkstemp(dir=target.parent, prefix=".incoming-")
         try:
             with os.fdopen(fd, "wb") as temp:
+                os.fchmod(temp.fileno(), PHOTO_FILE_MODE)  # mkstemp makes it owner-only
                 temp.write(data)
                 temp.flush()
                 os.fsync(temp.fileno())
             os.replace(temp_name, target)
+            _fsync_directory(target.parent)  # so the rename itself survives a power cut
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temp_name)

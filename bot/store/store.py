@@ -19,6 +19,7 @@ from bot.errors import NotFound
 from bot.store.database import open_engine
 from bot.store.models import (
     Correction,
+    CorrectionStatus,
     Exchange,
     ExchangeStatus,
     ModelVersion,
@@ -29,7 +30,7 @@ from bot.store.models import (
     User,
     utcnow,
 )
-from bot.store.photos import PhotoFiles
+from bot.store.photos import PhotoFiles, sha256_hex
 from bot.store.records import (
     CorrectionRecord,
     ExchangeRecord,
@@ -43,6 +44,7 @@ from bot.store.records import (
 )
 
 RATING_VALUES = (-1, 1)
+_ACTIVATION_LOCK = 0x646973680001  # pg_advisory_xact_lock key for model activation
 MAX_CONVERSATION_TURNS = 50
 _FINISHED_TRAINING = (TrainingStatus.SUCCEEDED, TrainingStatus.FAILED, TrainingStatus.CANCELLED)
 
@@ -168,24 +170,27 @@ class Store:
 
         The file is written before the row, so a row never names a missing file.
         """
-        sha256, relative = await asyncio.to_thread(self.photos.write, data, image_format)
-        stmt = (
-            self._insert(Photo)
-            .values(
-                sha256=sha256,
-                path=relative,
-                width=width,
-                height=height,
-                format=image_format.upper(),
-                bytes=len(data),
-                created_at=utcnow(),
-            )
-            .on_conflict_do_nothing(index_elements=[Photo.sha256])
+        sha256 = sha256_hex(data)
+        relative = self.photos.relative_path(sha256, image_format)
+        stmt = self._insert(Photo).values(
+            sha256=sha256,
+            path=relative,
+            width=width,
+            height=height,
+            format=image_format.upper(),
+            bytes=len(data),
+            created_at=utcnow(),
+        )
+        # An upsert rather than DO NOTHING: it locks the row, so a concurrent `forget`
+        # cannot delete this photo's file between our check and our commit.
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[Photo.sha256], set_={"sha256": stmt.excluded.sha256}
         )
         async with self._write() as session:
             await session.execute(stmt)
             photo = await session.get(Photo, sha256)
             assert photo is not None
+            await asyncio.to_thread(self.photos.write, data, image_format)
             return snapshot(PhotoRecord, photo)
 
     async def get_photo(self, sha256: str) -> PhotoRecord | None:
@@ -265,6 +270,7 @@ class Store:
             "answer": answer,
             "model_version": model_version,
             "latency_ms": latency_ms,
+            "error": None,  # an answer that came after all clears an earlier failure
         }
         if reply_message_id is not None:
             values["reply_message_id"] = reply_message_id
@@ -397,7 +403,8 @@ class Store:
         )
         stmt = stmt.on_conflict_do_update(
             index_elements=[Correction.exchange_id, Correction.user_id],
-            set_={"text": stmt.excluded.text, "updated_at": now},
+            # Changed text needs a fresh review, whatever the old text's verdict was.
+            set_={"text": stmt.excluded.text, "updated_at": now, "status": CorrectionStatus.NEW},
         )
         async with self._write() as session:
             try:
@@ -467,8 +474,10 @@ class Store:
             )
             users = await self._delete(session, delete(User).where(User.id == user_id))
             orphan_paths = await self._delete_unreferenced_photos(session, photo_keys)
-        for path in orphan_paths:
-            await asyncio.to_thread(self.photos.remove, path)
+            # Still inside the transaction, holding the photo rows: a concurrent
+            # `add_photo` of the same picture waits, then writes the file anew.
+            for path in orphan_paths:
+                await asyncio.to_thread(self.photos.remove, path)
         return ForgetReport(
             users=users,
             exchanges=exchanges,
@@ -525,6 +534,10 @@ class Store:
     async def activate_model_version(self, name: str) -> ModelVersionRecord:
         """Make ``name`` the one active model version (the previous one is deactivated)."""
         async with self._write() as session:
+            if self._dialect == "postgresql":
+                # Two activations at once would each see the other's row as inactive and
+                # collide on the one-active index; take turns instead.
+                await session.execute(select(func.pg_advisory_xact_lock(_ACTIVATION_LOCK)))
             version = await session.scalar(select(ModelVersion).where(ModelVersion.name == name))
             if version is None:
                 raise NotFound(f"model version {name!r} does not exist")
