@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         "chat",
         help="ask the configured model about a photo from the terminal",
         description="Stream the model's answer about IMAGE; when stdin is a terminal, "
-        "keep taking follow-up questions about the same photo until an empty line or EOF.",
+        "keep taking follow-up questions about the same photo until end of input (Ctrl-D).",
     )
     chat.add_argument("image", type=Path, help="a JPEG, PNG, WebP or HEIC photo")
     chat.add_argument("question", nargs="?", help='default: "What dish is this?"')
