@@ -21,10 +21,17 @@ class ScriptedBackend:
 
     name = "scripted"
 
-    def __init__(self, capacity: int = 4, max_batches: int | None = None, step_s: float = 0.005):
+    def __init__(
+        self,
+        capacity: int = 4,
+        max_batches: int | None = None,
+        step_s: float = 0.005,
+        load_s: float = 0.0,
+    ):
         self._capacity = capacity
         self._max_batches = capacity if max_batches is None else max_batches
         self.step_s = step_s
+        self.load_s = load_s
         self.model: ModelSpec | None = None
         self.loads: list[str] = []
         self.closed = False
@@ -42,7 +49,7 @@ class ScriptedBackend:
         return self._max_batches
 
     async def load(self, model: ModelSpec) -> None:
-        await asyncio.sleep(0)
+        await asyncio.sleep(self.load_s)
         if model.path == "missing":
             raise ModelLoadFailed(f"{model.path} does not exist")
         self.model = model
@@ -50,6 +57,7 @@ class ScriptedBackend:
 
     async def close(self) -> None:
         self.closed = True
+        self.model = None
 
     async def generate(self, jobs: Sequence[GenerationJob]) -> AsyncGenerator[BackendEvent, None]:
         assert self.model is not None, "generate before load"

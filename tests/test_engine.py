@@ -152,6 +152,25 @@ async def test_a_bad_photo_is_refused_with_its_reason_and_nothing_is_queued(
     assert engine.stats().in_flight == 0
 
 
+async def test_a_burst_of_photos_from_one_user_is_refused_before_it_is_decoded(
+    engine: Engine,
+) -> None:
+    photo = jpeg_bytes(size=(1600, 1200))
+
+    outcomes = await asyncio.gather(
+        *(engine.submit(Request(key="eager", question="?", images=(photo,))) for _ in range(10)),
+        return_exceptions=True,
+    )
+
+    assert sum(isinstance(o, RequestHandle) for o in outcomes) == 3
+    assert sum(isinstance(o, TooManyPending) for o in outcomes) == 7
+
+
+async def test_too_many_photos_in_one_question_are_refused(engine: Engine) -> None:
+    with pytest.raises(BadImage, match="at most 4 photos"):
+        await engine.submit(Request(key="k", question="?", images=(jpeg_bytes(),) * 5))
+
+
 async def test_a_request_that_waits_past_its_deadline_times_out(engine: Engine) -> None:
     for n in range(2):
         await engine.submit(Request(key=f"u{n}", question="slow"))
@@ -242,6 +261,20 @@ async def test_a_model_that_fails_to_load_leaves_the_old_one_serving(
     answer = await (await engine.submit(Request(key="k", question="hi"))).result()
     assert answer.model == "base"
     assert backend.loads == ["base", "base"]
+
+
+async def test_stopping_during_a_swap_leaves_no_model_loaded() -> None:
+    backend = ScriptedBackend(capacity=2, load_s=0.2)
+    engine = Engine(backend, BASE, EngineConfig())
+    await engine.start()
+    swap = asyncio.create_task(engine.swap_model(ModelSpec(path="/models/new", name="new")))
+    await asyncio.sleep(0.05)  # the new model is loading
+
+    await engine.stop()
+
+    await asyncio.gather(swap, return_exceptions=True)
+    assert backend.closed
+    assert backend.model is None  # the close came after the load, not before it
 
 
 async def test_stopping_answers_every_open_request_and_refuses_new_ones(
