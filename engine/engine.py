@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import statistics
 import time
@@ -442,12 +443,7 @@ class Engine:
         request = work.request
         params = request.params
         if params.max_new_tokens > self.config.max_new_tokens:
-            params = GenerationParams(
-                max_new_tokens=self.config.max_new_tokens,
-                do_sample=params.do_sample,
-                temperature=params.temperature,
-                top_p=params.top_p,
-            )
+            params = dataclasses.replace(params, max_new_tokens=self.config.max_new_tokens)
         work.job = GenerationJob(
             images=work.images,
             history=request.history,
