@@ -30,7 +30,7 @@ from engine.errors import (
     TooManyPending,
 )
 from engine.prompts import DISHBOT_SYSTEM_PROMPT, XTUNER_INTERNLM2_SYSTEM_PROMPT
-from engine.types import ModelSpec, Turn
+from engine.types import GenerationParams, ModelSpec, Turn
 from tests.factories import jpeg_bytes
 from tests.scripted_backend import ScriptedBackend
 
@@ -336,3 +336,15 @@ async def test_the_engine_serves_concurrent_users_with_the_real_transformers_bac
     first = answers[0]
     assert isinstance(first, Answer)
     assert first.text == alone.text
+
+
+async def test_a_request_cannot_ask_for_longer_answers_than_the_engine_allows(
+    engine: Engine, backend: ScriptedBackend
+) -> None:
+    greedy = GenerationParams(max_new_tokens=100_000, do_sample=True, temperature=0.3)
+
+    await (await engine.submit(Request(key="k", question="essay", params=greedy))).result()
+
+    (job,) = backend.jobs
+    assert job.params.max_new_tokens == engine.config.max_new_tokens
+    assert (job.params.do_sample, job.params.temperature) == (True, 0.3)
