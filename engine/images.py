@@ -130,8 +130,10 @@ async def load_image(
     )
 
 
-def grid_for(width: int, height: int, max_tiles: int) -> tuple[int, int]:
-    """The (columns, rows) of 448-pixel tiles InternVL cuts a ``width``×``height`` image into.
+def grid_for(
+    width: int, height: int, max_tiles: int, tile_size: int = TILE_SIZE
+) -> tuple[int, int]:
+    """The (columns, rows) of tiles InternVL cuts a ``width``×``height`` image into.
 
     The grid with 1..``max_tiles`` tiles whose aspect ratio is closest to the image's; on a
     tie the later (larger) grid wins when the image's area exceeds half the grid's area,
@@ -148,57 +150,61 @@ def grid_for(width: int, height: int, max_tiles: int) -> tuple[int, int]:
         difference = abs(aspect_ratio - columns / rows)
         if difference < best_difference:
             best, best_difference = (columns, rows), difference
-        elif difference == best_difference and area > 0.5 * TILE_SIZE * TILE_SIZE * columns * rows:
+        elif difference == best_difference and area > 0.5 * tile_size * tile_size * columns * rows:
             best = (columns, rows)
     return best
 
 
-def tile_image(image: Image.Image, max_tiles: int) -> list[Image.Image]:
-    """The 448×448 tiles of ``image`` in row-major order, then a thumbnail if there are several.
+def tile_image(image: Image.Image, max_tiles: int, tile_size: int = TILE_SIZE) -> list[Image.Image]:
+    """The tiles of ``image`` in row-major order, then a thumbnail if there are several.
 
-    The same tiles as InternVL's ``dynamic_preprocess`` with ``use_thumbnail=True``.
+    The same tiles as InternVL's ``dynamic_preprocess`` with ``use_thumbnail=True``;
+    ``tile_size`` is the vision tower's input size (448 for every InternVL2/3 model).
     """
-    columns, rows = grid_for(image.width, image.height, max_tiles)
-    resized = image.resize((columns * TILE_SIZE, rows * TILE_SIZE), Image.Resampling.BICUBIC)
+    columns, rows = grid_for(image.width, image.height, max_tiles, tile_size)
+    resized = image.resize((columns * tile_size, rows * tile_size), Image.Resampling.BICUBIC)
     tiles = [
         resized.crop(
             (
-                column * TILE_SIZE,
-                row * TILE_SIZE,
-                (column + 1) * TILE_SIZE,
-                (row + 1) * TILE_SIZE,
+                column * tile_size,
+                row * tile_size,
+                (column + 1) * tile_size,
+                (row + 1) * tile_size,
             )
         )
         for row in range(rows)
         for column in range(columns)
     ]
     if len(tiles) > 1:
-        tiles.append(_thumbnail(image))
+        tiles.append(_thumbnail(image, tile_size))
     return tiles
 
 
-def pixel_values(image: Image.Image, max_tiles: int) -> npt.NDArray[np.float32]:
-    """The model input for ``image``: float32 (tiles, 3, 448, 448), ImageNet-normalised.
+def pixel_values(
+    image: Image.Image, max_tiles: int, tile_size: int = TILE_SIZE
+) -> npt.NDArray[np.float32]:
+    """The model input for ``image``: float32 (tiles, 3, tile_size, tile_size), normalised.
 
-    The tiles are those of `tile_image`, in the same order, channels first.
+    The tiles are those of `tile_image`, in the same order, channels first, with ImageNet
+    mean and standard deviation.
     """
     rgb = image if image.mode == "RGB" else image.convert("RGB")
-    columns, rows = grid_for(rgb.width, rgb.height, max_tiles)
+    columns, rows = grid_for(rgb.width, rgb.height, max_tiles, tile_size)
     grid_tiles = columns * rows
     total_tiles = grid_tiles + (1 if grid_tiles > 1 else 0)
     resized = np.asarray(
-        rgb.resize((columns * TILE_SIZE, rows * TILE_SIZE), Image.Resampling.BICUBIC)
+        rgb.resize((columns * tile_size, rows * tile_size), Image.Resampling.BICUBIC)
     )
-    out = np.empty((total_tiles, 3, TILE_SIZE, TILE_SIZE), dtype=np.float32)
+    out = np.empty((total_tiles, 3, tile_size, tile_size), dtype=np.float32)
     # Cut the tiles with a reshape instead of one crop per tile: the resized image viewed as
     # (rows, 448, columns, 448, channels) reordered to (rows, columns, channels, 448, 448).
     out[:grid_tiles] = (
-        resized.reshape(rows, TILE_SIZE, columns, TILE_SIZE, 3)
+        resized.reshape(rows, tile_size, columns, tile_size, 3)
         .transpose(0, 2, 4, 1, 3)
-        .reshape(grid_tiles, 3, TILE_SIZE, TILE_SIZE)
+        .reshape(grid_tiles, 3, tile_size, tile_size)
     )
     if total_tiles > grid_tiles:
-        out[grid_tiles] = np.asarray(_thumbnail(rgb)).transpose(2, 0, 1)
+        out[grid_tiles] = np.asarray(_thumbnail(rgb, tile_size)).transpose(2, 0, 1)
     out *= _CHANNEL_SCALE[:, None, None]
     out -= _CHANNEL_OFFSET[:, None, None]
     return out
@@ -326,9 +332,9 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _thumbnail(image: Image.Image) -> Image.Image:
+def _thumbnail(image: Image.Image, tile_size: int) -> Image.Image:
     """The whole image squeezed to one tile, InternVL's global view."""
-    return image.resize((TILE_SIZE, TILE_SIZE), Image.Resampling.BICUBIC)
+    return image.resize((tile_size, tile_size), Image.Resampling.BICUBIC)
 
 
 @functools.cache

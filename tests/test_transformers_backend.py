@@ -443,3 +443,20 @@ async def test_a_checkpoint_that_is_not_internvl_fails_to_load(tmp_path: Path) -
 
     with pytest.raises(ModelLoadFailed, match="not an HF-native InternVL checkpoint"):
         await backend.load(ModelSpec(path=str(tmp_path), name="qwen"))
+
+
+async def test_a_model_with_a_smaller_vision_tower_gets_tiles_of_its_own_size(
+    tmp_path: Path,
+) -> None:
+    # Not every checkpoint sees 448-pixel tiles; a tiny test model may see 64-pixel ones.
+    small = build_tiny_internvl(tmp_path / "small-vision", image_size=64, patch_size=16)
+    backend = TransformersBackend(TransformersConfig(device="cpu"))
+    await backend.load(ModelSpec(path=str(small), name="small"))
+    try:
+        events = await run(backend, [make_job("What dish is this?", max_new_tokens=6)])
+    finally:
+        await backend.close()
+
+    final = outcomes(events)
+    assert isinstance(final[0], JobFinished)
+    assert streamed_text(events, 0) == final[0].text

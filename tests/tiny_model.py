@@ -99,6 +99,7 @@ def build_tiny_internvl(
     vision_hidden_size: int = 32,
     vision_layers: int = 1,
     patch_size: int = 56,
+    image_size: int = 448,
     seed: int = 0,
 ) -> Path:
     """Save a tiny random InternVL checkpoint and its tokenizer into ``directory``; return it.
@@ -107,7 +108,6 @@ def build_tiny_internvl(
     16 image tokens (``config.image_seq_length``). Larger sizes make a model for benchmarks.
     """
     tokenizer = build_tokenizer()
-    image_size = 448
     downsample_ratio = 0.5
     patches_per_side = image_size // patch_size
     vision_config = InternVLVisionConfig(

@@ -81,6 +81,7 @@ class _LoadedModel:
     device: torch.device
     dtype: torch.dtype
     image_tokens_per_tile: int
+    tile_size: int
     image_context_token: str
     pad_token_id: int
     stop_token_ids: frozenset[int]
@@ -421,13 +422,17 @@ def _load_model(path: str, config: TransformersConfig) -> _LoadedModel:
     except Exception as error:
         raise ModelLoadFailed(f"cannot load the model in {path}: {_first_line(error)}") from error
     model.to(device).eval()
-    image_context_token = str(tokenizer.convert_ids_to_tokens(hf_config.image_token_id))
-    end_of_turn = int(tokenizer.convert_tokens_to_ids(END_OF_TURN_TOKEN))
-    markers = tokenizer.convert_tokens_to_ids([START_IMAGE_TOKEN, END_IMAGE_TOKEN])
-    if end_of_turn == tokenizer.unk_token_id or tokenizer.unk_token_id in markers:
+    image_context_token = tokenizer.convert_ids_to_tokens(hf_config.image_token_id)
+    if not isinstance(image_context_token, str) or (
+        tokenizer.unk_token_id is not None and hf_config.image_token_id == tokenizer.unk_token_id
+    ):
         raise ModelLoadFailed(
-            f"the tokenizer in {path} lacks InternVL's special tokens"
-            f" ({END_OF_TURN_TOKEN}, {START_IMAGE_TOKEN}, {END_IMAGE_TOKEN})"
+            f"the tokenizer in {path} has no image token (id {hf_config.image_token_id})"
+        )
+    end_of_turn = _end_of_turn_id(tokenizer)
+    if end_of_turn is None:
+        raise ModelLoadFailed(
+            f"the tokenizer in {path} has neither {END_OF_TURN_TOKEN} nor an end-of-text token"
         )
     pad_token_id = (
         int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else end_of_turn
@@ -439,10 +444,20 @@ def _load_model(path: str, config: TransformersConfig) -> _LoadedModel:
         device=device,
         dtype=dtype,
         image_tokens_per_tile=tokens_per_tile,
+        tile_size=int(hf_config.vision_config.image_size[0]),
         image_context_token=image_context_token,
         pad_token_id=pad_token_id,
         stop_token_ids=frozenset({end_of_turn, pad_token_id}),
     )
+
+
+def _end_of_turn_id(tokenizer: Any) -> int | None:
+    """ChatML's <|im_end|> if the tokenizer has it, else its end-of-text token."""
+    token_id = tokenizer.convert_tokens_to_ids(END_OF_TURN_TOKEN)
+    if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
+        return token_id
+    eos = tokenizer.eos_token_id
+    return int(eos) if isinstance(eos, int) else None
 
 
 def image_tokens_per_tile(hf_config: Any) -> int:
@@ -454,10 +469,9 @@ def image_tokens_per_tile(hf_config: Any) -> int:
     vision = hf_config.vision_config
     height, width = vision.image_size
     patch_height, patch_width = vision.patch_size
-    if (height, width) != (images.TILE_SIZE, images.TILE_SIZE):
+    if height != width:
         raise ModelLoadFailed(
-            f"the model's vision tower takes {height}x{width} tiles; dishbot tiles images at"
-            f" {images.TILE_SIZE}x{images.TILE_SIZE}"
+            f"the model's vision tower takes {height}x{width} tiles; InternVL tiles are square"
         )
     patches: int = (height // patch_height) * (width // patch_width)
     downsample_ratio: float = hf_config.downsample_ratio
@@ -466,9 +480,13 @@ def image_tokens_per_tile(hf_config: Any) -> int:
 
 def _prepare_job(loaded: _LoadedModel, index: int, job: GenerationJob) -> _PreparedJob:
     """Tile the job's images and render its prompt with one context token per tile token."""
-    tiles = [images.pixel_values(image.image, job.max_tiles) for image in job.images]
+    tiles = [
+        images.pixel_values(image.image, job.max_tiles, loaded.tile_size) for image in job.images
+    ]
 
     def image_text(image_index: int) -> str:
+        # <img> and </img> frame the image as in training; a tokenizer without them as
+        # special tokens just reads them as text, which only the context tokens matter for.
         tokens = loaded.image_tokens_per_tile * len(tiles[image_index])
         return START_IMAGE_TOKEN + loaded.image_context_token * tokens + END_IMAGE_TOKEN
 
