@@ -6,6 +6,7 @@ import importlib.util
 import logging
 from pathlib import PurePath
 
+from bot.errors import ConfigError
 from bot.settings import EngineSettings, Settings
 from engine.backends.base import Backend
 from engine.engine import Engine, EngineConfig
@@ -80,9 +81,20 @@ def configured_model(engine: EngineSettings) -> ModelSpec:
     return ModelSpec(path=engine.model, name=name)
 
 
+# Checkpoints known to need InternVL's remote code, which the transformers backend does not run.
+REMOTE_CODE_ONLY = frozenset({"OpenGVLab/InternVL2-2B", "OpenGVLab/InternVL2-1B"})
+HF_NATIVE_EXAMPLE = "OpenGVLab/InternVL3-1B-hf"
+
+
 def build_engine(settings: Settings, model: ModelSpec | None = None) -> Engine:
     """An engine (not yet started) for the configured backend and ``model``."""
-    backend = make_backend(settings.engine)
     spec = model or configured_model(settings.engine)
+    if resolve_backend_name(settings.engine) == "transformers" and spec.path in REMOTE_CODE_ONLY:
+        raise ConfigError(
+            f"the transformers backend (used without lmdeploy and a GPU) cannot run {spec.path}; "
+            f"set DISHBOT_ENGINE__MODEL to an HF-native InternVL checkpoint such as "
+            f"{HF_NATIVE_EXAMPLE}, or use the lmdeploy or openai backend"
+        )
+    backend = make_backend(settings.engine)
     log.info("engine: %s backend, model %s", backend.name, spec.path)
     return Engine(backend, spec, engine_config(settings))

@@ -152,3 +152,16 @@ def test_chat_in_a_terminal_takes_follow_ups_until_end_of_input(
     session.close()
 
     assert session.exitstatus == 0
+
+
+def test_chat_on_cpu_with_the_default_model_says_which_model_to_set(
+    photo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DISHBOT_ENGINE__BACKEND", "transformers")  # as auto picks without a GPU
+
+    result = _run("chat", str(photo))
+
+    assert result.returncode != 0
+    assert "DISHBOT_ENGINE__MODEL" in result.stderr
+    assert "InternVL3-1B-hf" in result.stderr
+    assert result.stderr.strip().count("\n") == 0
