@@ -1,0 +1,1 @@
+"""Platform-neutral behaviour of the bot: imports neither telegram nor discord."""

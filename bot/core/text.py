@@ -1,0 +1,73 @@
+"""Cutting a long answer into messages a platform accepts, at natural boundaries."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+_WORD_BREAK = re.compile(r"\s+")
+# Where a cut reads best, best first: a paragraph, a line, a sentence, a clause, a word.
+_BOUNDARIES = (
+    re.compile(r"\n\s*\n"),
+    re.compile(r"\n"),
+    re.compile(r"(?<=[.!?])\s+|(?<=[。！？…])"),
+    re.compile(r"(?<=[;:,，；：、])\s*"),
+    _WORD_BREAK,
+)
+
+
+def utf16_length(text: str) -> int:
+    """Length in UTF-16 code units, the way Telegram counts message length."""
+    return len(text.encode("utf-16-le")) // 2
+
+
+def split_message(text: str, limit: int, length: Callable[[str], int] = len) -> list[str]:
+    """Split ``text`` into non-empty pieces no longer than ``limit`` as ``length`` measures.
+
+    Each cut falls on the best boundary in the last part of the piece (a paragraph break,
+    then a line break, a sentence end, a clause, a space); only a run with none of those is
+    cut mid-word. Whitespace at a cut is dropped; nothing else is lost or reordered.
+    """
+    if limit < 1:
+        raise ValueError("limit must be at least 1")
+    pieces: list[str] = []
+    rest = text.strip()
+    while rest:
+        if length(rest) <= limit:
+            pieces.append(rest)
+            break
+        cut = _longest_prefix(rest, limit, length)
+        head, tail = _cut_at_boundary(rest[:cut], rest[cut:])
+        pieces.append(head)
+        rest = tail.lstrip()
+    return pieces
+
+
+def _longest_prefix(text: str, limit: int, length: Callable[[str], int]) -> int:
+    """How many characters of ``text`` fit in ``limit`` (binary search: ``length`` grows)."""
+    low, high = 1, len(text)
+    while low < high:
+        middle = (low + high + 1) // 2
+        if length(text[:middle]) <= limit:
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+def _cut_at_boundary(window: str, after: str) -> tuple[str, str]:
+    """Split ``window`` at its last good boundary; the remainder goes back in front of ``after``.
+
+    A boundary in the first half of the window is not worth it (it would leave a short
+    message); then the next kind of boundary is tried.
+    """
+    for boundary in _BOUNDARIES:
+        if boundary is _WORD_BREAK and after[:1].isspace():
+            return window.rstrip(), after  # the window ends exactly between two words
+        matches = [m for m in boundary.finditer(window) if m.end() > len(window) // 2]
+        if matches:
+            last = matches[-1]
+            head = window[: last.start()].rstrip() or window[: last.end()]
+            if head.strip():
+                return head, window[last.end() :] + after
+    return window, after
