@@ -9,7 +9,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, exists, func, select, update
+from sqlalchemy import Select, delete, exists, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import IntegrityError
@@ -47,6 +47,10 @@ RATING_VALUES = (-1, 1)
 _ACTIVATION_LOCK = 0x646973680001  # pg_advisory_xact_lock key for model activation
 MAX_CONVERSATION_TURNS = 50
 _FINISHED_TRAINING = (TrainingStatus.SUCCEEDED, TrainingStatus.FAILED, TrainingStatus.CANCELLED)
+
+
+def _user_by_platform_id(platform: str, platform_user_id: str) -> Select[User]:
+    return select(User).where(User.platform == platform, User.platform_user_id == platform_user_id)
 
 
 class Store:
@@ -121,11 +125,7 @@ class Store:
         )
         async with self._write() as session:
             await session.execute(stmt)
-            user = await session.scalar(
-                select(User).where(
-                    User.platform == platform, User.platform_user_id == platform_user_id
-                )
-            )
+            user = await session.scalar(_user_by_platform_id(platform, platform_user_id))
             assert user is not None
             return snapshot(UserRecord, user)
 
@@ -138,11 +138,7 @@ class Store:
     async def find_user(self, platform: str, platform_user_id: str) -> UserRecord | None:
         """The user with this platform id, or None if the bot never stored them."""
         async with self._read() as session:
-            user = await session.scalar(
-                select(User).where(
-                    User.platform == platform, User.platform_user_id == platform_user_id
-                )
-            )
+            user = await session.scalar(_user_by_platform_id(platform, platform_user_id))
             return snapshot(UserRecord, user) if user else None
 
     async def set_user_banned(self, user_id: int, banned: bool) -> None:
