@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import signal
+from typing import Protocol
 
-from bot.errors import ConfigError, DishbotError
+from bot.core.admin import Admin
+from bot.core.dialog import Dialog, DialogConfig
+from bot.engine_setup import build_engine
+from bot.errors import DishbotError
 from bot.settings import Settings
 from bot.store import Store
 from bot.store.database import async_url, database_errors, is_sqlite
@@ -15,12 +22,20 @@ log = logging.getLogger(__name__)
 TOKEN_VARIABLES = {"telegram": "DISHBOT_TELEGRAM__TOKEN", "discord": "DISHBOT_DISCORD__TOKEN"}
 
 
+class Adapter(Protocol):
+    """A chat platform's bot, started and stopped by the app."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
 class NoChatPlatform(DishbotError):
     """`dishbot run` has nothing to run: no chat platform can be started."""
 
 
 class App:
-    """One running dishbot: its store and, once they exist, its engine and chat adapters."""
+    """One running dishbot: its store, its engine, the dialog and the chat adapters."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -48,20 +63,60 @@ class App:
         tokens = {"telegram": self.settings.telegram.token, "discord": self.settings.discord.token}
         return [name for name, token in tokens.items() if token is not None]
 
-    async def run(self) -> None:
-        """Run until stopped."""
+    def dialog_config(self) -> DialogConfig:
+        """The dialog's limits from the settings."""
+        return DialogConfig(questions_per_minute=self.settings.limits.questions_per_minute)
+
+    def build_adapters(self, dialog: Dialog) -> list[Adapter]:
+        """An adapter for each configured chat platform (not yet started)."""
+        adapters: list[Adapter] = []
+        if self.settings.telegram.token is not None:
+            from bot.adapters.telegram import TelegramAdapter
+
+            adapters.append(TelegramAdapter(self.settings.telegram, dialog))
+        return adapters
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Serve every configured platform until ``stop`` is set (or SIGINT / SIGTERM)."""
+        platforms = self.configured_platforms()
+        if not platforms:
+            raise NoChatPlatform(
+                "no chat platform is configured: set "
+                + " or ".join(TOKEN_VARIABLES.values())
+                + " (or `token` under [telegram] / [discord] in dishbot.toml)"
+            )
+        stop = stop or _stop_on_signals()
         store = await self.open_store()
         try:
-            platforms = self.configured_platforms()
-            if not platforms:
-                raise NoChatPlatform(
-                    "no chat platform is configured: set "
-                    + " or ".join(TOKEN_VARIABLES.values())
-                    + " (or `token` under [telegram] / [discord] in dishbot.toml)"
+            async with build_engine(self.settings) as engine:
+                dialog = Dialog(
+                    store, engine, self.dialog_config(), admin=Admin(self.settings, store, engine)
                 )
-            raise ConfigError(
-                f"{', '.join(platforms)} is configured, but this version of dishbot has no "
-                "chat adapters yet"
-            )
+                await self._serve(self.build_adapters(dialog), stop)
         finally:
             await store.close()
+
+    async def _serve(self, adapters: list[Adapter], stop: asyncio.Event) -> None:
+        started: list[Adapter] = []
+        try:
+            for adapter in adapters:
+                await adapter.start()
+                started.append(adapter)
+            log.info("dishbot is running; stop it with Ctrl-C")
+            await stop.wait()
+        finally:
+            for adapter in reversed(started):
+                try:
+                    await adapter.stop()
+                except Exception:
+                    log.exception("stopping %s failed", type(adapter).__name__)
+
+
+def _stop_on_signals() -> asyncio.Event:
+    """An event set on SIGINT or SIGTERM, for a clean shutdown."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signum, stop.set)
+    return stop

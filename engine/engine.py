@@ -41,6 +41,7 @@ from engine.scheduler import Scheduler, Ticket, TicketState
 from engine.types import (
     GenerationJob,
     GenerationParams,
+    ImageInfo,
     JobDelta,
     JobFailed,
     JobFinished,
@@ -139,6 +140,7 @@ class RequestHandle:
 
     def __init__(self, cancel: Callable[[int], bool]) -> None:
         self.id = 0  # set when the engine admits the request
+        self.images: tuple[ImageInfo, ...] = ()  # the submitted photos, as decoded
         self._events: asyncio.Queue[Event | EngineError] = asyncio.Queue()
         self._cancel = cancel
         self._done = False
@@ -340,6 +342,9 @@ class Engine:
         if self._closed:
             raise EngineClosed("the engine is not running")
         handle = RequestHandle(self.cancel)
+        handle.images = tuple(
+            ImageInfo(image.source_format, *image.source_size) for image in images
+        )
         work = _Work(handle=handle, images=images, request=request)
         timeout = self.config.request_timeout_s if request.timeout_s is None else request.timeout_s
         ticket = self._scheduler.admit(request.key, work, timeout_s=timeout)

@@ -2,8 +2,12 @@
 
 * Admission is bounded: at most ``max_pending`` requests wait in all (`QueueFull`) and a key
   (a user) has at most ``max_pending_per_key`` requests waiting or running (`TooManyPending`).
-* Dispatch is round-robin across keys: each key with something waiting gets one request
-  per round, so one user's twenty photos cannot hold up twenty other users.
+* Dispatch is fair across keys (start-time fair queuing with unit cost): each key has a
+  virtual clock that advances by one per request served, the waiting key with the lowest
+  clock goes next, and a key that starts waiting joins at the current virtual time. So keys
+  take turns round-robin, a user who was just served several times goes behind users who
+  arrive after them, and nobody banks credit by staying idle: one user's twenty photos cannot
+  hold up twenty other users.
 * Dispatch fills the backend up to ``capacity`` requests in flight and never beyond, since
   a continuous-batching engine is fastest with many requests at once.
 * Every admitted ticket ends exactly once; `end` says whether this call was the one.
@@ -63,8 +67,12 @@ class Scheduler(Generic[P]):
         self._clock = clock
         self._next_id = 1
         self._waiting: dict[str, deque[Ticket[P]]] = {}
-        # Keys with something waiting, in the order they will next be served.
-        self._ring: deque[str] = deque()
+        # Fair queuing: each key's virtual start for its next request, the virtual time of
+        # the last dispatch, and the order keys started waiting in (to break ties).
+        self._virtual: dict[str, int] = {}
+        self._virtual_now = 0
+        self._joined: dict[str, int] = {}
+        self._joins = 0
         self._open_per_key: dict[str, int] = {}
         self._waiting_count = 0
         self._slots_used = 0
@@ -122,8 +130,9 @@ class Scheduler(Generic[P]):
         queue = self._waiting.get(key)
         if queue is None:
             queue = self._waiting[key] = deque()
-        if not queue:
-            self._ring.append(key)
+            self._virtual[key] = max(self._virtual.get(key, 0), self._virtual_now)
+            self._joined[key] = self._joins
+            self._joins += 1
         queue.append(ticket)
         self._waiting_count += 1
         self._changes += 1
@@ -133,20 +142,20 @@ class Scheduler(Generic[P]):
     # -- dispatch -------------------------------------------------------------------------
 
     def next_batch(self, limit: int | None = None) -> list[Ticket[P]]:
-        """Take up to ``limit`` (default: every free slot) waiting requests, round-robin.
+        """Take up to ``limit`` (default: every free slot) waiting requests, fairly.
 
         The tickets become RUNNING and hold a slot each until `release`.
         """
         room = self.free_slots if limit is None else min(limit, self.free_slots)
         batch: list[Ticket[P]] = []
-        while room > 0 and self._ring:
-            key = self._ring.popleft()
+        while room > 0 and self._waiting:
+            key = min(self._waiting, key=self._turn_of)
             queue = self._waiting[key]
             ticket = queue.popleft()
-            if queue:
-                self._ring.append(key)
-            else:
-                del self._waiting[key]
+            self._virtual_now = self._virtual[key]
+            self._virtual[key] += 1
+            if not queue:
+                self._stop_waiting(key)
             self._waiting_count -= 1
             self._changes += 1
             ticket.state = TicketState.RUNNING
@@ -156,6 +165,23 @@ class Scheduler(Generic[P]):
             batch.append(ticket)
             room -= 1
         return batch
+
+    def _turn_of(self, key: str) -> tuple[int, int]:
+        return self._virtual[key], self._joined[key]
+
+    def _stop_waiting(self, key: str) -> None:
+        del self._waiting[key]
+        del self._joined[key]
+        # A key's clock only matters while it is ahead of the virtual time (it was served
+        # recently); older entries would be raised to the virtual time on return anyway.
+        if self._virtual[key] <= self._virtual_now:
+            del self._virtual[key]
+        if len(self._virtual) > 2 * self.max_pending + self.capacity:
+            self._virtual = {
+                k: v
+                for k, v in self._virtual.items()
+                if v > self._virtual_now or k in self._waiting
+            }
 
     def release(self, ticket: Ticket[P]) -> None:
         """The backend is done with ``ticket``: give its slot back (idempotent)."""
@@ -190,8 +216,7 @@ class Scheduler(Generic[P]):
         self._waiting_count -= 1
         self._changes += 1
         if not queue:
-            del self._waiting[ticket.key]
-            self._ring.remove(ticket.key)
+            self._stop_waiting(ticket.key)
 
     def expired(self, now: float | None = None) -> list[Ticket[P]]:
         """Waiting tickets whose deadline has passed (the caller ends them as timed out)."""
@@ -212,20 +237,12 @@ class Scheduler(Generic[P]):
     def positions(self) -> dict[int, int]:
         """For each waiting ticket id, how many waiting requests will be dispatched first.
 
-        This replays the round-robin order: round r serves the r-th request of every key
-        that has one, keys in ring order. One pass, linear in the number waiting.
+        This replays the dispatch order: a key's i-th waiting request goes at its virtual
+        start plus i, ties broken by when the key started waiting.
         """
-        result: dict[int, int] = {}
-        position = 0
-        active = [self._waiting[key] for key in self._ring]
-        round_index = 0
-        while active:
-            still_active = []
-            for queue in active:
-                result[queue[round_index].id] = position
-                position += 1
-                if len(queue) > round_index + 1:
-                    still_active.append(queue)
-            active = still_active
-            round_index += 1
-        return result
+        order = sorted(
+            (self._virtual[key] + index, self._joined[key], ticket.id)
+            for key, queue in self._waiting.items()
+            for index, ticket in enumerate(queue)
+        )
+        return {ticket_id: position for position, (_, _, ticket_id) in enumerate(order)}

@@ -42,6 +42,15 @@ class ModelSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class ImageInfo:
+    """What decoding learned about a submitted photo: its format and upright size."""
+
+    format: str  # "JPEG", "PNG", "WEBP" or "HEIF"
+    width: int
+    height: int
+
+
+@dataclass(frozen=True, slots=True)
 class GenerationJob:
     """One request as a backend sees it: decoded images, the conversation, how to answer.
 

@@ -11,12 +11,19 @@ from collections.abc import AsyncGenerator, Sequence
 from engine.errors import Cancelled, GenerationFailed, ModelLoadFailed
 from engine.types import BackendEvent, GenerationJob, JobDelta, JobFailed, JobFinished, ModelSpec
 
+LONG_ANSWER = "\n\n".join(
+    f"Paragraph {n}: char siu is Cantonese barbecued pork, glazed with honey and five-spice, "
+    "roasted until the edges caramelise. " * 3
+    for n in range(1, 31)
+)
+
 
 class ScriptedBackend:
     """Streams "<model name> says: <question>" word by word, ``step_s`` apart.
 
     Questions starting with "fail" fail that job; "crash" raises out of the batch;
-    "slow" takes 100 steps.
+    "slow" takes 100 steps; "long" answers with `LONG_ANSWER` (over 9000 characters,
+    in paragraphs).
     """
 
     name = "scripted"
@@ -97,7 +104,12 @@ class ScriptedBackend:
         if job.question.startswith("fail"):
             queue.put_nowait(JobFailed(index, GenerationFailed("out of memory")))
             return
-        words = f"{model_name} says: {job.question}".split(" ")
+        answer = (
+            LONG_ANSWER if job.question.startswith("long") else f"{model_name} says: {job.question}"
+        )
+        words = answer.split(" ")
+        if job.question.startswith("long"):  # in bigger pieces, or it streams for seconds
+            words = [" ".join(words[i : i + 100]) for i in range(0, len(words), 100)]
         steps = 100 if job.question.startswith("slow") else len(words)
         text = ""
         for step in range(steps):

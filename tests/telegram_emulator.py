@@ -790,7 +790,10 @@ class TelegramEmulator:
         markup = params.get("reply_markup")
         if markup is not None:
             _check_reply_markup(markup)
-            message["reply_markup"] = markup
+            # Messages carry only inline keyboards; a force-reply or reply keyboard acts on
+            # the user's client and is not part of the message Telegram returns.
+            if "inline_keyboard" in markup:
+                message["reply_markup"] = markup
         return message
 
     def _send_message(self, params: dict[str, Any], files: dict[str, UploadedFile]) -> ApiObject:

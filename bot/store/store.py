@@ -327,6 +327,26 @@ class Store:
             )
             return snapshot(ExchangeRecord, exchange) if exchange else None
 
+    async def latest_exchange(
+        self, user_id: int, platform: str, chat_id: str, *, since: datetime
+    ) -> ExchangeRecord | None:
+        """The user's newest answered question about a photo in this chat, asked after ``since``."""
+        async with self._read() as session:
+            exchange = await session.scalar(
+                select(Exchange)
+                .where(
+                    Exchange.user_id == user_id,
+                    Exchange.platform == platform,
+                    Exchange.chat_id == chat_id,
+                    Exchange.photo_sha256.is_not(None),
+                    Exchange.status == ExchangeStatus.ANSWERED,
+                    Exchange.created_at >= since,
+                )
+                .order_by(Exchange.id.desc())
+                .limit(1)
+            )
+            return snapshot(ExchangeRecord, exchange) if exchange else None
+
     async def conversation(self, exchange_id: int) -> list[ExchangeRecord]:
         """The chain of exchanges ending at ``exchange_id``, oldest first (for follow-ups)."""
         chain: list[ExchangeRecord] = []

@@ -1,0 +1,431 @@
+"""The Telegram bot: python-telegram-bot v22 translating updates to and from `bot.core`.
+
+Polling by default, webhook mode when configured. Flood control is PTB's `AIORateLimiter`
+with retries, so a 429 from Telegram delays a message rather than losing it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from telegram import (
+    BotCommand,
+    CallbackQuery,
+    ForceReply,
+    InlineKeyboardButton,
+    InlineKeyboardMarkup,
+    Message,
+    MessageEntity,
+    ReplyParameters,
+    Update,
+)
+from telegram.constants import ChatAction, ChatType
+from telegram.error import BadRequest, TelegramError
+from telegram.ext import (
+    AIORateLimiter,
+    Application,
+    CallbackQueryHandler,
+    ContextTypes,
+    MessageHandler,
+    filters,
+)
+
+from bot.core.dialog import Dialog
+from bot.core.events import (
+    ButtonPress,
+    Command,
+    Event,
+    NotAPhoto,
+    Person,
+    PhotoFile,
+    PhotoQuestion,
+    Place,
+    TextMessage,
+)
+from bot.core.limits import TELEGRAM_BOT_DOWNLOAD_BYTES, TELEGRAM_MESSAGE_LENGTH
+from bot.core.port import Button, MessageGone
+from bot.core.text import utf16_length
+from bot.settings import TelegramSettings
+
+log = logging.getLogger(__name__)
+
+PLATFORM = "telegram"
+TYPING_INTERVAL_S = 4.5  # Telegram shows "typing…" for five seconds
+FLOOD_RETRIES = 5
+
+COMMANDS = {
+    "en": [
+        BotCommand("help", "How to use dishbot"),
+        BotCommand("cancel", "Drop your questions still waiting"),
+        BotCommand("forget", "Delete everything stored about you"),
+    ],
+    "zh": [
+        BotCommand("help", "使用帮助"),
+        BotCommand("cancel", "取消排队中的问题"),
+        BotCommand("forget", "删除关于你的所有数据"),
+    ],
+}
+
+
+class TelegramPort:
+    """`bot.core.port.ChatPort` over a PTB bot."""
+
+    platform = PLATFORM
+    message_limit = TELEGRAM_MESSAGE_LENGTH
+    typing_interval_s = TYPING_INTERVAL_S
+
+    def __init__(self, application: Application[Any, Any, Any, Any, Any, Any]) -> None:
+        self._app = application
+
+    @property
+    def _bot(self) -> Any:
+        return self._app.bot
+
+    def text_length(self, text: str) -> int:
+        return utf16_length(text)
+
+    async def send(
+        self,
+        where: Place,
+        text: str,
+        *,
+        reply_to: str | None = None,
+        buttons: Sequence[Button] = (),
+    ) -> str:
+        message: Message = await self._bot.send_message(
+            chat_id=int(where.chat_id),
+            text=text,
+            reply_parameters=_reply_parameters(reply_to),
+            reply_markup=_keyboard(buttons),
+        )
+        return str(message.message_id)
+
+    async def edit(
+        self, where: Place, message_id: str, text: str, *, buttons: Sequence[Button] = ()
+    ) -> None:
+        try:
+            await self._bot.edit_message_text(
+                text=text,
+                chat_id=int(where.chat_id),
+                message_id=int(message_id),
+                reply_markup=_keyboard(buttons),
+            )
+        except BadRequest as exc:
+            _raise_unless_unchanged(exc)
+
+    async def set_buttons(self, where: Place, message_id: str, buttons: Sequence[Button]) -> None:
+        try:
+            await self._bot.edit_message_reply_markup(
+                chat_id=int(where.chat_id),
+                message_id=int(message_id),
+                reply_markup=_keyboard(buttons),
+            )
+        except BadRequest as exc:
+            _raise_unless_unchanged(exc)
+
+    async def typing(self, where: Place) -> None:
+        await self._bot.send_chat_action(chat_id=int(where.chat_id), action=ChatAction.TYPING)
+
+    async def acknowledge(self, press: ButtonPress, text: str) -> None:
+        await self._bot.answer_callback_query(press.press_id, text=text)
+
+    async def ask_for_correction(self, press: ButtonPress, exchange_id: int, prompt: str) -> str:
+        await self._bot.answer_callback_query(press.press_id)
+        # In a group, `selective` shows the reply field only to the user the prompt
+        # replies to: the one who asked (the answer replies to their photo).
+        asker = press.where.context if isinstance(press.where.context, str) else None
+        message: Message = await self._bot.send_message(
+            chat_id=int(press.where.chat_id),
+            text=prompt,
+            reply_parameters=_reply_parameters(asker or press.message_id),
+            reply_markup=ForceReply(selective=True),
+        )
+        return str(message.message_id)
+
+
+def _reply_parameters(message_id: str | None) -> ReplyParameters | None:
+    if message_id is None:
+        return None
+    # The user may have deleted their message meanwhile; answer anyway.
+    return ReplyParameters(message_id=int(message_id), allow_sending_without_reply=True)
+
+
+def _keyboard(buttons: Sequence[Button]) -> InlineKeyboardMarkup | None:
+    if not buttons:
+        return None
+    row = [InlineKeyboardButton(b.label, callback_data=b.data) for b in buttons]
+    return InlineKeyboardMarkup([row])
+
+
+def _raise_unless_unchanged(error: BadRequest) -> None:
+    message = error.message.lower()
+    if "message is not modified" in message:
+        return
+    if "message to edit not found" in message or "message can't be edited" in message:
+        raise MessageGone(error.message) from error
+    raise error
+
+
+class TelegramAdapter:
+    """Runs a PTB `Application` that hands every update to the dialog."""
+
+    def __init__(self, settings: TelegramSettings, dialog: Dialog) -> None:
+        if settings.token is None:
+            raise ValueError("the Telegram adapter needs a token")
+        self.settings = settings
+        self.dialog = dialog
+        self.application = (
+            Application.builder()
+            .token(settings.token.get_secret_value())
+            .base_url(settings.base_url)
+            .base_file_url(settings.base_file_url)
+            .rate_limiter(AIORateLimiter(max_retries=FLOOD_RETRIES))
+            .concurrent_updates(True)
+            .build()
+        )
+        self.port = TelegramPort(self.application)
+        self._register_handlers()
+
+    def _register_handlers(self) -> None:
+        app = self.application
+        app.add_handler(MessageHandler(filters.COMMAND, self._on_command))
+        app.add_handler(MessageHandler(filters.PHOTO, self._on_photo))
+        app.add_handler(MessageHandler(filters.Document.ALL, self._on_document))
+        app.add_handler(MessageHandler(filters.TEXT, self._on_text))
+        app.add_handler(CallbackQueryHandler(self._on_button))
+        app.add_error_handler(self._on_error)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect, register the commands, and start receiving updates."""
+        app = self.application
+        await app.initialize()
+        for language, commands in COMMANDS.items():
+            code = "" if language == "en" else language
+            await app.bot.set_my_commands(commands, language_code=code or None)
+        await app.start()
+        assert app.updater is not None
+        if self.settings.mode == "webhook":
+            secret = self.settings.webhook_secret
+            await app.updater.start_webhook(
+                listen=self.settings.webhook_listen,
+                port=self.settings.webhook_port,
+                url_path=self.settings.webhook_path.lstrip("/"),
+                webhook_url=self.settings.webhook_url,
+                secret_token=secret.get_secret_value() if secret else None,
+            )
+        else:
+            await app.updater.start_polling()
+        log.info("telegram: serving as @%s (%s)", app.bot.username, self.settings.mode)
+
+    async def stop(self) -> None:
+        """Stop receiving updates, finish the ones in hand, and disconnect."""
+        app = self.application
+        if app.updater is not None and app.updater.running:
+            await app.updater.stop()
+        if app.running:
+            await app.stop()
+        await app.shutdown()
+
+    # -- updates --------------------------------------------------------------------------
+
+    async def _hand_over(self, event: Event) -> None:
+        await self.dialog.handle(event, self.port)
+
+    async def _on_command(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        message = update.effective_message
+        if message is None or message.text is None or message.from_user is None:
+            return
+        word, _, argument = message.text.partition(" ")
+        name, _, target = word[1:].partition("@")
+        if target and target.lower() != (self.application.bot.username or "").lower():
+            return  # a command for another bot in the same group
+        await self._hand_over(
+            Command(
+                who=_person(message),
+                where=_place(message),
+                name=name.lower(),
+                argument=argument.strip(),
+                message_id=str(message.message_id),
+            )
+        )
+
+    async def _on_photo(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        message = update.effective_message
+        if message is None or message.from_user is None or not message.photo:
+            return
+        largest = max(message.photo, key=lambda size: size.width * size.height)
+        await self._hand_over(
+            PhotoQuestion(
+                who=_person(message),
+                where=_place(message),
+                message_id=str(message.message_id),
+                photo=self._photo_file(largest.file_id, largest.file_size, None, "image/jpeg"),
+                question=self._without_mention(message.caption, message.caption_entities),
+                addressed=self._addressed(message, message.caption, message.caption_entities),
+                reply_to=_replied_id(message),
+            )
+        )
+
+    async def _on_document(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        message = update.effective_message
+        if message is None or message.from_user is None or message.document is None:
+            return
+        document = message.document
+        addressed = self._addressed(message, message.caption, message.caption_entities)
+        mime = (document.mime_type or "").lower()
+        if not mime.startswith("image/"):
+            kind = mime or "unknown"
+            await self._hand_over(
+                NotAPhoto(
+                    who=_person(message),
+                    where=_place(message),
+                    message_id=str(message.message_id),
+                    reason=f"{document.file_name or 'the file'} is a {kind} file, not a photo",
+                    addressed=addressed,
+                )
+            )
+            return
+        await self._hand_over(
+            PhotoQuestion(
+                who=_person(message),
+                where=_place(message),
+                message_id=str(message.message_id),
+                photo=self._photo_file(
+                    document.file_id, document.file_size, document.file_name, mime
+                ),
+                question=self._without_mention(message.caption, message.caption_entities),
+                addressed=addressed,
+                reply_to=_replied_id(message),
+            )
+        )
+
+    async def _on_text(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        message = update.effective_message
+        if message is None or message.from_user is None or message.text is None:
+            return
+        await self._hand_over(
+            TextMessage(
+                who=_person(message),
+                where=_place(message),
+                message_id=str(message.message_id),
+                text=self._without_mention(message.text, message.entities) or "",
+                addressed=self._addressed(message, message.text, message.entities),
+                reply_to=_replied_id(message),
+            )
+        )
+
+    async def _on_button(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        query: CallbackQuery | None = update.callback_query
+        if query is None:
+            return
+        message = query.message
+        if not isinstance(message, Message) or query.data is None:
+            # Too old for Telegram to include the message: nothing to act on.
+            await query.answer()
+            return
+        asker = message.reply_to_message
+        await self._hand_over(
+            ButtonPress(
+                who=Person(
+                    PLATFORM,
+                    str(query.from_user.id),
+                    query.from_user.full_name,
+                    query.from_user.language_code,
+                ),
+                where=Place(
+                    str(message.chat.id),
+                    private=message.chat.type == ChatType.PRIVATE,
+                    context=str(asker.message_id) if asker is not None else None,
+                ),
+                message_id=str(message.message_id),
+                data=query.data,
+                press_id=query.id,
+            )
+        )
+
+    async def _on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
+        error = context.error
+        if isinstance(error, TelegramError) and not isinstance(error, BadRequest):
+            log.warning("telegram: %s", error)
+            return
+        log.error("telegram: an update failed", exc_info=error)
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _photo_file(
+        self, file_id: str, size: int | None, filename: str | None, content_type: str | None
+    ) -> PhotoFile:
+        bot = self.application.bot
+
+        async def fetch() -> bytes:
+            if size is not None and size > TELEGRAM_BOT_DOWNLOAD_BYTES:
+                raise ValueError("the file is over Telegram's download limit for bots")
+            telegram_file = await bot.get_file(file_id)
+            return bytes(await telegram_file.download_as_bytearray())
+
+        return PhotoFile(fetch=fetch, size=size, filename=filename, content_type=content_type)
+
+    def _mentions_me(self, text: str | None, entities: Sequence[MessageEntity]) -> bool:
+        bot = self.application.bot
+        for entity in entities:
+            user = entity.user
+            if entity.type == MessageEntity.TEXT_MENTION and user is not None and user.id == bot.id:
+                return True
+            if entity.type == MessageEntity.MENTION and text is not None:
+                mention = _entity_text(text, entity)
+                if mention.lower() == f"@{bot.username}".lower():
+                    return True
+        return False
+
+    def _addressed(
+        self, message: Message, text: str | None, entities: Sequence[MessageEntity]
+    ) -> bool:
+        replied = message.reply_to_message
+        author = replied.from_user if replied is not None else None
+        if author is not None and author.id == self.application.bot.id:
+            return True
+        return self._mentions_me(text, entities)
+
+    def _without_mention(self, text: str | None, entities: Sequence[MessageEntity]) -> str | None:
+        """The text with the bot's own @mention taken out (it is not part of the question)."""
+        if text is None:
+            return None
+        mention = f"@{self.application.bot.username}".lower()
+        pieces: list[str] = []
+        position = 0
+        encoded = text.encode("utf-16-le")
+        for entity in sorted(entities, key=lambda e: e.offset):
+            if entity.type != MessageEntity.MENTION:
+                continue
+            if _entity_text(text, entity).lower() != mention:
+                continue
+            pieces.append(encoded[position * 2 : entity.offset * 2].decode("utf-16-le"))
+            position = entity.offset + entity.length
+        pieces.append(encoded[position * 2 :].decode("utf-16-le"))
+        return " ".join("".join(pieces).split())
+
+
+def _entity_text(text: str, entity: MessageEntity) -> str:
+    # Entity offsets count UTF-16 code units.
+    encoded = text.encode("utf-16-le")
+    start, end = entity.offset * 2, (entity.offset + entity.length) * 2
+    return encoded[start:end].decode("utf-16-le")
+
+
+def _person(message: Message) -> Person:
+    user = message.from_user
+    assert user is not None
+    return Person(PLATFORM, str(user.id), user.full_name, user.language_code)
+
+
+def _place(message: Message) -> Place:
+    return Place(str(message.chat.id), private=message.chat.type == ChatType.PRIVATE)
+
+
+def _replied_id(message: Message) -> str | None:
+    replied = message.reply_to_message
+    return str(replied.message_id) if replied is not None else None

@@ -1,0 +1,67 @@
+"""The admin flows: commands only the users named in ``admins`` may run.
+
+Who is an admin comes from the settings alone (``telegram:<id>`` / ``discord:<id>``); nothing
+a user says or stores in the database can make them one.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from bot.core.events import Command
+from bot.core.i18n import Language, say
+from bot.core.port import ChatPort
+from bot.settings import Settings
+from bot.store import Store
+from bot.store.records import UserRecord
+from engine.engine import Engine
+
+log = logging.getLogger(__name__)
+
+ADMIN_COMMANDS = frozenset({"stats"})
+
+
+class Admin:
+    """Handles admin commands for the dialog (see `bot.core.dialog.AdminHandler`)."""
+
+    def __init__(self, settings: Settings, store: Store, engine: Engine) -> None:
+        self.settings = settings
+        self.store = store
+        self.engine = engine
+
+    async def __call__(
+        self, command: Command, port: ChatPort, user: UserRecord, language: Language
+    ) -> bool:
+        """Run ``command`` if it is an admin command; False when it is not one."""
+        if command.name not in ADMIN_COMMANDS:
+            return False
+        if not self.settings.is_admin(command.who.platform, command.who.user_id):
+            log.warning(
+                "%s:%s tried admin command /%s",
+                command.who.platform,
+                command.who.user_id,
+                command.name,
+            )
+            await port.send(command.where, say("admin_only", language), reply_to=command.message_id)
+            return True
+        if command.name == "stats":
+            await port.send(command.where, self._stats(), reply_to=command.message_id)
+        return True
+
+    def _stats(self) -> str:
+        stats = self.engine.stats()
+
+        def seconds(value: float | None) -> str:
+            return "–" if value is None else f"{value:.1f} s"
+
+        return "\n".join(
+            [
+                f"model: {stats.model}",
+                f"waiting: {stats.waiting}, answering: {stats.in_flight}"
+                f" (capacity {stats.capacity})",
+                f"answered: {stats.completed}, failed: {stats.failed}, "
+                f"timed out: {stats.timed_out}, cancelled: {stats.cancelled}",
+                f"wait p50/p95: {seconds(stats.wait_p50_s)} / {seconds(stats.wait_p95_s)}",
+                f"answer p50/p95: {seconds(stats.service_p50_s)} / {seconds(stats.service_p95_s)}",
+            ]
+        )

@@ -1,0 +1,645 @@
+"""The user flows: ask about a photo, follow up, rate, correct, cancel, forget.
+
+Adapters turn platform updates into `bot.core.events` and call `Dialog.handle` with the
+`ChatPort` to answer through. Everything here is the same on every platform.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict, defaultdict, deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import timedelta
+
+from bot.core import buttons
+from bot.core.events import (
+    ButtonPress,
+    Command,
+    CorrectionSubmitted,
+    Event,
+    NotAPhoto,
+    Person,
+    PhotoQuestion,
+    Place,
+    TextMessage,
+)
+from bot.core.i18n import Language, image_reason, language_of, say
+from bot.core.port import ChatPort
+from bot.core.reply import EditPacer, StreamingReply
+from bot.errors import NotFound
+from bot.store import Store
+from bot.store.models import ExchangeStatus, utcnow
+from bot.store.records import ExchangeRecord, UserRecord
+from engine.engine import Answer, Engine, Queued, Request, RequestHandle, TextDelta
+from engine.errors import (
+    BadImage,
+    Cancelled,
+    DeadlineExceeded,
+    EngineClosed,
+    EngineError,
+    QueueFull,
+    TooManyPending,
+)
+from engine.images import MAX_IMAGE_BYTES
+from engine.types import Turn
+
+log = logging.getLogger(__name__)
+
+MAX_CORRECTION_LENGTH = 500  # characters; a dish name or a sentence, not an essay
+PENDING_PROMPTS = 10_000  # correction prompts remembered, newest kept
+
+AdminHandler = Callable[[Command, ChatPort, UserRecord, Language], Awaitable[bool]]
+
+
+@dataclass(frozen=True, slots=True)
+class DialogConfig:
+    """The dialog's limits; `bot.app` fills them from the settings."""
+
+    questions_per_minute: int = 6
+    follow_up_window_s: float = 600.0  # a private text this soon after a photo follows it up
+    correction_window_s: float = 600.0  # a private text this soon after ✏️ is the correction
+    edit_interval_s: float = 1.0  # per chat
+    max_photo_bytes: int = MAX_IMAGE_BYTES
+
+
+class RateLimiter:
+    """At most ``per_minute`` events per key in any sliding minute."""
+
+    def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.per_minute = per_minute
+        self._clock = clock
+        self._times: dict[str, deque[float]] = defaultdict(deque)
+
+    def allow(self, key: str) -> bool:
+        """Count an event for ``key``; False (and not counted) when over the limit."""
+        now = self._clock()
+        times = self._times[key]
+        while times and times[0] <= now - 60.0:
+            times.popleft()
+        if len(times) >= self.per_minute:
+            return False
+        times.append(now)
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class _Refusal:
+    words: str  # for the user
+    reason: str  # for the exchange record
+
+
+@dataclass(frozen=True, slots=True)
+class _CorrectionPrompt:
+    exchange_id: int
+    platform_user_id: str
+    asked_at: float
+
+
+class Dialog:
+    """One dialog serves every chat of every adapter; it is safe to call concurrently."""
+
+    def __init__(
+        self,
+        store: Store,
+        engine: Engine,
+        config: DialogConfig | None = None,
+        *,
+        admin: AdminHandler | None = None,
+    ) -> None:
+        self.store = store
+        self.engine = engine
+        self.config = config or DialogConfig()
+        self._admin = admin
+        self._rate = RateLimiter(self.config.questions_per_minute)
+        self._pacer = EditPacer(self.config.edit_interval_s)
+        self._handles: dict[str, set[RequestHandle]] = defaultdict(set)
+        # ✏️ prompts waiting for a reply, by (platform, chat, prompt message id), and the
+        # newest one per (platform, chat, user) for private chats, where users just type.
+        self._prompts: OrderedDict[tuple[str, str, str], _CorrectionPrompt] = OrderedDict()
+        self._latest_prompt: OrderedDict[tuple[str, str, str], _CorrectionPrompt] = OrderedDict()
+
+    async def handle(self, event: Event, port: ChatPort) -> None:
+        """Act on one event. Never raises: failures are logged and the user gets an apology."""
+        try:
+            await self._dispatch(event, port)
+        except Exception:
+            log.exception("failed to handle %s", type(event).__name__)
+            with contextlib.suppress(Exception):
+                language = language_of(event.who.language)
+                if isinstance(event, ButtonPress):
+                    await port.acknowledge(event, say("engine_failed", language))
+                else:
+                    await port.send(event.where, say("engine_failed", language))
+
+    async def _dispatch(self, event: Event, port: ChatPort) -> None:
+        match event:
+            case PhotoQuestion():
+                await self._photo(event, port)
+            case NotAPhoto():
+                await self._not_a_photo(event, port)
+            case TextMessage():
+                await self._text(event, port)
+            case ButtonPress():
+                await self._press(event, port)
+            case CorrectionSubmitted():
+                await self._correction_submitted(event, port)
+            case Command():
+                await self._command(event, port)
+
+    # -- people ---------------------------------------------------------------------------
+
+    async def _user(self, who: Person) -> UserRecord | None:
+        """The stored user, or None when they are banned (banned users get no answers)."""
+        user = await self.store.upsert_user(
+            who.platform, who.user_id, display_name=who.display_name, language=who.language
+        )
+        if user.banned:
+            log.info("ignoring banned user %s:%s", who.platform, who.user_id)
+            return None
+        return user
+
+    @staticmethod
+    def _key(who: Person) -> str:
+        return f"{who.platform}:{who.user_id}"
+
+    # -- asking about a photo -------------------------------------------------------------
+
+    async def _photo(self, event: PhotoQuestion, port: ChatPort) -> None:
+        if not event.where.private and not event.addressed:
+            return
+        user = await self._user(event.who)
+        if user is None:
+            return
+        question = (event.question or "").strip()
+        language = language_of(event.who.language, question)
+        question = question or say("default_question", language)
+        where, reply_to = event.where, event.message_id
+
+        async def refuse(words: str, reason: str) -> None:
+            await self._record_refusal(user, event, question, reason)
+            await port.send(where, words, reply_to=reply_to)
+
+        if not self._rate.allow(self._key(event.who)):
+            await refuse(say("slow_down", language), "rate limited")
+            return
+        limit = self.config.max_photo_bytes
+        if event.photo.size is not None and event.photo.size > limit:
+            words = say("photo_too_large", language, megabytes=f"{limit / 2**20:g}")
+            await refuse(words, f"photo of {event.photo.size} bytes is over the limit")
+            return
+        with contextlib.suppress(Exception):
+            await port.typing(where)
+        try:
+            data = await event.photo.fetch()
+        except Exception:
+            log.warning("could not download a photo", exc_info=True)
+            await refuse(say("download_failed", language), "download failed")
+            return
+        request = Request(key=self._key(event.who), question=question, images=(data,))
+        handle = await self._submit(request, language)
+        if isinstance(handle, _Refusal):
+            await refuse(handle.words, handle.reason)
+            return
+        info = handle.images[0]
+        try:
+            photo = await self.store.add_photo(
+                data, image_format=info.format, width=info.width, height=info.height
+            )
+            exchange = await self.store.start_exchange(
+                user_id=user.id,
+                platform=event.who.platform,
+                chat_id=where.chat_id,
+                question=question,
+                question_message_id=event.message_id,
+                photo_sha256=photo.sha256,
+            )
+        except BaseException:
+            handle.cancel()
+            self._untrack(request.key, handle)
+            raise
+        await self._answer(handle, exchange, port, event.who, where, reply_to, language)
+
+    async def _submit(self, request: Request, language: Language) -> RequestHandle | _Refusal:
+        """Hand the question to the engine; when it refuses, what to tell the user and why."""
+        try:
+            handle = await self.engine.submit(request)
+        except BadImage as exc:
+            words = say("bad_image", language, reason=image_reason(exc.reason, language))
+            return _Refusal(words, f"bad image: {exc.reason}")
+        except TooManyPending:
+            return _Refusal(say("too_many_pending", language), "too many pending")
+        except QueueFull:
+            return _Refusal(say("busy", language), "queue full")
+        except EngineClosed:
+            return _Refusal(say("unavailable", language), "engine not running")
+        # From now on /cancel can reach it, even before it is stored.
+        self._handles[request.key].add(handle)
+        return handle
+
+    def _untrack(self, key: str, handle: RequestHandle) -> None:
+        handles = self._handles.get(key)
+        if handles is not None:
+            handles.discard(handle)
+            if not handles:
+                del self._handles[key]
+
+    async def _record_refusal(
+        self, user: UserRecord, event: PhotoQuestion | TextMessage, question: str, reason: str
+    ) -> None:
+        exchange = await self.store.start_exchange(
+            user_id=user.id,
+            platform=event.who.platform,
+            chat_id=event.where.chat_id,
+            question=question,
+            question_message_id=event.message_id,
+        )
+        if exchange.status is ExchangeStatus.PENDING:
+            await self.store.fail_exchange(exchange.id, error=reason, latency_ms=0)
+
+    async def _answer(
+        self,
+        handle: RequestHandle,
+        exchange: ExchangeRecord,
+        port: ChatPort,
+        who: Person,
+        where: Place,
+        reply_to: str,
+        language: Language,
+    ) -> None:
+        """Stream the engine's answer into the chat and store how it ended."""
+        started = time.monotonic()
+        key = self._key(who)
+        reply = StreamingReply(port, where, self._pacer, reply_to=reply_to)
+        typing = asyncio.create_task(self._keep_typing(port, where))
+        try:
+            answer = await self._stream(handle, reply, language)
+        except EngineError as exc:
+            await self._answer_failed(exc, exchange, reply, language, started)
+            return
+        except BaseException:
+            handle.cancel()
+            with contextlib.suppress(Exception):
+                await self.store.fail_exchange(
+                    exchange.id, error="interrupted", latency_ms=_ms_since(started)
+                )
+            raise
+        finally:
+            typing.cancel()
+            self._untrack(key, handle)
+        text = answer.text.strip() or say("empty_answer", language)
+        message_ids = await reply.finish(text, buttons.answer_buttons(exchange.id))
+        await self.store.finish_exchange(
+            exchange.id,
+            answer=answer.text,
+            model_version=answer.model,
+            latency_ms=_ms_since(started),
+            reply_message_id=message_ids[-1],
+        )
+
+    async def _stream(
+        self, handle: RequestHandle, reply: StreamingReply, language: Language
+    ) -> Answer:
+        text = ""
+        last_ahead: int | None = None
+        async for event in handle:
+            if isinstance(event, Queued) and event.ahead > 0 and event.ahead != last_ahead:
+                last_ahead = event.ahead
+                await reply.status(say("queued", language, ahead=event.ahead))
+            elif isinstance(event, TextDelta):
+                text += event.text
+                reply.stream(text)
+            elif isinstance(event, Answer):
+                return event
+        raise EngineClosed("the request ended without an answer")
+
+    async def _answer_failed(
+        self,
+        error: EngineError,
+        exchange: ExchangeRecord,
+        reply: StreamingReply,
+        language: Language,
+        started: float,
+    ) -> None:
+        if isinstance(error, Cancelled):
+            words, reason = say("cancelled", language), "cancelled"
+        elif isinstance(error, DeadlineExceeded):
+            words, reason = say("timed_out", language), "timed out"
+        elif isinstance(error, EngineClosed):
+            words, reason = say("unavailable", language), "engine stopped"
+        else:
+            log.error("the engine failed on exchange %s: %s", exchange.id, error)
+            words, reason = say("engine_failed", language), f"engine error: {error}"
+        await self.store.fail_exchange(exchange.id, error=reason, latency_ms=_ms_since(started))
+        await reply.finish(words)
+
+    async def _keep_typing(self, port: ChatPort, where: Place) -> None:
+        while True:
+            with contextlib.suppress(Exception):
+                await port.typing(where)
+            await asyncio.sleep(port.typing_interval_s)
+
+    async def _not_a_photo(self, event: NotAPhoto, port: ChatPort) -> None:
+        if not event.where.private and not event.addressed:
+            return
+        if await self._user(event.who) is None:
+            return
+        language = language_of(event.who.language)
+        words = say("not_a_photo", language, reason=image_reason(event.reason, language))
+        await port.send(event.where, words, reply_to=event.message_id)
+
+    # -- text: corrections and follow-ups -------------------------------------------------
+
+    async def _text(self, event: TextMessage, port: ChatPort) -> None:
+        text = event.text.strip()
+        if not text:
+            return
+        prompt = self._prompt_answered(event)
+        if prompt is not None:
+            user = await self._user(event.who)
+            if user is not None:
+                await self._store_correction(event.who, event.where, prompt.exchange_id, text, port)
+            return
+        parent = await self._followed_up(event)
+        if parent is None:
+            addressed = event.where.private or event.addressed
+            if addressed and await self._user(event.who) is not None:
+                language = language_of(event.who.language, text)
+                hint = say("no_photo_hint", language)
+                await port.send(event.where, hint, reply_to=event.message_id)
+            return
+        user = await self._user(event.who)
+        if user is None:
+            return
+        await self._follow_up(event, text, parent, user, port)
+
+    def _prompt_answered(self, event: TextMessage) -> _CorrectionPrompt | None:
+        """The ✏️ prompt this text answers: a reply to it, or (in a private chat) the next
+        text soon after it."""
+        platform, chat = event.who.platform, event.where.chat_id
+        if event.reply_to is not None:
+            prompt = self._prompts.get((platform, chat, event.reply_to))
+            if prompt is not None and prompt.platform_user_id == event.who.user_id:
+                self._prompts.pop((platform, chat, event.reply_to))
+                self._latest_prompt.pop((platform, chat, event.who.user_id), None)
+                return prompt
+            return None
+        if not event.where.private:
+            return None
+        prompt = self._latest_prompt.pop((platform, chat, event.who.user_id), None)
+        if prompt is None or time.monotonic() - prompt.asked_at > self.config.correction_window_s:
+            return None
+        return prompt
+
+    async def _followed_up(self, event: TextMessage) -> ExchangeRecord | None:
+        """The answered exchange this text follows up, if any."""
+        platform, chat = event.who.platform, event.where.chat_id
+        if event.reply_to is not None:
+            exchange = await self.store.find_exchange_by_reply(platform, chat, event.reply_to)
+            if exchange is not None and exchange.answer is not None:
+                return exchange
+        if not event.where.private:
+            return None
+        user = await self.store.find_user(platform, event.who.user_id)
+        if user is None:
+            return None
+        since = utcnow() - timedelta(seconds=self.config.follow_up_window_s)
+        return await self.store.latest_exchange(user.id, platform, chat, since=since)
+
+    async def _follow_up(
+        self,
+        event: TextMessage,
+        question: str,
+        parent: ExchangeRecord,
+        user: UserRecord,
+        port: ChatPort,
+    ) -> None:
+        language = language_of(event.who.language, question)
+        where, reply_to = event.where, event.message_id
+        if not self._rate.allow(self._key(event.who)):
+            await self._record_refusal(user, event, question, "rate limited")
+            await port.send(where, say("slow_down", language), reply_to=reply_to)
+            return
+        history = [
+            Turn(turn.question, turn.answer)
+            for turn in await self.store.conversation(parent.id)
+            if turn.answer is not None
+        ]
+        photo = await self.store.get_photo(parent.photo_sha256) if parent.photo_sha256 else None
+        if photo is None:
+            await port.send(where, say("answer_gone", language), reply_to=reply_to)
+            return
+        data = await asyncio.to_thread(self.store.photo_file(photo).read_bytes)
+        request = Request(
+            key=self._key(event.who), question=question, images=(data,), history=tuple(history)
+        )
+        handle = await self._submit(request, language)
+        if isinstance(handle, _Refusal):
+            await self._record_refusal(user, event, question, handle.reason)
+            await port.send(where, handle.words, reply_to=reply_to)
+            return
+        try:
+            exchange = await self.store.start_exchange(
+                user_id=user.id,
+                platform=event.who.platform,
+                chat_id=where.chat_id,
+                question=question,
+                question_message_id=event.message_id,
+                photo_sha256=photo.sha256,
+                parent_id=parent.id,
+            )
+        except BaseException:
+            handle.cancel()
+            self._untrack(request.key, handle)
+            raise
+        await self._answer(handle, exchange, port, event.who, where, reply_to, language)
+
+    # -- buttons --------------------------------------------------------------------------
+
+    async def _press(self, press: ButtonPress, port: ChatPort) -> None:
+        language = language_of(press.who.language)
+        action = buttons.decode(press.data)
+        user = await self._user(press.who)
+        if user is None or action is None:
+            await port.acknowledge(press, say("unknown_button", language))
+            return
+        match action:
+            case buttons.Rate(exchange_id, value):
+                await self._rate_answer(press, port, user, exchange_id, value, language)
+            case buttons.Correct(exchange_id):
+                await self._offer_correction(press, port, exchange_id, language)
+            case buttons.ConfirmForget(owner) | buttons.KeepData(owner) if (
+                owner != press.who.user_id
+            ):
+                await port.acknowledge(press, say("not_your_button", language))
+            case buttons.ConfirmForget():
+                report = await self.store.forget(user.id)
+                self._forget_prompts(press.who)
+                words = (
+                    say(
+                        "forget_done",
+                        language,
+                        exchanges=report.exchanges,
+                        ratings=report.ratings,
+                        corrections=report.corrections,
+                        photos=report.photos,
+                    )
+                    if report.exchanges or report.ratings or report.corrections
+                    else say("forget_nothing", language)
+                )
+                await port.acknowledge(press, words)
+                await port.edit(press.where, press.message_id, words)
+            case buttons.KeepData():
+                await port.acknowledge(press, say("forget_kept", language))
+                await port.edit(press.where, press.message_id, say("forget_kept", language))
+
+    async def _exchange_here(self, press: ButtonPress, exchange_id: int) -> ExchangeRecord | None:
+        """The exchange a button names, if it belongs to the chat the button is in."""
+        exchange = await self.store.get_exchange(exchange_id)
+        if exchange is None or exchange.answer is None:
+            return None
+        if exchange.platform != press.who.platform or exchange.chat_id != press.where.chat_id:
+            log.warning("button for exchange %s pressed outside its chat", exchange_id)
+            return None
+        return exchange
+
+    async def _rate_answer(
+        self,
+        press: ButtonPress,
+        port: ChatPort,
+        user: UserRecord,
+        exchange_id: int,
+        value: int,
+        language: Language,
+    ) -> None:
+        if await self._exchange_here(press, exchange_id) is None:
+            await port.acknowledge(press, say("answer_gone", language))
+            return
+        try:
+            await self.store.record_rating(exchange_id, user.id, value)
+        except NotFound:
+            await port.acknowledge(press, say("answer_gone", language))
+            return
+        if value > 0:
+            await port.acknowledge(press, say("rated_up", language))
+        else:
+            # A 👎 comes with the offer to say what the dish really is.
+            await self._ask_for_correction(press, port, exchange_id, language)
+        with contextlib.suppress(Exception):
+            await port.set_buttons(
+                press.where, press.message_id, buttons.answer_buttons(exchange_id, chosen=value)
+            )
+
+    async def _offer_correction(
+        self, press: ButtonPress, port: ChatPort, exchange_id: int, language: Language
+    ) -> None:
+        if await self._exchange_here(press, exchange_id) is None:
+            await port.acknowledge(press, say("answer_gone", language))
+            return
+        await self._ask_for_correction(press, port, exchange_id, language)
+
+    async def _ask_for_correction(
+        self, press: ButtonPress, port: ChatPort, exchange_id: int, language: Language
+    ) -> None:
+        prompt_id = await port.ask_for_correction(
+            press, exchange_id, say("ask_correction", language)
+        )
+        prompt = _CorrectionPrompt(exchange_id, press.who.user_id, time.monotonic())
+        platform, chat = press.who.platform, press.where.chat_id
+        if prompt_id is not None:
+            self._remember(self._prompts, (platform, chat, prompt_id), prompt)
+        self._remember(self._latest_prompt, (platform, chat, press.who.user_id), prompt)
+
+    @staticmethod
+    def _remember(
+        prompts: OrderedDict[tuple[str, str, str], _CorrectionPrompt],
+        key: tuple[str, str, str],
+        prompt: _CorrectionPrompt,
+    ) -> None:
+        prompts[key] = prompt
+        prompts.move_to_end(key)
+        while len(prompts) > PENDING_PROMPTS:
+            prompts.popitem(last=False)
+
+    def _forget_prompts(self, who: Person) -> None:
+        for prompts in (self._prompts, self._latest_prompt):
+            for key in [
+                k
+                for k, p in prompts.items()
+                if k[0] == who.platform and p.platform_user_id == who.user_id
+            ]:
+                del prompts[key]
+
+    async def _correction_submitted(self, event: CorrectionSubmitted, port: ChatPort) -> None:
+        if await self._user(event.who) is None:
+            return
+        await self._store_correction(event.who, event.where, event.exchange_id, event.text, port)
+
+    async def _store_correction(
+        self, who: Person, where: Place, exchange_id: int, text: str, port: ChatPort
+    ) -> None:
+        # A dish name is often in another language than the user's own: thank them in theirs.
+        language = language_of(who.language)
+        text = " ".join(text.split())[:MAX_CORRECTION_LENGTH]
+        user = await self.store.upsert_user(who.platform, who.user_id)
+        exchange = await self.store.get_exchange(exchange_id)
+        if exchange is None or exchange.platform != who.platform:
+            await port.send(where, say("answer_gone", language))
+            return
+        try:
+            await self.store.record_correction(exchange_id, user.id, text)
+        except NotFound:
+            await port.send(where, say("answer_gone", language))
+            return
+        await port.send(where, say("correction_thanks", language, text=text))
+
+    # -- commands -------------------------------------------------------------------------
+
+    async def _command(self, command: Command, port: ChatPort) -> None:
+        user = await self._user(command.who)
+        if user is None:
+            return
+        language = language_of(command.who.language, command.argument)
+        where, reply_to = command.where, command.message_id
+        match command.name:
+            case "start":
+                await port.send(where, say("start", language), reply_to=reply_to)
+            case "help":
+                await port.send(where, say("help", language), reply_to=reply_to)
+            case "cancel":
+                count = self.cancel_pending(command.who)
+                words = (
+                    say("cancel_done", language, count=count)
+                    if count
+                    else say("cancel_none", language)
+                )
+                await port.send(where, words, reply_to=reply_to)
+            case "forget":
+                await port.send(
+                    where,
+                    say("forget_confirm", language),
+                    reply_to=reply_to,
+                    buttons=buttons.forget_buttons(
+                        command.who.user_id,
+                        say("forget_yes", language),
+                        say("forget_no", language),
+                    ),
+                )
+            case _:
+                if self._admin is not None and await self._admin(command, port, user, language):
+                    return
+                await port.send(where, say("unknown_command", language), reply_to=reply_to)
+
+    def cancel_pending(self, who: Person) -> int:
+        """Cancel every question of this user still waiting or being answered."""
+        handles = list(self._handles.get(self._key(who), ()))
+        for handle in handles:
+            handle.cancel()
+        return len(handles)
+
+
+def _ms_since(started: float) -> int:
+    return round((time.monotonic() - started) * 1000)

@@ -1,0 +1,196 @@
+"""The words the bot says, in English and Chinese, and how it picks the language.
+
+Every user-facing sentence lives here, so wording is reviewed in one place and both
+languages stay in step (a test checks that each key has both).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final, Literal
+
+from engine import images
+
+Language = Literal["en", "zh"]
+
+_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+
+
+def language_of(code: str | None, text: str | None = None) -> Language:
+    """Chinese when the text is written in Chinese or the platform's language code is
+    Chinese (zh, zh-hans, zh-TW...), English otherwise."""
+    if text and _CJK.search(text):
+        return "zh"
+    if text and re.search(r"[A-Za-z]{3,}", text):
+        return "en"
+    return "zh" if code and code.lower().startswith("zh") else "en"
+
+
+MESSAGES: Final[dict[str, dict[Language, str]]] = {
+    "default_question": {"en": "What dish is this?", "zh": "这是什么菜？"},
+    "start": {
+        "en": (
+            "Hi! I'm dishbot. Send me a photo of a dish and I'll tell you what it is — "
+            'add a question as the caption if you like ("is this spicy?").\n\n'
+            "Rate my answers with 👍 / 👎, and tap ✏️ to tell me what it really was: "
+            "that is how I learn. /help shows everything I can do."
+        ),
+        "zh": (
+            "你好！我是 dishbot。发一张菜的照片给我，我来告诉你这是什么菜——"
+            "也可以在图片说明里提问（比如“辣不辣？”）。\n\n"
+            "用 👍 / 👎 给我的回答打分，点 ✏️ 告诉我正确答案：我就是这样学习的。"
+            "/help 查看全部功能。"
+        ),
+    },
+    "help": {
+        "en": (
+            "How to use dishbot:\n"
+            "• Send a photo of a dish; the caption is your question "
+            '(default: "What dish is this?").\n'
+            "• Reply to one of my answers to ask a follow-up about the same photo.\n"
+            "• 👍 / 👎 rate an answer; ✏️ corrects it.\n"
+            "• In groups, mention me in the caption or reply to me.\n\n"
+            "Commands:\n"
+            "/help — this message\n"
+            "/cancel — drop your questions still waiting\n"
+            "/forget — delete everything I stored about you"
+        ),
+        "zh": (
+            "使用方法：\n"
+            "• 发送一张菜的照片，图片说明就是你的问题（默认：“这是什么菜？”）。\n"
+            "• 回复我的某条回答，可以就同一张照片继续追问。\n"
+            "• 👍 / 👎 给回答打分；✏️ 纠正回答。\n"
+            "• 在群里，请在图片说明里 @ 我，或回复我的消息。\n\n"
+            "命令：\n"
+            "/help — 显示本帮助\n"
+            "/cancel — 取消你还在排队的问题\n"
+            "/forget — 删除我保存的关于你的所有数据"
+        ),
+    },
+    "queued": {"en": "⏳ {ahead} ahead of you…", "zh": "⏳ 前面还有 {ahead} 个问题…"},
+    "empty_answer": {
+        "en": "(I have no answer to that — try asking differently.)",
+        "zh": "（这个问题我答不上来，换个问法试试。）",
+    },
+    "rated_up": {"en": "Thanks for the 👍!", "zh": "谢谢你的 👍！"},
+    "rated_down": {"en": "Thanks, noted 👎.", "zh": "收到你的 👎，谢谢。"},
+    "ask_correction": {
+        "en": "✏️ What is it actually? Reply to this message with the dish's name.",
+        "zh": "✏️ 那它到底是什么菜？请回复这条消息，告诉我菜名。",
+    },
+    "ask_correction_title": {"en": "What is it actually?", "zh": "那它到底是什么菜？"},
+    "correction_thanks": {
+        "en": "Thanks! I've noted that it is: {text}",
+        "zh": "谢谢！已记下：{text}",
+    },
+    "answer_gone": {
+        "en": "That answer is no longer stored.",
+        "zh": "这条回答已经不在记录里了。",
+    },
+    "no_photo_hint": {
+        "en": "Send me a photo of a dish (or reply to one of my answers) and I'll answer.",
+        "zh": "发一张菜的照片给我（或者回复我的某条回答），我就来回答。",
+    },
+    "not_a_photo": {
+        "en": "I can't use that file: {reason}. Please send a JPEG, PNG, WebP or HEIC photo.",
+        "zh": "这个文件我用不了：{reason}。请发送 JPEG、PNG、WebP 或 HEIC 格式的照片。",
+    },
+    "bad_image": {
+        "en": "I can't use that image: {reason}.",
+        "zh": "这张图片我用不了：{reason}。",
+    },
+    "photo_too_large": {
+        "en": "That photo is larger than {megabytes} MB; please send a smaller one.",
+        "zh": "这张照片超过 {megabytes} MB，请发送小一点的。",
+    },
+    "download_failed": {
+        "en": "Sorry, I couldn't download that photo. Please send it again.",
+        "zh": "抱歉，照片没能下载下来，请再发一次。",
+    },
+    "slow_down": {
+        "en": "You're asking faster than I can eat 🍜 — please wait a minute and try again.",
+        "zh": "你问得太快啦 🍜 ——请等一分钟再试。",
+    },
+    "too_many_pending": {
+        "en": "You already have questions waiting — let me answer those first, then ask again.",
+        "zh": "你还有问题在排队——等我先回答完，再来问吧。",
+    },
+    "busy": {
+        "en": "I'm very busy right now — please try again in a minute.",
+        "zh": "我现在太忙了——请过一分钟再试。",
+    },
+    "timed_out": {
+        "en": "Sorry, that took too long and I gave up. Please try again.",
+        "zh": "抱歉，处理时间太长，我放弃了。请再试一次。",
+    },
+    "engine_failed": {
+        "en": "Sorry, something went wrong while I was looking at that. Please try again.",
+        "zh": "抱歉，我在看这张照片时出了点问题。请再试一次。",
+    },
+    "unavailable": {
+        "en": "Sorry, I'm not able to answer right now. Please try again later.",
+        "zh": "抱歉，我现在无法回答。请稍后再试。",
+    },
+    "cancelled": {"en": "Cancelled.", "zh": "已取消。"},
+    "cancel_done": {
+        "en": "Dropped {count} waiting question(s).",
+        "zh": "已取消 {count} 个排队中的问题。",
+    },
+    "cancel_none": {"en": "You have no questions waiting.", "zh": "你没有排队中的问题。"},
+    "forget_confirm": {
+        "en": (
+            "This deletes everything I stored about you: your photos, questions, answers, "
+            "ratings and corrections. It cannot be undone. Delete it all?"
+        ),
+        "zh": (
+            "这会删除我保存的关于你的所有数据：照片、问题、回答、评分和纠正，且无法恢复。"
+            "确定全部删除吗？"
+        ),
+    },
+    "forget_yes": {"en": "🗑 Delete everything", "zh": "🗑 全部删除"},
+    "forget_no": {"en": "Keep it", "zh": "保留"},
+    "forget_done": {
+        "en": "Done: I deleted {exchanges} question(s), {ratings} rating(s), "
+        "{corrections} correction(s) and {photos} photo(s).",
+        "zh": (
+            "完成：已删除 {exchanges} 个问题、{ratings} 个评分、"
+            "{corrections} 个纠正和 {photos} 张照片。"
+        ),
+    },
+    "forget_nothing": {
+        "en": "I had nothing stored about you.",
+        "zh": "我没有保存关于你的任何数据。",
+    },
+    "forget_kept": {"en": "OK, nothing was deleted.", "zh": "好的，没有删除任何数据。"},
+    "not_your_button": {
+        "en": "That button is for someone else.",
+        "zh": "这个按钮不是给你的。",
+    },
+    "unknown_button": {"en": "That button no longer works.", "zh": "这个按钮已经失效了。"},
+    "unknown_command": {
+        "en": "I don't know that command. /help lists the ones I do.",
+        "zh": "我不认识这个命令。/help 可以查看所有命令。",
+    },
+    "admin_only": {"en": "That command is for admins.", "zh": "这个命令只有管理员可以用。"},
+}
+
+# The engine's reasons for refusing an image, for Chinese speakers. Reasons with figures in
+# them (size limits) stay in English inside the Chinese sentence.
+_IMAGE_REASONS_ZH: Final[dict[str, str]] = {
+    "the file is empty": "文件是空的",
+    images.NOT_AN_ACCEPTED_IMAGE: "它不是 JPEG、PNG、WebP 或 HEIC 图片",
+    images.CORRUPT_IMAGE: "图片数据不完整或已损坏",
+    images.HEIC_NOT_SUPPORTED: "这里不支持 HEIC 照片，请用 JPEG 格式发送",
+}
+
+
+def say(key: str, language: Language, **values: object) -> str:
+    """The sentence ``key`` in ``language``, with ``values`` filled in."""
+    return MESSAGES[key][language].format(**values)
+
+
+def image_reason(reason: str, language: Language) -> str:
+    """An image refusal reason from the engine, in the user's language where known."""
+    if language == "zh":
+        return _IMAGE_REASONS_ZH.get(reason, reason)
+    return reason

@@ -1,0 +1,139 @@
+"""An answer as the user sees it: one or more messages, edited as the text streams in.
+
+Edits are paced per chat (about one a second: Telegram and Discord both throttle bots that
+edit faster), the text is split at the platform's length limit on a paragraph or sentence
+boundary, and the rating buttons go on the last message once the answer is complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+
+from bot.core.events import Place
+from bot.core.port import Button, ChatPort, MessageGone
+from bot.core.text import split_message
+
+log = logging.getLogger(__name__)
+
+PLACEHOLDER = "…"
+
+
+class EditPacer:
+    """Hands out edit slots per chat, ``interval_s`` apart, first come first served."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self._next_slot: dict[str, float] = {}
+
+    async def wait_turn(self, chat_id: str) -> None:
+        """Wait for this chat's next free slot, and take it."""
+        now = time.monotonic()
+        slot = max(now, self._next_slot.get(chat_id, now))
+        self._next_slot[chat_id] = slot + self.interval_s
+        if slot > now:
+            await asyncio.sleep(slot - now)
+        self._forget_idle_chats(now)
+
+    def _forget_idle_chats(self, now: float) -> None:
+        if len(self._next_slot) > 10_000:
+            self._next_slot = {c: t for c, t in self._next_slot.items() if t > now}
+
+
+class StreamingReply:
+    """The messages showing one answer (or the notice that replaced it)."""
+
+    def __init__(
+        self, port: ChatPort, where: Place, pacer: EditPacer, *, reply_to: str | None
+    ) -> None:
+        self._port = port
+        self._where = where
+        self._pacer = pacer
+        self._reply_to = reply_to
+        self._message_ids: list[str] = []
+        self._shown: list[tuple[str, tuple[Button, ...]]] = []
+        self._text = ""
+        self._dirty = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def message_ids(self) -> list[str]:
+        """The platform ids of the messages shown so far, first to last."""
+        return list(self._message_ids)
+
+    async def status(self, text: str) -> None:
+        """Show a notice (e.g. the place in the queue) until the answer starts."""
+        if self._text:
+            return
+        await self._pacer.wait_turn(self._where.chat_id)
+        await self._render(text, ())
+
+    def stream(self, text: str) -> None:
+        """The answer so far; shown at the chat's next free edit slot."""
+        self._text = text
+        self._dirty.set()
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush_forever())
+
+    async def finish(self, text: str, buttons: Sequence[Button] = ()) -> list[str]:
+        """Show the final text, with ``buttons`` on its last message; returns the message ids."""
+        await self._stop_flushing()
+        self._text = text
+        await self._pacer.wait_turn(self._where.chat_id)
+        await self._render(text, tuple(buttons))
+        return self.message_ids
+
+    async def _flush_forever(self) -> None:
+        while True:
+            await self._dirty.wait()
+            await self._pacer.wait_turn(self._where.chat_id)
+            self._dirty.clear()
+            try:
+                # Shielded: cancelling the flusher must not cut a send short, or a message
+                # could reach the chat without us knowing its id.
+                await asyncio.shield(self._render(self._text, ()))
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # A failed intermediate edit is not worth losing the answer over: the
+                # final render tries again.
+                log.warning("could not show a partial answer", exc_info=True)
+
+    async def _stop_flushing(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+            self._flusher = None
+
+    async def _render(self, text: str, buttons: tuple[Button, ...]) -> None:
+        async with self._lock:
+            parts = split_message(
+                text or PLACEHOLDER, self._port.message_limit, self._port.text_length
+            )
+            for index, part in enumerate(parts):
+                last = index == len(parts) - 1
+                await self._show(index, part, buttons if last else ())
+
+    async def _show(self, index: int, text: str, buttons: tuple[Button, ...]) -> None:
+        if index < len(self._message_ids):
+            if self._shown[index] == (text, buttons):
+                return  # platforms refuse an edit that changes nothing
+            try:
+                await self._port.edit(self._where, self._message_ids[index], text, buttons=buttons)
+                self._shown[index] = (text, buttons)
+                return
+            except MessageGone:
+                log.info("a message of an answer was deleted; sending that part again")
+                message_id = await self._port.send(self._where, text, buttons=buttons)
+                self._message_ids[index] = message_id
+                self._shown[index] = (text, buttons)
+                return
+        reply_to = self._reply_to if index == 0 else None
+        message_id = await self._port.send(self._where, text, reply_to=reply_to, buttons=buttons)
+        self._message_ids.append(message_id)
+        self._shown.append((text, buttons))
