@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import os
 import signal
+import socket
 import struct
 import sys
 import zlib
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from pydantic import SecretStr
 from sqlalchemy import func, select
@@ -823,3 +825,63 @@ async def test_dishbot_run_with_a_token_serves_telegram_until_stopped(
     assert process.returncode == 0, stderr.decode()
     assert (data_dir / "dishbot.db").is_file(), "SQLite was created and migrated on start"
     assert telegram.token not in stderr.decode(), "the token never reaches the log"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def test_webhook_mode_registers_the_url_and_secret_and_answers_pushed_updates(
+    telegram: TelegramEmulator, store: Store
+) -> None:
+    port = _free_port()
+    settings = TelegramSettings(
+        token=SecretStr(telegram.token),
+        base_url=telegram.base_url,
+        base_file_url=telegram.base_file_url,
+        mode="webhook",
+        webhook_url="https://dishbot.example.org/telegram",
+        webhook_listen="127.0.0.1",
+        webhook_port=port,
+        webhook_path="/telegram",
+        webhook_secret=SecretStr("s3cret-token"),
+    )
+    engine = Engine(ScriptedBackend(), ModelSpec("scripted", MODEL), EngineConfig())
+    async with engine:
+        adapter = TelegramAdapter(
+            settings, Dialog(store, engine, DialogConfig(edit_interval_s=0.05))
+        )
+        await adapter.start()
+        try:
+            registered = await telegram.wait_for("setWebhook")
+            assert registered.params["url"] == "https://dishbot.example.org/telegram"
+            assert registered.params["secret_token"] == "s3cret-token"
+            assert telegram.calls("getUpdates") == [], "no polling in webhook mode"
+
+            update = telegram.send_photo_message(
+                ADA, ADA.private_chat, telegram.add_file(jpeg_bytes()), caption="pushed"
+            )
+            hook = f"http://127.0.0.1:{port}/telegram"
+            async with aiohttp.ClientSession() as http:
+                forged = await http.post(hook, json=update, headers={SECRET_HEADER: "wrong"})
+                assert forged.status == 403
+                pushed = await http.post(hook, json=update, headers={SECRET_HEADER: "s3cret-token"})
+                assert pushed.status == 200
+
+            answer = await telegram.wait_for(
+                "editMessageText", lambda c: c.params.get("reply_markup") is not None
+            )
+            assert answer.params["text"] == f"{MODEL} says: pushed"
+            assert len(await store_exchanges(store)) == 1, "the forged copy was not processed"
+        finally:
+            await adapter.stop()
+
+
+SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
+
+
+async def store_exchanges(store: Store) -> list[Exchange]:
+    async with AsyncSession(store.engine) as session:
+        return list(await session.scalars(select(Exchange)))
