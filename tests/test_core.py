@@ -1,0 +1,113 @@
+"""Platform-neutral pieces of the dialog: the words, the language choice, button data, limits."""
+
+from __future__ import annotations
+
+import string
+
+import pytest
+
+from bot.core import buttons
+from bot.core.dialog import RateLimiter
+from bot.core.i18n import MESSAGES, image_reason, language_of, say
+from bot.core.limits import DISCORD_CUSTOM_ID_LENGTH, TELEGRAM_CALLBACK_DATA_BYTES
+from engine import images
+
+
+def _placeholders(text: str) -> set[str]:
+    return {name for _, name, _, _ in string.Formatter().parse(text) if name}
+
+
+@pytest.mark.parametrize("key", sorted(MESSAGES))
+def test_every_sentence_exists_in_both_languages_with_the_same_blanks(key: str) -> None:
+    english, chinese = MESSAGES[key]["en"], MESSAGES[key]["zh"]
+    assert english.strip()
+    assert chinese.strip()
+    assert _placeholders(english) == _placeholders(chinese)
+
+
+@pytest.mark.parametrize(
+    ("code", "text", "expected"),
+    [
+        ("zh-hans", None, "zh"),
+        ("zh-TW", None, "zh"),
+        ("en-US", None, "en"),
+        (None, None, "en"),
+        ("en", "这是什么菜？", "zh"),  # written in Chinese: answered in Chinese
+        ("zh-hans", "is this spicy?", "en"),  # asked in English: answered in English
+        ("zh-hans", "🍜?", "zh"),  # nothing to go by in the text: the platform's language
+    ],
+)
+def test_the_language_follows_the_question_then_the_platform_setting(
+    code: str | None, text: str | None, expected: str
+) -> None:
+    assert language_of(code, text) == expected
+
+
+def test_known_image_refusals_are_translated_and_others_kept() -> None:
+    assert image_reason(images.CORRUPT_IMAGE, "zh") == "图片数据不完整或已损坏"
+    assert image_reason(images.CORRUPT_IMAGE, "en") == images.CORRUPT_IMAGE
+    assert image_reason("the photo is larger than 20 MB", "zh") == "the photo is larger than 20 MB"
+    assert say("bad_image", "en", reason="x") == "I can't use that image: x."
+
+
+LARGEST_ID = 2**63 - 1  # the largest PostgreSQL bigint
+DISCORD_USER_ID = "1234567890123456789012"  # snowflakes are up to 20 digits; a margin
+
+
+@pytest.mark.parametrize(
+    "action",
+    [
+        buttons.Rate(LARGEST_ID, 1),
+        buttons.Rate(LARGEST_ID, -1),
+        buttons.Correct(LARGEST_ID),
+        buttons.ConfirmForget(DISCORD_USER_ID),
+        buttons.KeepData(DISCORD_USER_ID),
+    ],
+)
+def test_button_data_round_trips_and_fits_both_platforms(action: buttons.Action) -> None:
+    data = buttons.encode(action)
+    assert buttons.decode(data) == action
+    assert len(data.encode()) <= TELEGRAM_CALLBACK_DATA_BYTES
+    assert len(data) <= DISCORD_CUSTOM_ID_LENGTH
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        "",
+        "rate:1:up",
+        "dishbot:rate:x:up",
+        "dishbot:rate:1:sideways",
+        "dishbot:fix:",
+        "other:fix:1",
+    ],
+)
+def test_foreign_or_mangled_button_data_is_not_an_action(data: str) -> None:
+    assert buttons.decode(data) is None
+
+
+def test_answer_buttons_mark_only_the_chosen_rating() -> None:
+    labels = [button.label for button in buttons.answer_buttons(7, chosen=-1)]
+    assert labels == ["👍", "👎 ✓", "✏️"]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_rate_limit_is_a_sliding_minute_per_user() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(per_minute=2, clock=clock)
+
+    assert limiter.allow("ada")
+    clock.now += 30
+    assert limiter.allow("ada")
+    assert not limiter.allow("ada"), "a third question within the minute is refused"
+    assert limiter.allow("lin"), "other users are not affected"
+    clock.now += 30.5  # the first question is now more than a minute old
+    assert limiter.allow("ada")
+    assert not limiter.allow("ada"), "a refused question does not count, the second still does"
