@@ -885,3 +885,18 @@ SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
 async def store_exchanges(store: Store) -> list[Exchange]:
     async with AsyncSession(store.engine) as session:
         return list(await session.scalars(select(Exchange)))
+
+
+async def test_an_answer_telegram_refuses_to_deliver_is_recorded_as_undelivered(bot: Bot) -> None:
+    telegram = bot.telegram
+    telegram.fail_next(
+        "sendMessage", 403, description="Forbidden: bot was blocked by the user", times=3
+    )
+    send_photo(telegram, ADA, ADA.private_chat, "blocked")
+
+    await _until(lambda: _statuses(bot), [ExchangeStatus.FAILED])
+
+    [exchange] = await bot.exchanges()
+    assert exchange.error == "the answer could not be delivered"
+    question = send_photo(telegram, LIN, LIN.private_chat, "下一个")
+    assert (await bot.answer_to(LIN, LIN.private_chat, question))["text"] == f"{MODEL} says: 下一个"

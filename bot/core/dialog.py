@@ -291,7 +291,17 @@ class Dialog:
             typing.cancel()
             self._untrack(key, handle)
         text = answer.text.strip() or say("empty_answer", language)
-        message_ids = await reply.finish(text, buttons.answer_buttons(exchange.id))
+        try:
+            message_ids = await reply.finish(text, buttons.answer_buttons(exchange.id))
+        except Exception:
+            # The platform would not take the answer: say so in the record rather than
+            # leave the question looking unanswered forever.
+            await self.store.fail_exchange(
+                exchange.id,
+                error="the answer could not be delivered",
+                latency_ms=_ms_since(started),
+            )
+            raise
         await self.store.finish_exchange(
             exchange.id,
             answer=answer.text,
