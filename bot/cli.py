@@ -18,8 +18,11 @@ from bot.app import App
 from bot.errors import DishbotError
 from bot.logs import REDACTED, configure_logging
 from bot.settings import Settings, load_settings, redact_url
+from bot.store import Store
 from bot.store.database import database_errors, missing_sqlite_file, open_engine
-from bot.store.schema import current_revision, head_revision, upgrade
+from bot.store.schema import current_revision, ensure_schema, head_revision, upgrade
+from bot.training import ExportError, ExportOptions, ExportSummary, export_dataset, parse_moment
+from bot.training.progress import TerminalProgress
 
 Handler = Callable[[Settings, argparse.Namespace], int]
 T = TypeVar("T")
@@ -62,6 +65,48 @@ def build_parser() -> argparse.ArgumentParser:
     db_upgrade.set_defaults(handler=cmd_db_upgrade)
     db_current = db_commands.add_parser("current", help="show the database's schema revision")
     db_current.set_defaults(handler=cmd_db_current)
+
+    export = commands.add_parser(
+        "export",
+        help="export users' feedback as XTuner fine-tuning data",
+        description="Write the answers users approved or corrected as XTuner/InternVL "
+        "fine-tuning data into DIR: images, train.jsonl, val.jsonl, xtuner_config.py, "
+        "internvl_meta.json, a dataset card (README.md) and manifest.json. DIR must be new, "
+        "empty, or an earlier export, which is replaced.",
+    )
+    export.add_argument("--out", type=Path, required=True, metavar="DIR", help="where to write")
+    export.add_argument(
+        "--since",
+        metavar="WHEN",
+        help="only conversations started at or after WHEN (YYYY-MM-DD or ISO time; UTC)",
+    )
+    export.add_argument(
+        "--until",
+        metavar="WHEN",
+        help="only conversations started before WHEN; a bare date includes that day",
+    )
+    export.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        metavar="F",
+        help="share of photos held out for validation, chosen by photo hash (default 0.1)",
+    )
+    export.add_argument(
+        "--min-votes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="how many more 👍 than 👎 an answer needs (default 1)",
+    )
+    export.add_argument(
+        "--include-unrated",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="let an unrated turn stand as context before a later approved turn of the same "
+        "conversation (default: no)",
+    )
+    export.set_defaults(handler=cmd_export)
     return parser
 
 
@@ -115,6 +160,38 @@ def cmd_db_current(settings: Settings, args: argparse.Namespace) -> int:
         print(f"{where}: schema at revision {revision} (head)")
     else:
         print(f"{where}: schema at revision {revision}, head is {head}; run `dishbot db upgrade`")
+    return 0
+
+
+def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
+    """`dishbot export --out DIR`: write the feedback as fine-tuning data, with a progress bar."""
+    options = ExportOptions(
+        since=parse_moment(args.since) if args.since else None,
+        until=parse_moment(args.until, end_of_day=True) if args.until else None,
+        val_fraction=args.val_fraction,
+        min_votes=args.min_votes,
+        include_unrated=args.include_unrated,
+    )
+    missing = missing_sqlite_file(settings.db_url)
+    if missing is not None:  # don't create an empty database just to export nothing
+        raise ExportError(f"no database at {missing}; there is nothing to export")
+    progress = TerminalProgress(sys.stderr)
+
+    async def export() -> ExportSummary:
+        store = Store.open(settings.db_url, settings.data_dir)
+        try:
+            async with database_errors(settings.db_url):
+                await ensure_schema(store.engine, auto_upgrade=False)
+            return await export_dataset(store, settings, args.out, options, progress)
+        finally:
+            await store.close()
+
+    try:
+        summary = asyncio.run(export())
+    finally:
+        progress.close()
+    for line in summary.lines():
+        print(line)
     return 0
 
 

@@ -100,6 +100,11 @@ class DiscordSettings(_Section):
     token: SecretStr | None = None
     api_base: str | None = None
     gateway_url: str | None = None
+    guild_ids: list[int] = Field(
+        default_factory=list,
+        description="servers whose slash commands are registered at start, there at once; "
+        "empty: globally",
+    )
 
 
 class LimitSettings(_Section):
@@ -110,16 +115,36 @@ class LimitSettings(_Section):
 
 
 class TrainingSettings(_Section):
-    """Retraining with XTuner, which runs as a subprocess in its own Python environment."""
+    """Exporting feedback as training data, and retraining with XTuner.
+
+    XTuner runs as a subprocess in its own Python environment.
+    """
 
     python: str = Field(default="python3", description="interpreter of the XTuner environment")
     work_dir: Path | None = Field(default=None, description="default: <data_dir>/training")
+    base_model: str = Field(
+        default="OpenGVLab/InternVL2-2B",
+        description="the InternVL2 (InternLM2-based) checkpoint XTuner fine-tunes: path or hub id",
+    )
     deepspeed: str = Field(default="deepspeed_zero2", description="XTuner deepspeed preset")
-    epochs: int = Field(default=1, ge=1)
-    learning_rate: float = Field(default=2e-5, gt=0)
-    batch_size: int = Field(default=4, ge=1, description="per device")
-    accumulative_counts: int = Field(default=2, ge=1)
-    max_length: int = Field(default=8192, ge=256)
+    epochs: int = Field(default=10, ge=1, description="passes over the data; small data needs many")
+    learning_rate: float = Field(default=3e-5, gt=0, description="peak learning rate")
+    batch_size: int = Field(
+        default=4, ge=1, description="per device; the recipe's 8 did not fit in GPU memory"
+    )
+    accumulative_counts: int = Field(default=2, ge=1, description="gradient accumulation steps")
+    save_steps: int = Field(default=64, ge=1, description="iterations between checkpoints")
+    max_length: int = Field(
+        default=8192, ge=256, description="tokens per sample, image tokens included"
+    )
+    agreeing_corrections: int = Field(
+        default=2,
+        ge=1,
+        description="distinct users who must give the same correction before it is trained on",
+    )
+    max_samples_per_user: int = Field(
+        default=200, ge=1, description="training samples one user's questions or corrections yield"
+    )
     lora_r: int = Field(default=128, ge=1)
     lora_alpha: int = Field(default=256, ge=1)
     lora_dropout: float = Field(default=0.05, ge=0, lt=1)

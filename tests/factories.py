@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from datetime import datetime
 from itertools import count
 
 from PIL import Image
@@ -58,3 +59,25 @@ async def answered(
         latency_ms=850,
         reply_message_id=str(next(_message_ids)),
     )
+
+
+async def set_trust(store: Store, user: UserRecord, trust: int) -> None:
+    """Mark how far a user's feedback is trusted (there is no admin flow for it yet)."""
+    from sqlalchemy import update
+
+    from bot.store.models import User
+
+    async with store.engine.begin() as connection:
+        await connection.execute(update(User).where(User.id == user.id).values(trust=trust))
+
+
+async def backdate(store: Store, exchange: ExchangeRecord, when: datetime) -> None:
+    """Pretend a question was asked at ``when``."""
+    from sqlalchemy import update
+
+    from bot.store.models import Exchange
+
+    async with store.engine.begin() as connection:
+        await connection.execute(
+            update(Exchange).where(Exchange.id == exchange.id).values(created_at=when)
+        )

@@ -28,8 +28,9 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.adapters.telegram import TelegramAdapter
+from bot.core.admin import Admin
 from bot.core.dialog import Dialog, DialogConfig
-from bot.settings import TelegramSettings
+from bot.settings import Settings, TelegramSettings
 from bot.store import Store
 from bot.store.models import Exchange, ExchangeStatus, Photo, Rating
 from engine.engine import Engine, EngineConfig
@@ -117,6 +118,7 @@ async def running_bot(
     dialog_config: DialogConfig | None = None,
     model: ModelSpec | None = None,
     backend_factory: Callable[[], Any] | None = None,
+    admin_settings: Settings | None = None,
 ) -> AsyncIterator[Bot]:
     backend = backend or ScriptedBackend(capacity=4)
     real_backend = backend_factory() if backend_factory is not None else backend
@@ -130,6 +132,7 @@ async def running_bot(
             store,
             engine,
             dialog_config or DialogConfig(edit_interval_s=0.05, questions_per_minute=60),
+            admin=Admin(admin_settings, store, engine) if admin_settings else None,
         )
         settings = TelegramSettings(
             token=SecretStr(telegram.token),
@@ -900,3 +903,35 @@ async def test_an_answer_telegram_refuses_to_deliver_is_recorded_as_undelivered(
     assert exchange.error == "the answer could not be delivered"
     question = send_photo(telegram, LIN, LIN.private_chat, "下一个")
     assert (await bot.answer_to(LIN, LIN.private_chat, question))["text"] == f"{MODEL} says: 下一个"
+
+
+async def test_an_admin_exports_the_feedback_from_the_chat_and_others_may_not(
+    telegram: TelegramEmulator, store: Store, tmp_path: Path
+) -> None:
+    settings = Settings(data_dir=tmp_path / "admin-data", admins=[f"telegram:{ADA.id}"])
+    async with running_bot(telegram, store, admin_settings=settings) as bot:
+        question = send_photo(telegram, LIN, LIN.private_chat, "what is it?")
+        final = await bot.answer_to(LIN, LIN.private_chat, question)
+        telegram.press_button(LIN, final, button_data(final, "👍"))
+        await telegram.wait_for("answerCallbackQuery")
+
+        telegram.send_text(LIN, LIN.private_chat, "/export")
+        refused = await telegram.wait_for(
+            "sendMessage", lambda c: c.params["chat_id"] == LIN.id and "管理员" in c.params["text"]
+        )
+        telegram.send_text(ADA, ADA.private_chat, "/export")
+        summary = await telegram.wait_for(
+            "sendMessage",
+            lambda c: c.params["chat_id"] == ADA.id and c.params["text"].startswith("Exported"),
+        )
+
+    assert refused.params["text"] == "这个命令只有管理员可以用。"
+    assert summary.params["text"].startswith("Exported 1 samples")
+    [export_dir] = (tmp_path / "admin-data" / "training" / "exports").iterdir()
+    records = [
+        line
+        for name in ("train.jsonl", "val.jsonl")
+        for line in (export_dir / name).read_text().splitlines()
+    ]
+    assert len(records) == 1
+    assert "xtuner train xtuner_config.py" in summary.params["text"]

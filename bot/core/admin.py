@@ -6,19 +6,24 @@ a user says or stores in the database can make them one.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from datetime import UTC, datetime
+from pathlib import Path
 
 from bot.core.events import Command
 from bot.core.i18n import Language, say
 from bot.core.port import ChatPort
+from bot.core.reply import send_long
 from bot.settings import Settings
 from bot.store import Store
 from bot.store.records import UserRecord
+from bot.training import ExportError, ExportOptions, export_dataset
 from engine.engine import Engine
 
 log = logging.getLogger(__name__)
 
-ADMIN_COMMANDS = frozenset({"stats"})
+ADMIN_COMMANDS = frozenset({"stats", "export"})
 
 
 class Admin:
@@ -28,6 +33,7 @@ class Admin:
         self.settings = settings
         self.store = store
         self.engine = engine
+        self._exporting = asyncio.Lock()
 
     async def __call__(
         self, command: Command, port: ChatPort, user: UserRecord, language: Language
@@ -46,7 +52,34 @@ class Admin:
             return True
         if command.name == "stats":
             await port.send(command.where, self._stats(), reply_to=command.message_id)
+        elif command.name == "export":
+            await self._export(command, port)
         return True
+
+    def exports_dir(self) -> Path:
+        """Where `/export` writes: one new directory per export, under the training work dir."""
+        work_dir = self.settings.training.work_dir or self.settings.data_dir / "training"
+        return work_dir / "exports"
+
+    async def _export(self, command: Command, port: ChatPort) -> None:
+        """Export the feedback as XTuner training data, with the default filters."""
+        if self._exporting.locked():
+            await port.send(
+                command.where, "An export is already running.", reply_to=command.message_id
+            )
+            return
+        async with self._exporting:
+            stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+            out_dir = self.exports_dir() / f"export-{stamp}"
+            await port.send(command.where, f"Exporting to {out_dir} …", reply_to=command.message_id)
+            try:
+                summary = await export_dataset(self.store, self.settings, out_dir, ExportOptions())
+            except ExportError as exc:
+                await port.send(command.where, f"Export failed: {exc}", reply_to=command.message_id)
+                return
+            log.info("export by %s:%s to %s", command.who.platform, command.who.user_id, out_dir)
+            text = "\n".join(summary.lines())
+            await send_long(port, command.where, text, reply_to=command.message_id)
 
     def _stats(self) -> str:
         stats = self.engine.stats()

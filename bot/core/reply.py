@@ -22,6 +22,12 @@ log = logging.getLogger(__name__)
 PLACEHOLDER = "…"
 
 
+async def send_long(port: ChatPort, where: Place, text: str, *, reply_to: str | None) -> None:
+    """Send ``text`` in as many messages as the platform's length limit needs."""
+    for index, part in enumerate(split_message(text, port.message_limit, port.text_length)):
+        await port.send(where, part, reply_to=reply_to if index == 0 else None)
+
+
 class EditPacer:
     """Hands out edit slots per chat, ``interval_s`` apart, first come first served."""
 
