@@ -74,6 +74,10 @@ class App:
             from bot.adapters.telegram import TelegramAdapter
 
             adapters.append(TelegramAdapter(self.settings.telegram, dialog))
+        if self.settings.discord.token is not None:
+            from bot.adapters.discord import DiscordAdapter
+
+            adapters.append(DiscordAdapter(self.settings.discord, dialog))
         return adapters
 
     async def run(self, stop: asyncio.Event | None = None) -> None:

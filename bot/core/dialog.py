@@ -557,10 +557,11 @@ class Dialog:
         prompt_id = await port.ask_for_correction(
             press, exchange_id, say("ask_correction", language)
         )
+        if prompt_id is None:
+            return  # the platform's own form collects the text: what is typed next is not it
         prompt = _CorrectionPrompt(exchange_id, press.who.user_id, time.monotonic())
         platform, chat = press.who.platform, press.where.chat_id
-        if prompt_id is not None:
-            self._remember(self._prompts, (platform, chat, prompt_id), prompt)
+        self._remember(self._prompts, (platform, chat, prompt_id), prompt)
         self._remember(self._latest_prompt, (platform, chat, press.who.user_id), prompt)
 
     @staticmethod

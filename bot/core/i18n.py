@@ -79,6 +79,7 @@ MESSAGES: Final[dict[str, dict[Language, str]]] = {
         "zh": "✏️ 那它到底是什么菜？请回复这条消息，告诉我菜名。",
     },
     "ask_correction_title": {"en": "What is it actually?", "zh": "那它到底是什么菜？"},
+    "correction_field": {"en": "The dish's name", "zh": "菜名"},
     "correction_thanks": {
         "en": "Thanks! I've noted that it is: {text}",
         "zh": "谢谢！已记下：{text}",
