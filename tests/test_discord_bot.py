@@ -117,6 +117,15 @@ class Bot:
     async def answer_to(self, channel_id: int, asked: ApiObject) -> ApiObject:
         return await answer_to(self.emulator, channel_id, asked)
 
+    async def reply_stored(self, message_id: str) -> None:
+        """Wait until an answer's message id is stored (just after the answer is shown)."""
+
+        async def poll() -> None:
+            while message_id not in [e.reply_message_id for e in await self.exchanges()]:  # noqa: ASYNC110 - polls the database
+                await asyncio.sleep(0.01)
+
+        await asyncio.wait_for(poll(), 10)
+
     async def exchanges(self) -> list[Exchange]:
         return await stored_exchanges(self.store)
 
@@ -262,6 +271,7 @@ async def test_a_mention_with_a_photo_is_answered_with_three_buttons_and_stored(
     assert labels(answer) == ["👍", "👎", "✏️"]
     [first] = [m for m in emulator.messages_in(server.channel_id) if "message_reference" in m]
     assert first["message_reference"]["message_id"] == question["id"], "it replies to the photo"
+    await bot.reply_stored(answer["id"])
     [exchange] = await bot.exchanges()
     assert exchange.status is ExchangeStatus.ANSWERED
     assert exchange.platform == "discord"
@@ -610,6 +620,7 @@ async def test_the_dish_command_is_acknowledged_at_once_and_answered(
     assert answer["content"] == f"{MODEL} says: is it spicy?"
     assert labels(answer) == ["👍", "👎", "✏️"]
     assert not answer["flags"] & (LOADING | EPHEMERAL), "the answer replaced thinking…"
+    await bot.reply_stored(answer["id"])
     [exchange] = await bot.exchanges()
     assert exchange.question_message_id == interaction["id"]
     assert exchange.reply_message_id == answer["id"]

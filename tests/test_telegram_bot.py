@@ -199,6 +199,8 @@ async def test_a_photo_with_a_caption_is_answered_with_rating_buttons_and_stored
     assert typing[0].params["action"] == "typing"
     assert final["text"] == f"{MODEL} says: is this spicy?"
     assert [label for label, _ in buttons_of(final)] == ["👍", "👎", "✏️"]
+    # The answer is stored before it is shown; which message shows it, just after.
+    await _until(_reply_message_ids(bot), [str(final["message_id"])])
     [exchange] = await bot.exchanges()
     assert exchange.status is ExchangeStatus.ANSWERED
     assert exchange.question == "is this spicy?"
@@ -571,6 +573,13 @@ async def test_a_failure_in_the_engine_gets_an_apology_and_is_recorded(bot: Bot)
     assert exchange.error is not None
     assert "out of memory" in exchange.error
     assert exchange.question_message_id == str(question["message_id"])
+
+
+def _reply_message_ids(bot: Bot) -> Callable[[], Any]:
+    async def read() -> list[str | None]:
+        return [e.reply_message_id for e in await bot.exchanges()]
+
+    return read
 
 
 async def _statuses(bot: Bot) -> list[ExchangeStatus]:

@@ -291,24 +291,25 @@ class Dialog:
             typing.cancel()
             self._untrack(key, handle)
         text = answer.text.strip() or say("empty_answer", language)
+        # Stored before it is shown, so a button pressed the moment it appears finds it.
+        await self.store.finish_exchange(
+            exchange.id,
+            answer=answer.text,
+            model_version=answer.model,
+            latency_ms=_ms_since(started),
+        )
         try:
             message_ids = await reply.finish(text, buttons.answer_buttons(exchange.id))
         except Exception:
             # The platform would not take the answer: say so in the record rather than
-            # leave the question looking unanswered forever.
+            # let it look delivered.
             await self.store.fail_exchange(
                 exchange.id,
                 error="the answer could not be delivered",
                 latency_ms=_ms_since(started),
             )
             raise
-        await self.store.finish_exchange(
-            exchange.id,
-            answer=answer.text,
-            model_version=answer.model,
-            latency_ms=_ms_since(started),
-            reply_message_id=message_ids[-1],
-        )
+        await self.store.set_reply_message(exchange.id, message_ids[-1])
 
     async def _stream(
         self, handle: RequestHandle, reply: StreamingReply, language: Language
