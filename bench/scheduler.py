@@ -2,7 +2,7 @@
 
 Run by hand from the repository root: ``python bench/scheduler.py`` (about 30 s).
 
-What is under test is the production `engine.engine.Engine` (its round-robin `Scheduler` and
+What is under test is the production `engine.engine.Engine` (its fair-queuing `Scheduler` and
 its dispatcher); only the model is simulated, by `SimulatedBatchingBackend` below, which
 behaves like lmdeploy does towards the engine:
 
@@ -37,7 +37,7 @@ request asks for 32 tokens, so one SERVICE TIME, a request's generation with the
 is ``32 * step_s(capacity)``. Measured: each light request's queue wait (``Answer.queued_s``:
 admission to dispatch) and its time to first token (submit to first `TextDelta`), reported
 as the light users' p95 in service times. The FIFO baseline is the same engine and workload
-with every request under ONE fairness key: round-robin over a single key serves strictly in
+with every request under ONE fairness key: fair queuing over a single key serves strictly in
 admission order, which is FIFO with the same capacity and the same dispatcher.
 
 The last line is ``name=value`` pairs for scripts.
@@ -262,7 +262,7 @@ async def run_workload(
 ) -> RunResult:
     """Serve ``arrivals`` with a real Engine over the simulated backend; all must succeed.
 
-    ``fifo`` puts every request under one fairness key, so round-robin degenerates to FIFO.
+    ``fifo`` puts every request under one fairness key, so fair queuing degenerates to FIFO.
     """
     backend = SimulatedBatchingBackend(capacity, cost)
     config = EngineConfig(
@@ -488,7 +488,7 @@ async def experiment_flood(args: argparse.Namespace, cost: CostModel) -> tuple[F
     arrivals = flood_arrivals(args, cost)
     service_s = args.tokens * cost.step_s(args.capacity)
     fair = flood_row(
-        "dishbot (round-robin)", await run_workload(arrivals, args.capacity, cost), service_s
+        "dishbot (fair queuing)", await run_workload(arrivals, args.capacity, cost), service_s
     )
     # FIFO: the same engine and workload, every request under one key (see the module doc).
     fifo = flood_row(
