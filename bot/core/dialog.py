@@ -177,51 +177,79 @@ class Dialog:
         question = (event.question or "").strip()
         language = language_of(event.who.language, question)
         question = question or say("default_question", language)
-        where, reply_to = event.where, event.message_id
-
-        async def refuse(words: str, reason: str) -> None:
-            await self._record_refusal(user, event, question, reason)
-            await port.send(where, words, reply_to=reply_to)
-
         if not self._rate.allow(self._key(event.who)):
-            await refuse(say("slow_down", language), "rate limited")
+            await self._refuse(
+                port, user, event, question, say("slow_down", language), "rate limited"
+            )
             return
         limit = self.config.max_photo_bytes
         if event.photo.size is not None and event.photo.size > limit:
             words = say("photo_too_large", language, megabytes=f"{limit / 2**20:g}")
-            await refuse(words, f"photo of {event.photo.size} bytes is over the limit")
+            reason = f"photo of {event.photo.size} bytes is over the limit"
+            await self._refuse(port, user, event, question, words, reason)
             return
         with contextlib.suppress(Exception):
-            await port.typing(where)
+            await port.typing(event.where)
         try:
             data = await event.photo.fetch()
         except Exception:
             log.warning("could not download a photo", exc_info=True)
-            await refuse(say("download_failed", language), "download failed")
+            words = say("download_failed", language)
+            await self._refuse(port, user, event, question, words, "download failed")
             return
-        request = Request(key=self._key(event.who), question=question, images=(data,))
-        handle = await self._submit(request, language)
-        if isinstance(handle, _Refusal):
-            await refuse(handle.words, handle.reason)
-            return
-        info = handle.images[0]
-        try:
+
+        async def store(handle: RequestHandle) -> ExchangeRecord:
+            # The engine has decoded the photo by now: store it as it found it.
+            info = handle.images[0]
             photo = await self.store.add_photo(
                 data, image_format=info.format, width=info.width, height=info.height
             )
-            exchange = await self.store.start_exchange(
-                user_id=user.id,
-                platform=event.who.platform,
-                chat_id=where.chat_id,
-                question=question,
-                question_message_id=event.message_id,
-                photo_sha256=photo.sha256,
-            )
+            return await self._start_exchange(user, event, question, photo.sha256)
+
+        request = Request(key=self._key(event.who), question=question, images=(data,))
+        await self._ask(port, user, event, request, language, store)
+
+    async def _ask(
+        self,
+        port: ChatPort,
+        user: UserRecord,
+        event: PhotoQuestion | TextMessage,
+        request: Request,
+        language: Language,
+        store: Callable[[RequestHandle], Awaitable[ExchangeRecord]],
+    ) -> None:
+        """Submit ``request``, record it with ``store`` once admitted, and stream the answer."""
+        handle = await self._submit(request, language)
+        if isinstance(handle, _Refusal):
+            await self._refuse(port, user, event, request.question, handle.words, handle.reason)
+            return
+        try:
+            exchange = await store(handle)
         except BaseException:
             handle.cancel()
             self._untrack(request.key, handle)
             raise
-        await self._answer(handle, exchange, port, event.who, where, reply_to, language)
+        await self._answer(
+            handle, exchange, port, event.who, event.where, event.message_id, language
+        )
+
+    async def _start_exchange(
+        self,
+        user: UserRecord,
+        event: PhotoQuestion | TextMessage,
+        question: str,
+        photo_sha256: str | None = None,
+        parent_id: int | None = None,
+    ) -> ExchangeRecord:
+        return await self.store.start_exchange(
+            user_id=user.id,
+            platform=event.who.platform,
+            chat_id=event.where.chat_id,
+            question=question,
+            question_message_id=event.message_id,
+            photo_sha256=photo_sha256,
+            parent_id=parent_id,
+        )
 
     async def _submit(self, request: Request, language: Language) -> RequestHandle | _Refusal:
         """Hand the question to the engine; when it refuses, what to tell the user and why."""
@@ -247,18 +275,20 @@ class Dialog:
             if not handles:
                 del self._handles[key]
 
-    async def _record_refusal(
-        self, user: UserRecord, event: PhotoQuestion | TextMessage, question: str, reason: str
+    async def _refuse(
+        self,
+        port: ChatPort,
+        user: UserRecord,
+        event: PhotoQuestion | TextMessage,
+        question: str,
+        words: str,
+        reason: str,
     ) -> None:
-        exchange = await self.store.start_exchange(
-            user_id=user.id,
-            platform=event.who.platform,
-            chat_id=event.where.chat_id,
-            question=question,
-            question_message_id=event.message_id,
-        )
+        """Record a question that will not be answered, with why, then tell the user."""
+        exchange = await self._start_exchange(user, event, question)
         if exchange.status is ExchangeStatus.PENDING:
             await self.store.fail_exchange(exchange.id, error=reason, latency_ms=0)
+        await port.send(event.where, words, reply_to=event.message_id)
 
     async def _answer(
         self,
@@ -429,10 +459,10 @@ class Dialog:
         port: ChatPort,
     ) -> None:
         language = language_of(event.who.language, question)
-        where, reply_to = event.where, event.message_id
         if not self._rate.allow(self._key(event.who)):
-            await self._record_refusal(user, event, question, "rate limited")
-            await port.send(where, say("slow_down", language), reply_to=reply_to)
+            await self._refuse(
+                port, user, event, question, say("slow_down", language), "rate limited"
+            )
             return
         history = [
             Turn(turn.question, turn.answer)
@@ -441,32 +471,17 @@ class Dialog:
         ]
         photo = await self.store.get_photo(parent.photo_sha256) if parent.photo_sha256 else None
         if photo is None:
-            await port.send(where, say("answer_gone", language), reply_to=reply_to)
+            await port.send(event.where, say("answer_gone", language), reply_to=event.message_id)
             return
         data = await asyncio.to_thread(self.store.photo_file(photo).read_bytes)
+
+        async def store(handle: RequestHandle) -> ExchangeRecord:
+            return await self._start_exchange(user, event, question, photo.sha256, parent.id)
+
         request = Request(
             key=self._key(event.who), question=question, images=(data,), history=tuple(history)
         )
-        handle = await self._submit(request, language)
-        if isinstance(handle, _Refusal):
-            await self._record_refusal(user, event, question, handle.reason)
-            await port.send(where, handle.words, reply_to=reply_to)
-            return
-        try:
-            exchange = await self.store.start_exchange(
-                user_id=user.id,
-                platform=event.who.platform,
-                chat_id=where.chat_id,
-                question=question,
-                question_message_id=event.message_id,
-                photo_sha256=photo.sha256,
-                parent_id=parent.id,
-            )
-        except BaseException:
-            handle.cancel()
-            self._untrack(request.key, handle)
-            raise
-        await self._answer(handle, exchange, port, event.who, where, reply_to, language)
+        await self._ask(port, user, event, request, language, store)
 
     # -- buttons --------------------------------------------------------------------------
 
