@@ -1,8 +1,10 @@
-"""Small builders for store tests: a photo, a user, an answered question."""
+"""Small builders for tests: a photo (or a decompression bomb), a user, an answered question."""
 
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 from datetime import datetime
 from itertools import count
 
@@ -20,6 +22,23 @@ def jpeg_bytes(
     buffer = io.BytesIO()
     Image.new("RGB", size, color).save(buffer, format="JPEG")
     return buffer.getvalue()
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width``×``height`` RGB pixels but carries almost no data."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 async def add_photo(store: Store, color: tuple[int, int, int] = (200, 80, 40)) -> PhotoRecord:

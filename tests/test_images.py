@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
-import struct
 import threading
-import zlib
 
 import numpy as np
 import pytest
@@ -27,6 +25,7 @@ from engine.images import (
     pixel_values,
     tile_image,
 )
+from tests.factories import png_declaring
 
 RED = (255, 0, 0)
 GREEN = (0, 255, 0)
@@ -72,23 +71,6 @@ def jpeg_with_orientation(image: Image.Image, orientation: int) -> bytes:
     exif = Image.Exif()
     exif[0x0112] = orientation
     return encoded(image, "JPEG", quality=95, exif=exif)
-
-
-def png_declaring(width: int, height: int) -> bytes:
-    """A PNG whose header claims ``width``×``height`` RGB pixels but carries almost no data."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-        )
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-        + chunk(b"IEND", b"")
-    )
 
 
 def corner_colours(image: Image.Image) -> dict[str, tuple[int, ...]]:

@@ -12,9 +12,7 @@ import itertools
 import os
 import signal
 import socket
-import struct
 import sys
-import zlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -35,7 +33,7 @@ from bot.store import Store
 from bot.store.models import Exchange, ExchangeStatus, Photo, Rating
 from engine.engine import Engine, EngineConfig
 from engine.types import ModelSpec
-from tests.factories import jpeg_bytes
+from tests.factories import jpeg_bytes, png_declaring
 from tests.scripted_backend import LONG_ANSWER, ScriptedBackend
 from tests.telegram_emulator import (
     DEFAULT_BOT_USERNAME,
@@ -505,23 +503,6 @@ async def test_a_document_that_is_not_an_image_gets_a_reason_and_the_next_user_i
 
     question = send_photo(telegram, LIN, LIN.private_chat, "下一个")
     assert (await bot.answer_to(LIN, LIN.private_chat, question))["text"] == f"{MODEL} says: 下一个"
-
-
-def png_declaring(width: int, height: int) -> bytes:
-    """A small PNG whose header claims ``width``×``height`` pixels: a decompression bomb."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-        )
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-        + chunk(b"IEND", b"")
-    )
 
 
 async def test_a_decompression_bomb_is_refused_with_its_size_and_recorded(bot: Bot) -> None:
