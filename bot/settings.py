@@ -222,6 +222,12 @@ class Settings(BaseSettings):
         assert self.database_url is not None
         return self.database_url
 
+    @property
+    def training_dir(self) -> Path:
+        """Where exports and training runs go (always set after validation)."""
+        assert self.training.work_dir is not None
+        return self.training.work_dir
+
     def is_admin(self, platform: str, user_id: str | int) -> bool:
         """Whether ``platform:user_id`` was named in ``admins``."""
         return f"{platform}:{user_id}" in self.admins

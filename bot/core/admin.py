@@ -58,8 +58,7 @@ class Admin:
 
     def exports_dir(self) -> Path:
         """Where `/export` writes: one new directory per export, under the training work dir."""
-        work_dir = self.settings.training.work_dir or self.settings.data_dir / "training"
-        return work_dir / "exports"
+        return self.settings.training_dir / "exports"
 
     async def _export(self, command: Command, port: ChatPort) -> None:
         """Export the feedback as XTuner training data, with the default filters."""

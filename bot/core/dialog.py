@@ -402,7 +402,7 @@ class Dialog:
         if prompt is not None:
             user = await self._user(event.who)
             if user is not None:
-                await self._store_correction(event.who, event.where, prompt.exchange_id, text, port)
+                await self._store_correction(user, event, prompt.exchange_id, text, port)
             return
         parent = await self._followed_up(event)
         if parent is None:
@@ -601,17 +601,23 @@ class Dialog:
                 del prompts[key]
 
     async def _correction_submitted(self, event: CorrectionSubmitted, port: ChatPort) -> None:
-        if await self._user(event.who) is None:
+        user = await self._user(event.who)
+        if user is None:
             return
-        await self._store_correction(event.who, event.where, event.exchange_id, event.text, port)
+        await self._store_correction(user, event, event.exchange_id, event.text, port)
 
     async def _store_correction(
-        self, who: Person, where: Place, exchange_id: int, text: str, port: ChatPort
+        self,
+        user: UserRecord,
+        event: TextMessage | CorrectionSubmitted,
+        exchange_id: int,
+        text: str,
+        port: ChatPort,
     ) -> None:
+        who, where = event.who, event.where
         # A dish name is often in another language than the user's own: thank them in theirs.
         language = language_of(who.language)
         text = " ".join(text.split())[:MAX_CORRECTION_LENGTH]
-        user = await self.store.upsert_user(who.platform, who.user_id)
         exchange = await self.store.get_exchange(exchange_id)
         if exchange is None or exchange.platform != who.platform:
             await port.send(where, say("answer_gone", language))
