@@ -35,7 +35,7 @@ from engine.errors import (
     GenerationFailed,
     ModelLoadFailed,
 )
-from engine.images import DecodedImage, load_image
+from engine.images import DecodedImage, keep_image_memory, load_image
 from engine.prompts import system_prompt_for
 from engine.scheduler import Scheduler, Ticket, TicketState
 from engine.types import (
@@ -239,6 +239,7 @@ class Engine:
 
     async def start(self) -> None:
         """Load the model and start serving."""
+        keep_image_memory()
         await self._load(self._model)
         self._closed = False
         self._dispatcher = asyncio.create_task(self._dispatch_forever(), name="engine-dispatch")

@@ -27,7 +27,7 @@ from itertools import pairwise
 
 import numpy as np
 import numpy.typing as npt
-from PIL import ExifTags, Image, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError, _imaging
 
 from engine.errors import BadImage
 
@@ -69,8 +69,13 @@ _SWAPS_AXES = frozenset({5, 6, 7, 8})
 
 # ToTensor divides by 255, Normalize subtracts the mean and divides by the std; folded into
 # one multiply and one subtract per channel.
-_CHANNEL_SCALE = (1.0 / (255.0 * np.asarray(IMAGENET_STD, dtype=np.float64))).astype(np.float32)
-_CHANNEL_OFFSET = (np.asarray(IMAGENET_MEAN) / np.asarray(IMAGENET_STD)).astype(np.float32)
+PIXEL_SCALE = (1.0 / (255.0 * np.asarray(IMAGENET_STD, dtype=np.float64))).astype(np.float32)
+PIXEL_OFFSET = (np.asarray(IMAGENET_MEAN) / np.asarray(IMAGENET_STD)).astype(np.float32)
+
+# Pillow allocates image memory in blocks of up to 16 MB and by default gives each freed block
+# straight back, so every photo pays again for the page faults of fresh memory: about 9 ms of
+# a 12 MP photo's ingest on the benchmark machine. Pillow's PILLOW_BLOCKS_MAX keeps some.
+KEPT_IMAGE_BLOCKS = 4
 
 _heif_lock = threading.Lock()
 
@@ -139,6 +144,19 @@ async def load_image(
     )
 
 
+def keep_image_memory(blocks: int = KEPT_IMAGE_BLOCKS) -> None:
+    """Let Pillow keep up to ``blocks`` freed blocks of image memory for the next photo.
+
+    Pillow has one allocator per process, so this is process-wide; the engine calls it as it
+    starts. At most ``blocks`` × 16 MB stays held between photos. A larger number already set
+    (by ``PILLOW_BLOCKS_MAX``) is left as it is.
+    """
+    if blocks < 0:
+        raise ValueError(f"blocks must not be negative, not {blocks}")
+    # _imaging is Pillow's C core (Image.core); its block allocator is what the env var sets.
+    _imaging.set_blocks_max(max(blocks, _imaging.get_blocks_max()))
+
+
 def grid_for(
     width: int, height: int, max_tiles: int, tile_size: int = TILE_SIZE
 ) -> tuple[int, int]:
@@ -174,8 +192,9 @@ def tile_image(image: Image.Image, max_tiles: int, tile_size: int = TILE_SIZE) -
     columns, rows = grid_for(rgb.width, rgb.height, max_tiles, tile_size)
     grid = Image.new("RGB", (columns * tile_size, rows * tile_size))
     edges = _band_edges(rows, tile_size)
+    source = _band_source(rgb, grid.size)
     for top, bottom in pairwise(edges):
-        grid.paste(_resample_band(rgb, grid.size, top, bottom), (0, top))
+        grid.paste(_resample_band(source, grid.size, top, bottom), (0, top))
     tiles = [
         grid.crop((left, top, left + tile_size, top + tile_size))
         for top in range(0, grid.height, tile_size)
@@ -198,11 +217,12 @@ def pixel_values(
     The tiles of `tile_image`, in the same order, channels first, with ImageNet mean and
     standard deviation. InternVL resizes the photo to the whole grid and cuts it; here the
     grid is resized in bands of half a tile row, each from the photo's pixels under and
-    around it (Pillow's ``box``), which gives the same pixels (a rare rounding apart) and
-    lets ``threads`` bands be resampled at once, as Pillow lets go of the GIL while it
-    resamples; the result is the same for any ``threads``. The thumbnail is squeezed out of
-    the grid rather than out of the whole photo again: fewer pixels to read (1344×896 rather
-    than 2000×1500 for a 12 MP photo and six tiles) for the same picture.
+    around it (Pillow's ``box``), which gives the same pixels (a rare rounding apart; a photo
+    smaller than its grid is enlarged whole, see `_band_source`) and lets ``threads`` bands
+    be resampled at once, as Pillow lets go of the GIL while it resamples; the result is the
+    same for any ``threads``. The thumbnail is squeezed out of the grid rather than out of the
+    whole photo again: fewer pixels to read (1344×896 rather than 2000×1500 for a 12 MP photo
+    and six tiles) for the same picture.
     """
     if threads < 1:
         raise ValueError(f"threads must be at least 1, not {threads}")
@@ -212,10 +232,11 @@ def pixel_values(
     out = np.empty((grid_tiles + (grid_tiles > 1), 3, tile_size, tile_size), dtype=np.float32)
     grid = Image.new("RGB", (columns * tile_size, rows * tile_size))
     edges = _band_edges(rows, tile_size)
+    source = _band_source(rgb, grid.size)
 
     def resample_band(band: int) -> None:
         top, bottom = edges[band], edges[band + 1]
-        pixels = _resample_band(rgb, grid.size, top, bottom)
+        pixels = _resample_band(source, grid.size, top, bottom)
         grid.paste(pixels, (0, top))
         # A band lies within one row of tiles: (height, columns × tile, 3) viewed as
         # (columns, 3, height, tile) is those tiles' rows, channels first.
@@ -257,10 +278,24 @@ def _band_edges(rows: int, tile_size: int) -> list[int]:
     )
 
 
+def _band_source(image: Image.Image, grid_size: tuple[int, int]) -> Image.Image:
+    """What the grid's bands are resampled from: ``image``, or the whole grid if enlarging.
+
+    When a photo is enlarged, Pillow rounds a band's fractional box differently from the
+    whole image's (one level on about a tenth of the pixels), so a photo that small, cheap to
+    resize whole, is resized to the grid at once and the bands are cut from that.
+    """
+    if image.height >= grid_size[1]:
+        return image
+    return image.resize(grid_size, Image.Resampling.BICUBIC)
+
+
 def _resample_band(
     image: Image.Image, grid_size: tuple[int, int], top: int, bottom: int
 ) -> Image.Image:
     """Rows ``top``..``bottom`` of ``image`` resized to ``grid_size`` with BICUBIC, alone."""
+    if image.size == grid_size:
+        return image.crop((0, top, grid_size[0], bottom))
     # Multiplying before dividing keeps the last band's bottom exactly on the image's.
     box = (0, top * image.height / grid_size[1], image.width, bottom * image.height / grid_size[1])
     return image.resize((grid_size[0], bottom - top), Image.Resampling.BICUBIC, box=box)
@@ -298,8 +333,8 @@ def _run_shared(work: Callable[[int], None], count: int, threads: int) -> None:
 def _normalise(pixels: npt.NDArray[np.uint8], out: npt.NDArray[np.float32]) -> None:
     """``out`` = 8-bit ``pixels`` (channels first) with ImageNet normalisation, in two passes."""
     # Multiplying straight from uint8 into out converts and scales in one pass, no temporary.
-    np.multiply(pixels, _CHANNEL_SCALE[:, None, None], out=out)
-    np.subtract(out, _CHANNEL_OFFSET[:, None, None], out=out)
+    np.multiply(pixels, PIXEL_SCALE[:, None, None], out=out)
+    np.subtract(out, PIXEL_OFFSET[:, None, None], out=out)
 
 
 def encode_jpeg(image: Image.Image, quality: int = 90) -> bytes:

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from PIL import _imaging
 
 from engine.backends.transformers import TransformersBackend, TransformersConfig
 from engine.engine import (
@@ -29,6 +30,7 @@ from engine.errors import (
     QueueFull,
     TooManyPending,
 )
+from engine.images import KEPT_IMAGE_BLOCKS
 from engine.prompts import DISHBOT_SYSTEM_PROMPT, XTUNER_INTERNLM2_SYSTEM_PROMPT
 from engine.types import GenerationParams, ModelSpec, Turn
 from tests.factories import jpeg_bytes
@@ -348,3 +350,15 @@ async def test_a_request_cannot_ask_for_longer_answers_than_the_engine_allows(
     (job,) = backend.jobs
     assert job.params.max_new_tokens == engine.config.max_new_tokens
     assert (job.params.do_sample, job.params.temperature) == (True, 0.3)
+
+
+async def test_a_started_engine_keeps_freed_image_memory_for_the_next_photo(
+    backend: ScriptedBackend,
+) -> None:
+    before = _imaging.get_blocks_max()
+    _imaging.set_blocks_max(0)
+    try:
+        async with Engine(backend, BASE, EngineConfig()):
+            assert _imaging.get_blocks_max() == KEPT_IMAGE_BLOCKS
+    finally:
+        _imaging.set_blocks_max(before)

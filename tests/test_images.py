@@ -6,21 +6,24 @@ from __future__ import annotations
 import asyncio
 import io
 import threading
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw, ImageOps, _imaging
 
 from engine.errors import BadImage
 from engine.images import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    KEPT_IMAGE_BLOCKS,
     MAX_IMAGE_BYTES,
     TILE_SIZE,
     DecodedImage,
     decode_image,
     encode_jpeg,
     grid_for,
+    keep_image_memory,
     load_image,
     pixel_values,
     tile_image,
@@ -485,14 +488,22 @@ def test_a_wide_photo_is_cut_into_two_tiles_and_a_thumbnail() -> None:
     assert len(tiles) == 3
 
 
-def test_tiles_resampled_band_by_band_are_cuts_of_the_grid_resized_whole() -> None:
-    image = photo_like(2000, 1500)
+@pytest.mark.parametrize(
+    ("width", "height", "max_tiles"),
+    [(2000, 1500, 6), (3001, 2251, 6), (700, 700, 12), (1000, 300, 6), (37, 1001, 12)],
+)
+def test_tiles_resampled_band_by_band_are_cuts_of_the_grid_resized_whole(
+    width: int, height: int, max_tiles: int
+) -> None:
+    image = photo_like(width, height)
 
-    tiles = tile_image(image, max_tiles=6)
+    tiles = tile_image(image, max_tiles=max_tiles)
 
-    grid = np.asarray(image.resize((3 * TILE_SIZE, 2 * TILE_SIZE), Image.Resampling.BICUBIC))
-    for index, tile in enumerate(tiles[:6]):
-        row, column = divmod(index, 3)
+    columns, rows = grid_for(width, height, max_tiles)
+    grid_size = (columns * TILE_SIZE, rows * TILE_SIZE)
+    grid = np.asarray(image.resize(grid_size, Image.Resampling.BICUBIC))
+    for index, tile in enumerate(tiles[: columns * rows]):
+        row, column = divmod(index, columns)
         top, left = row * TILE_SIZE, column * TILE_SIZE
         cut = grid[top : top + TILE_SIZE, left : left + TILE_SIZE]
         # Pillow's box resamples from the pixels around a band too: no seams, at most a
@@ -580,3 +591,37 @@ async def test_load_image_decodes_in_a_worker_thread_while_the_event_loop_keeps_
 async def test_load_image_refuses_bad_data_like_decode_image() -> None:
     with pytest.raises(BadImage, match="the file is empty"):
         await load_image(b"", max_tiles=6)
+
+
+@pytest.fixture
+def pillow_blocks() -> Iterator[None]:
+    """Pillow's block cache is process-wide: put back what it was after the test."""
+    before = _imaging.get_blocks_max()
+    yield
+    _imaging.set_blocks_max(before)
+
+
+@pytest.mark.usefixtures("pillow_blocks")
+def test_freed_image_memory_is_kept_for_the_next_photo() -> None:
+    data = encoded(photo_like(2000, 1500), "JPEG", quality=90)
+    _imaging.set_blocks_max(0)
+
+    keep_image_memory()
+    _imaging.reset_stats()
+    for _ in range(3):
+        decode_image(data, max_tiles=6)
+
+    assert _imaging.get_blocks_max() == KEPT_IMAGE_BLOCKS
+    # The second and third photos were decoded into the memory the first one gave back.
+    assert _imaging.get_stats()["reused_blocks"] >= 2
+
+
+@pytest.mark.usefixtures("pillow_blocks")
+def test_a_larger_block_cache_set_by_the_operator_is_left_as_it_is() -> None:
+    _imaging.set_blocks_max(KEPT_IMAGE_BLOCKS + 10)
+
+    keep_image_memory()
+
+    assert _imaging.get_blocks_max() == KEPT_IMAGE_BLOCKS + 10
+    with pytest.raises(ValueError, match="negative"):
+        keep_image_memory(-1)

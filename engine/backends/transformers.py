@@ -3,7 +3,7 @@
 It serves checkpoints in transformers' own InternVL format (``model_type`` "internvl", like
 ``OpenGVLab/InternVL3-1B-hf``) with static batching: one ``model.generate`` call at a time,
 all of its jobs left-padded into one batch. Images are tiled by dishbot itself
-(`engine.images.pixel_values`) and each tile stands in the prompt as the model's image
+(`engine.backends.torch_pixels`) and each tile stands in the prompt as the model's image
 context tokens, so the prompt is the exact ChatML text that training export writes.
 
 Generation runs on one worker thread owned by the backend, so the event loop stays free and a
@@ -23,15 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
-import numpy.typing as npt
 import torch
 from transformers import AutoConfig, AutoTokenizer, InternVLForConditionalGeneration
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 from transformers.utils import logging as hf_logging
 
-from engine import images
+from engine.backends import torch_pixels
 from engine.errors import Cancelled, EngineError, GenerationFailed, ModelLoadFailed
 from engine.prompts import build_messages, render_chatml
 from engine.types import (
@@ -94,7 +92,7 @@ class _PreparedJob:
     index: int
     job: GenerationJob
     prompt: str
-    pixel_values: npt.NDArray[np.float32] | None
+    pixel_values: torch.Tensor | None
 
 
 @dataclass(slots=True)
@@ -268,11 +266,7 @@ class _BatchRun:
         )
         input_ids = inputs["input_ids"].to(loaded.device)
         tiles = [p.pixel_values for p in self._batch if p.pixel_values is not None]
-        pixel_values = (
-            torch.from_numpy(np.concatenate(tiles)).to(loaded.device, loaded.dtype)
-            if tiles
-            else None
-        )
+        pixel_values = _joined(tiles).to(loaded.device, loaded.dtype) if tiles else None
         stop_ids = sorted(loaded.stop_token_ids)
         with torch.inference_mode():
             loaded.model.generate(
@@ -481,7 +475,8 @@ def image_tokens_per_tile(hf_config: Any) -> int:
 def _prepare_job(loaded: _LoadedModel, index: int, job: GenerationJob) -> _PreparedJob:
     """Tile the job's images and render its prompt with one context token per tile token."""
     tiles = [
-        images.pixel_values(image.image, job.max_tiles, loaded.tile_size) for image in job.images
+        torch_pixels.pixel_values(image.image, job.max_tiles, loaded.tile_size)
+        for image in job.images
     ]
 
     def image_text(image_index: int) -> str:
@@ -492,7 +487,12 @@ def _prepare_job(loaded: _LoadedModel, index: int, job: GenerationJob) -> _Prepa
 
     messages = build_messages(job.system_prompt, job.history, job.question, len(job.images))
     prompt = render_chatml(messages, image_text=image_text)
-    return _PreparedJob(index, job, prompt, np.concatenate(tiles) if tiles else None)
+    return _PreparedJob(index, job, prompt, _joined(tiles) if tiles else None)
+
+
+def _joined(tiles: list[torch.Tensor]) -> torch.Tensor:
+    """Tile tensors one after another; one alone as it is (a six-tile photo is 30 MB to copy)."""
+    return tiles[0] if len(tiles) == 1 else torch.cat(tiles)
 
 
 def _batches(prepared: list[_PreparedJob], size: int) -> list[list[_PreparedJob]]:
