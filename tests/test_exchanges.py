@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
-from sqlalchemy import update
+from sqlalchemy import func, select, update
 
 from bot.errors import NotFound
 from bot.store import CorrectionStatus, ExchangeStatus, Store
-from bot.store.models import Correction
+from bot.store.models import Correction, CorrectionPrompt, utcnow
 from tests.factories import add_photo, add_user, answered
 
 
@@ -140,3 +142,56 @@ async def test_changing_a_correction_sends_it_back_for_review(store: Store) -> N
     assert changed.text == "虾饺"
     assert changed.status is CorrectionStatus.NEW
     assert [c.id for c in await store.corrections(exchange.id)] == [first.id]
+
+
+async def test_a_correction_prompt_is_answered_once_and_only_by_who_was_asked(
+    store: Store,
+) -> None:
+    author, other = await add_user(store, "1"), await add_user(store, "2")
+    exchange = await answered(store, author, photo=await add_photo(store))
+    await store.remember_correction_prompt(exchange.id, author.id, "telegram", "chat", "77")
+
+    assert await store.take_correction_prompt("telegram", "chat", "77", other.id) is None
+    assert await store.take_correction_prompt("telegram", "other chat", "77", author.id) is None
+    assert await store.take_correction_prompt("telegram", "chat", "77", author.id) == exchange.id
+    assert await store.take_correction_prompt("telegram", "chat", "77", author.id) is None
+
+
+async def test_unanswered_correction_prompts_are_dropped_after_a_week(store: Store) -> None:
+    user = await add_user(store, "1")
+    exchange = await answered(store, user, photo=await add_photo(store))
+    await store.remember_correction_prompt(exchange.id, user.id, "telegram", "chat", "old")
+    async with store._write() as session:
+        await session.execute(
+            update(CorrectionPrompt).values(created_at=utcnow() - timedelta(days=8))
+        )
+
+    await store.remember_correction_prompt(exchange.id, user.id, "telegram", "chat", "new")
+
+    assert await store.take_correction_prompt("telegram", "chat", "old", user.id) is None
+    assert await store.take_correction_prompt("telegram", "chat", "new", user.id) == exchange.id
+
+
+async def test_a_prompt_for_an_answer_that_is_gone_is_not_found(store: Store) -> None:
+    user = await add_user(store, "1")
+
+    with pytest.raises(NotFound):
+        await store.remember_correction_prompt(12345, user.id, "telegram", "chat", "1")
+
+
+async def test_forgetting_a_user_drops_the_prompts_they_were_asked_and_those_about_them(
+    store: Store,
+) -> None:
+    author, other = await add_user(store, "1"), await add_user(store, "2")
+    theirs = await answered(store, author, photo=await add_photo(store))
+    mine = await answered(store, other, photo=await add_photo(store, (10, 20, 30)))
+    await store.remember_correction_prompt(theirs.id, other.id, "telegram", "chat", "1")
+    await store.remember_correction_prompt(mine.id, author.id, "telegram", "chat", "2")
+    await store.remember_correction_prompt(mine.id, other.id, "telegram", "chat", "3")
+
+    await store.forget(author.id)
+
+    assert await store.take_correction_prompt("telegram", "chat", "1", other.id) is None
+    assert await store.take_correction_prompt("telegram", "chat", "3", other.id) == mine.id
+    async with store._read() as session:
+        assert await session.scalar(select(func.count()).select_from(CorrectionPrompt)) == 0

@@ -351,6 +351,30 @@ async def test_a_rating_button_still_works_after_the_bot_restarts(
 # -- correcting and following up -------------------------------------------------------------
 
 
+async def test_a_reply_to_the_pencils_question_after_a_restart_is_still_the_correction(
+    telegram: TelegramEmulator, store: Store
+) -> None:
+    async with running_bot(telegram, store) as bot:
+        question = send_photo(telegram, ADA, ADA.private_chat, "what is it?")
+        answer = await bot.answer_to(ADA, ADA.private_chat, question)
+        telegram.press_button(ADA, answer, button_data(answer, "✏️"))
+        prompt = await telegram.wait_for(
+            "sendMessage", lambda c: "What is it actually?" in c.params["text"]
+        )
+
+    async with running_bot(telegram, store) as bot:  # a new process, the same database
+        telegram.send_text(
+            ADA, ADA.private_chat, "干炒牛河", reply_to_message_id=prompt.result["message_id"]
+        )
+        thanks = await telegram.wait_for(
+            "sendMessage", lambda c: c.params["text"].startswith("Thanks!")
+        )
+        assert "干炒牛河" in thanks.params["text"]
+        [exchange] = await bot.exchanges()
+        assert [c.text for c in await bot.store.corrections(exchange.id)] == ["干炒牛河"]
+        assert bot.backend.jobs == [], "the correction was not taken for a follow-up question"
+
+
 async def test_the_pencil_asks_what_it_is_and_the_reply_is_stored_as_a_correction(bot: Bot) -> None:
     telegram = bot.telegram
     question = send_photo(telegram, ADA, ADA.private_chat, "what is it?")

@@ -50,7 +50,7 @@ from engine.types import Turn
 log = logging.getLogger(__name__)
 
 MAX_CORRECTION_LENGTH = 500  # characters; a dish name or a sentence, not an essay
-PENDING_PROMPTS = 10_000  # correction prompts remembered, newest kept
+PENDING_PROMPTS = 10_000  # users whose latest ✏️ prompt is remembered, newest kept
 
 AdminHandler = Callable[[Command, ChatPort, UserRecord, Language], Awaitable[bool]]
 
@@ -94,7 +94,7 @@ class _Refusal:
 
 @dataclass(frozen=True, slots=True)
 class _CorrectionPrompt:
-    exchange_id: int
+    message_id: str
     platform_user_id: str
     asked_at: float
 
@@ -117,9 +117,9 @@ class Dialog:
         self._rate = RateLimiter(self.config.questions_per_minute)
         self._pacer = EditPacer(self.config.edit_interval_s)
         self._handles: dict[str, set[RequestHandle]] = defaultdict(set)
-        # ✏️ prompts waiting for a reply, by (platform, chat, prompt message id), and the
-        # newest one per (platform, chat, user) for private chats, where users just type.
-        self._prompts: OrderedDict[tuple[str, str, str], _CorrectionPrompt] = OrderedDict()
+        # ✏️ prompts waiting for a reply are in the store, which outlives a restart; the
+        # newest per (platform, chat, user) is also here, for private chats, where users
+        # often just type instead of replying (a convenience a restart may forget).
         self._latest_prompt: OrderedDict[tuple[str, str, str], _CorrectionPrompt] = OrderedDict()
 
     async def handle(self, event: Event, port: ChatPort) -> None:
@@ -398,11 +398,10 @@ class Dialog:
         text = event.text.strip()
         if not text:
             return
-        prompt = self._prompt_answered(event)
-        if prompt is not None:
-            user = await self._user(event.who)
-            if user is not None:
-                await self._store_correction(user, event, prompt.exchange_id, text, port)
+        corrected = await self._prompt_answered(event)
+        if corrected is not None:
+            exchange_id, author = corrected
+            await self._store_correction(author, event, exchange_id, text, port)
             return
         parent = await self._followed_up(event)
         if parent is None:
@@ -417,23 +416,27 @@ class Dialog:
             return
         await self._follow_up(event, text, parent, user, port)
 
-    def _prompt_answered(self, event: TextMessage) -> _CorrectionPrompt | None:
-        """The ✏️ prompt this text answers: a reply to it, or (in a private chat) the next
-        text soon after it."""
+    async def _prompt_answered(self, event: TextMessage) -> tuple[int, UserRecord] | None:
+        """The exchange this text corrects, and its author, when it answers a ✏️ prompt: a
+        reply to the prompt, or (in a private chat) the next text soon after it."""
         platform, chat = event.who.platform, event.where.chat_id
-        if event.reply_to is not None:
-            prompt = self._prompts.get((platform, chat, event.reply_to))
-            if prompt is not None and prompt.platform_user_id == event.who.user_id:
-                self._prompts.pop((platform, chat, event.reply_to))
-                self._latest_prompt.pop((platform, chat, event.who.user_id), None)
-                return prompt
+        prompt_id = event.reply_to
+        if prompt_id is None:
+            if not event.where.private:
+                return None
+            latest = self._latest_prompt.pop((platform, chat, event.who.user_id), None)
+            window = self.config.correction_window_s
+            if latest is None or time.monotonic() - latest.asked_at > window:
+                return None
+            prompt_id = latest.message_id
+        user = await self._user(event.who)
+        if user is None:
             return None
-        if not event.where.private:
+        exchange_id = await self.store.take_correction_prompt(platform, chat, prompt_id, user.id)
+        if exchange_id is None:
             return None
-        prompt = self._latest_prompt.pop((platform, chat, event.who.user_id), None)
-        if prompt is None or time.monotonic() - prompt.asked_at > self.config.correction_window_s:
-            return None
-        return prompt
+        self._latest_prompt.pop((platform, chat, event.who.user_id), None)
+        return exchange_id, user
 
     async def _followed_up(self, event: TextMessage) -> ExchangeRecord | None:
         """The answered exchange this text follows up, if any."""
@@ -496,7 +499,7 @@ class Dialog:
             case buttons.Rate(exchange_id, value):
                 await self._rate_answer(press, port, user, exchange_id, value, language)
             case buttons.Correct(exchange_id):
-                await self._offer_correction(press, port, exchange_id, language)
+                await self._offer_correction(press, port, user, exchange_id, language)
             case buttons.ConfirmForget(owner) | buttons.KeepData(owner) if (
                 owner != press.who.user_id
             ):
@@ -553,31 +556,46 @@ class Dialog:
             await port.acknowledge(press, say("rated_up", language))
         else:
             # A 👎 comes with the offer to say what the dish really is.
-            await self._ask_for_correction(press, port, exchange_id, language)
+            await self._ask_for_correction(press, port, user, exchange_id, language)
         with contextlib.suppress(Exception):
             await port.set_buttons(
                 press.where, press.message_id, buttons.answer_buttons(exchange_id, chosen=value)
             )
 
     async def _offer_correction(
-        self, press: ButtonPress, port: ChatPort, exchange_id: int, language: Language
+        self,
+        press: ButtonPress,
+        port: ChatPort,
+        user: UserRecord,
+        exchange_id: int,
+        language: Language,
     ) -> None:
         if await self._exchange_here(press, exchange_id) is None:
             await port.acknowledge(press, say("answer_gone", language))
             return
-        await self._ask_for_correction(press, port, exchange_id, language)
+        await self._ask_for_correction(press, port, user, exchange_id, language)
 
     async def _ask_for_correction(
-        self, press: ButtonPress, port: ChatPort, exchange_id: int, language: Language
+        self,
+        press: ButtonPress,
+        port: ChatPort,
+        user: UserRecord,
+        exchange_id: int,
+        language: Language,
     ) -> None:
         prompt_id = await port.ask_for_correction(
             press, exchange_id, say("ask_correction", language)
         )
         if prompt_id is None:
             return  # the platform's own form collects the text: what is typed next is not it
-        prompt = _CorrectionPrompt(exchange_id, press.who.user_id, time.monotonic())
         platform, chat = press.who.platform, press.where.chat_id
-        self._remember(self._prompts, (platform, chat, prompt_id), prompt)
+        try:
+            await self.store.remember_correction_prompt(
+                exchange_id, user.id, platform, chat, prompt_id
+            )
+        except NotFound:
+            return  # the answer was forgotten meanwhile: a reply is just a message now
+        prompt = _CorrectionPrompt(prompt_id, press.who.user_id, time.monotonic())
         self._remember(self._latest_prompt, (platform, chat, press.who.user_id), prompt)
 
     @staticmethod
@@ -592,13 +610,13 @@ class Dialog:
             prompts.popitem(last=False)
 
     def _forget_prompts(self, who: Person) -> None:
-        for prompts in (self._prompts, self._latest_prompt):
-            for key in [
-                k
-                for k, p in prompts.items()
-                if k[0] == who.platform and p.platform_user_id == who.user_id
-            ]:
-                del prompts[key]
+        """Drop the user's remembered latest prompts (the store forgets its own)."""
+        for key in [
+            k
+            for k, p in self._latest_prompt.items()
+            if k[0] == who.platform and p.platform_user_id == who.user_id
+        ]:
+            del self._latest_prompt[key]
 
     async def _correction_submitted(self, event: CorrectionSubmitted, port: ChatPort) -> None:
         user = await self._user(event.who)

@@ -205,6 +205,26 @@ class Correction(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
+class CorrectionPrompt(Base):
+    """A ✏️ prompt waiting for its reply: which answer a reply to that message corrects.
+
+    Kept in the database so that a reply written after the bot restarted still counts.
+    """
+
+    __tablename__ = "correction_prompts"
+    __table_args__ = (UniqueConstraint("platform", "chat_id", "message_id"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    platform: Mapped[str] = mapped_column(String(16))
+    chat_id: Mapped[str] = mapped_column(PLATFORM_ID)
+    message_id: Mapped[str] = mapped_column(PLATFORM_ID)
+    exchange_id: Mapped[int] = mapped_column(
+        ForeignKey("exchanges.id", ondelete="CASCADE"), index=True
+    )
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
 class ModelVersion(Base):
     __tablename__ = "model_versions"
     __table_args__ = (

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from bot.errors import NotFound
 from bot.store.database import open_engine
 from bot.store.models import (
     Correction,
+    CorrectionPrompt,
     CorrectionStatus,
     Exchange,
     ExchangeStatus,
@@ -46,6 +47,8 @@ from bot.store.records import (
 RATING_VALUES = (-1, 1)
 _ACTIVATION_LOCK = 0x646973680001  # pg_advisory_xact_lock key for model activation
 MAX_CONVERSATION_TURNS = 50
+# A ✏️ prompt nobody answered is dropped after this long (the answer itself stays).
+CORRECTION_PROMPT_KEPT = timedelta(days=7)
 _FINISHED_TRAINING = (TrainingStatus.SUCCEEDED, TrainingStatus.FAILED, TrainingStatus.CANCELLED)
 
 
@@ -445,6 +448,60 @@ class Store:
             )
             return [snapshot(CorrectionRecord, row) for row in rows]
 
+    async def remember_correction_prompt(
+        self, exchange_id: int, user_id: int, platform: str, chat_id: str, message_id: str
+    ) -> None:
+        """Note that message ``message_id`` asks ``user_id`` to correct ``exchange_id``.
+
+        Prompts older than `CORRECTION_PROMPT_KEPT` are dropped on the way.
+        """
+        stmt = self._insert(CorrectionPrompt).values(
+            platform=platform,
+            chat_id=chat_id,
+            message_id=message_id,
+            exchange_id=exchange_id,
+            user_id=user_id,
+            created_at=utcnow(),
+        )
+        stmt = stmt.on_conflict_do_nothing(
+            index_elements=[
+                CorrectionPrompt.platform,
+                CorrectionPrompt.chat_id,
+                CorrectionPrompt.message_id,
+            ]
+        )
+        async with self._write() as session:
+            await session.execute(
+                delete(CorrectionPrompt).where(
+                    CorrectionPrompt.created_at < utcnow() - CORRECTION_PROMPT_KEPT
+                )
+            )
+            try:
+                await session.execute(stmt)
+            except IntegrityError:
+                raise NotFound(f"exchange {exchange_id} or user {user_id} does not exist") from None
+
+    async def take_correction_prompt(
+        self, platform: str, chat_id: str, message_id: str, user_id: int
+    ) -> int | None:
+        """The exchange a reply by ``user_id`` to prompt ``message_id`` corrects, or None.
+
+        The prompt is used up: a second reply to it is an ordinary message. A reply by anyone
+        but the user who was asked leaves the prompt waiting for them.
+        """
+        async with self._write() as session:
+            exchange_id: int | None = await session.scalar(
+                delete(CorrectionPrompt)
+                .where(
+                    CorrectionPrompt.platform == platform,
+                    CorrectionPrompt.chat_id == chat_id,
+                    CorrectionPrompt.message_id == message_id,
+                    CorrectionPrompt.user_id == user_id,
+                )
+                .returning(CorrectionPrompt.exchange_id)
+            )
+            return exchange_id
+
     # -- forgetting a user --------------------------------------------------------------
 
     async def forget(self, user_id: int) -> ForgetReport:
@@ -474,6 +531,12 @@ class Store:
                 delete(Correction).where(
                     (Correction.user_id == user_id) | Correction.exchange_id.in_(own_exchanges)
                 ),
+            )
+            await session.execute(
+                delete(CorrectionPrompt).where(
+                    (CorrectionPrompt.user_id == user_id)
+                    | CorrectionPrompt.exchange_id.in_(own_exchanges)
+                )
             )
             await session.execute(
                 update(Exchange)
