@@ -27,8 +27,8 @@ from engine import images
 from engine.images import PIXEL_OFFSET, PIXEL_SCALE, TILE_SIZE, grid_for
 
 # Below this many pixels on a side, torch's filter strays from Pillow's where a sliver is
-# both enlarged one way and shrunk the other (up to 22 levels on a 2-pixel-wide image; at
-# most 2 from 10 pixels up). Such an image costs nothing to tile with Pillow anyway.
+# both enlarged one way and shrunk the other (up to 22 levels on a 2-pixel-wide image, a few
+# from 10 pixels up). Such an image costs nothing to tile with Pillow anyway.
 MIN_SIDE_FOR_TORCH = 32
 
 # torch warns, once per process, that a tensor over Pillow's read-only bytes could be written
