@@ -151,10 +151,12 @@ async def test_a_correction_prompt_is_answered_once_and_only_by_who_was_asked(
     exchange = await answered(store, author, photo=await add_photo(store))
     await store.remember_correction_prompt(exchange.id, author.id, "telegram", "chat", "77")
 
-    assert await store.take_correction_prompt("telegram", "chat", "77", other.id) is None
-    assert await store.take_correction_prompt("telegram", "other chat", "77", author.id) is None
-    assert await store.take_correction_prompt("telegram", "chat", "77", author.id) == exchange.id
-    assert await store.take_correction_prompt("telegram", "chat", "77", author.id) is None
+    asked, someone_else = author.platform_user_id, other.platform_user_id
+    assert await store.take_correction_prompt("telegram", "chat", "77", someone_else) is None
+    assert await store.take_correction_prompt("telegram", "other chat", "77", asked) is None
+    assert await store.take_correction_prompt("discord", "chat", "77", asked) is None
+    assert await store.take_correction_prompt("telegram", "chat", "77", asked) == exchange.id
+    assert await store.take_correction_prompt("telegram", "chat", "77", asked) is None
 
 
 async def test_unanswered_correction_prompts_are_dropped_after_a_week(store: Store) -> None:
@@ -168,8 +170,8 @@ async def test_unanswered_correction_prompts_are_dropped_after_a_week(store: Sto
 
     await store.remember_correction_prompt(exchange.id, user.id, "telegram", "chat", "new")
 
-    assert await store.take_correction_prompt("telegram", "chat", "old", user.id) is None
-    assert await store.take_correction_prompt("telegram", "chat", "new", user.id) == exchange.id
+    assert await store.take_correction_prompt("telegram", "chat", "old", "1") is None
+    assert await store.take_correction_prompt("telegram", "chat", "new", "1") == exchange.id
 
 
 async def test_a_prompt_for_an_answer_that_is_gone_is_not_found(store: Store) -> None:
@@ -191,7 +193,7 @@ async def test_forgetting_a_user_drops_the_prompts_they_were_asked_and_those_abo
 
     await store.forget(author.id)
 
-    assert await store.take_correction_prompt("telegram", "chat", "1", other.id) is None
-    assert await store.take_correction_prompt("telegram", "chat", "3", other.id) == mine.id
+    assert await store.take_correction_prompt("telegram", "chat", "1", "2") is None
+    assert await store.take_correction_prompt("telegram", "chat", "3", "2") == mine.id
     async with store._read() as session:
         assert await session.scalar(select(func.count()).select_from(CorrectionPrompt)) == 0

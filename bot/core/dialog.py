@@ -429,14 +429,14 @@ class Dialog:
             if latest is None or time.monotonic() - latest.asked_at > window:
                 return None
             prompt_id = latest.message_id
-        user = await self._user(event.who)
-        if user is None:
-            return None
-        exchange_id = await self.store.take_correction_prompt(platform, chat, prompt_id, user.id)
+        exchange_id = await self.store.take_correction_prompt(
+            platform, chat, prompt_id, event.who.user_id
+        )
         if exchange_id is None:
             return None
         self._latest_prompt.pop((platform, chat, event.who.user_id), None)
-        return exchange_id, user
+        user = await self._user(event.who)  # stored only now: most replies answer no prompt
+        return None if user is None else (exchange_id, user)
 
     async def _followed_up(self, event: TextMessage) -> ExchangeRecord | None:
         """The answered exchange this text follows up, if any."""

@@ -482,23 +482,33 @@ class Store:
                 raise NotFound(f"exchange {exchange_id} or user {user_id} does not exist") from None
 
     async def take_correction_prompt(
-        self, platform: str, chat_id: str, message_id: str, user_id: int
+        self, platform: str, chat_id: str, message_id: str, platform_user_id: str
     ) -> int | None:
-        """The exchange a reply by ``user_id`` to prompt ``message_id`` corrects, or None.
+        """The exchange a reply by ``platform_user_id`` to prompt ``message_id`` corrects.
 
-        The prompt is used up: a second reply to it is an ordinary message. A reply by anyone
-        but the user who was asked leaves the prompt waiting for them.
+        None when that message is no waiting prompt for them: any other reply, a second reply
+        to the same prompt (a prompt is used up), or a reply by anyone but the user who was
+        asked (the prompt keeps waiting for them). Only a waiting prompt costs a write, so
+        the replies people send each other in a busy channel are one read each.
         """
+        asked = (
+            select(User.id)
+            .where(User.platform == platform, User.platform_user_id == platform_user_id)
+            .scalar_subquery()
+        )
+        waiting = (
+            CorrectionPrompt.platform == platform,
+            CorrectionPrompt.chat_id == chat_id,
+            CorrectionPrompt.message_id == message_id,
+            CorrectionPrompt.user_id == asked,
+        )
+        async with self._read() as session:
+            if await session.scalar(select(CorrectionPrompt.id).where(*waiting)) is None:
+                return None
         async with self._write() as session:
+            # Two replies racing for one prompt: only the one whose delete finds it wins.
             exchange_id: int | None = await session.scalar(
-                delete(CorrectionPrompt)
-                .where(
-                    CorrectionPrompt.platform == platform,
-                    CorrectionPrompt.chat_id == chat_id,
-                    CorrectionPrompt.message_id == message_id,
-                    CorrectionPrompt.user_id == user_id,
-                )
-                .returning(CorrectionPrompt.exchange_id)
+                delete(CorrectionPrompt).where(*waiting).returning(CorrectionPrompt.exchange_id)
             )
             return exchange_id
 
