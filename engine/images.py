@@ -10,7 +10,9 @@ Tiling follows InternVL's ``dynamic_preprocess``: pick the grid of 448-pixel til
 aspect ratio is closest to the image's, resize to that grid with BICUBIC, cut the tiles in
 row-major order and, when there is more than one tile, add a thumbnail of the whole image.
 Each tile is resampled once, straight from the decoded photo, and the thumbnail from the
-tile grid; how far that lands from InternVL's own pipeline is measured in the tests.
+tile grid; how far that lands from InternVL's own pipeline is measured in the tests. This
+module needs no torch; the transformers backend, which has it, makes the same tiles faster
+with `engine.backends.torch_pixels`.
 """
 
 from __future__ import annotations

@@ -24,7 +24,6 @@ import torch
 from PIL import Image
 
 from engine import images
-from engine.images import PIXEL_OFFSET, PIXEL_SCALE, TILE_SIZE, grid_for
 
 # Below this many pixels on a side, torch's filter strays from Pillow's where a sliver is
 # both enlarged one way and shrunk the other (up to 22 levels on a 2-pixel-wide image, a few
@@ -38,11 +37,13 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="The given buffer is not writable")
     torch.frombuffer(b"\0", dtype=torch.uint8)
 
-_SCALE = torch.from_numpy(PIXEL_SCALE).view(1, 3, 1, 1)
-_OFFSET = torch.from_numpy(PIXEL_OFFSET).view(1, 3, 1, 1)
+_SCALE = torch.from_numpy(images.PIXEL_SCALE).view(1, 3, 1, 1)
+_OFFSET = torch.from_numpy(images.PIXEL_OFFSET).view(1, 3, 1, 1)
 
 
-def pixel_values(image: Image.Image, max_tiles: int, tile_size: int = TILE_SIZE) -> torch.Tensor:
+def pixel_values(
+    image: Image.Image, max_tiles: int, tile_size: int = images.TILE_SIZE
+) -> torch.Tensor:
     """The model input for ``image``: float32 (tiles, 3, tile_size, tile_size) on the CPU.
 
     Tiles as InternVL's ``dynamic_preprocess`` cuts them (see `engine.images.tile_image`),
@@ -53,7 +54,7 @@ def pixel_values(image: Image.Image, max_tiles: int, tile_size: int = TILE_SIZE)
     rgb = image if image.mode == "RGB" else image.convert("RGB")
     if min(rgb.size) < MIN_SIDE_FOR_TORCH:
         return torch.from_numpy(images.pixel_values(rgb, max_tiles, tile_size))
-    columns, rows = grid_for(rgb.width, rgb.height, max_tiles, tile_size)
+    columns, rows = images.grid_for(rgb.width, rgb.height, max_tiles, tile_size)
     grid = _bicubic(_channels_last(rgb), rows * tile_size, columns * tile_size)
     count = columns * rows
     # numpy asks the kernel for huge pages for large arrays, so the 17 MB of a six-tile
