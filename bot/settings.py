@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import secrets
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -35,6 +37,8 @@ from bot.errors import ConfigError
 CONFIG_ENV_VAR = "DISHBOT_CONFIG"
 DEFAULT_CONFIG_FILE = Path("dishbot.toml")
 ADMIN_PLATFORMS = ("telegram", "discord")
+WEBHOOK_SECRET_BYTES = 32  # token_urlsafe: 43 characters, all of them ones Telegram allows
+_WEBHOOK_SECRET = re.compile(r"[A-Za-z0-9_-]{1,256}")  # what Telegram's setWebhook accepts
 
 
 class _Section(BaseModel):
@@ -85,12 +89,27 @@ class TelegramSettings(_Section):
     webhook_listen: str = "127.0.0.1"
     webhook_port: int = Field(default=8443, ge=1, le=65535)
     webhook_path: str = "/telegram"
-    webhook_secret: SecretStr | None = None
+    webhook_secret: SecretStr | None = Field(
+        default=None,
+        description="header Telegram sends with every update; default in webhook mode: a new "
+        "random one at each start (set one when several processes share the webhook)",
+    )
 
     @model_validator(mode="after")
     def _webhook_needs_url(self) -> TelegramSettings:
         if self.mode == "webhook" and not self.webhook_url:
             raise ValueError("telegram.mode = webhook needs telegram.webhook_url")
+        return self
+
+    @model_validator(mode="after")
+    def _webhook_is_never_open(self) -> TelegramSettings:
+        # Without a secret anyone who finds the URL can post updates "from" any user. One
+        # made here is in `Settings.secret_values`, so the log scrubber knows it too.
+        if self.webhook_secret is None and self.mode == "webhook":
+            self.webhook_secret = SecretStr(secrets.token_urlsafe(WEBHOOK_SECRET_BYTES))
+        secret = self.webhook_secret
+        if secret is not None and not _WEBHOOK_SECRET.fullmatch(secret.get_secret_value()):
+            raise ValueError("telegram.webhook_secret must be 1-256 of A-Z a-z 0-9 _ -")
         return self
 
 

@@ -24,8 +24,14 @@ edits and deletions. ``fail_next`` scripts flood-control and other errors.
 What it checks, like Telegram does, so that adapter bugs show up in tests: unknown chats,
 empty or over-long texts and captions, MarkdownV2 / HTML that Telegram would refuse to parse,
 callback data over 64 bytes, edits that change nothing ("message is not modified"), replies
-to messages that do not exist, files over the 20 MB download limit, and unanswerable or
-twice-answered callback queries. Message ids count per chat, as in Telegram.
+to messages that do not exist, files over the 20 MB download limit, webhook secret tokens with
+characters Telegram does not allow, and unanswerable or twice-answered callback queries.
+Message ids count per chat, as in Telegram.
+
+What users do that bots must not trust is here too: editing a message they sent
+(``edit_user_message``), writing as an anonymous group admin or as a channel (``sender_chat``,
+with the placeholder users ``GROUP_ANONYMOUS_BOT`` and ``CHANNEL_BOT`` as ``from``), and
+callback data a modified client made up (``forge_button_press``).
 """
 
 from __future__ import annotations
@@ -59,6 +65,7 @@ CALLBACK_DATA_LIMIT_BYTES = 64
 DOWNLOAD_LIMIT_BYTES = 20 * 1024 * 1024  # getFile refuses bigger files for bots
 UPLOAD_LIMIT_BYTES = 50 * 1024 * 1024
 GET_UPDATES_LIMIT = 100
+WEBHOOK_SECRET_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,256}")  # what setWebhook accepts
 WAIT_FOR_TIMEOUT_S = 10.0
 
 # Parameters whose values are plain strings on the wire. PTB sends strings as they are and
@@ -162,6 +169,14 @@ class User:
         return data
 
 
+# The placeholder users Telegram puts in ``from`` when a message is sent on behalf of a chat
+# (its ``sender_chat``): an anonymous group admin, or a user writing as a channel.
+GROUP_ANONYMOUS_BOT = User(
+    1087968824, "Group", username="GroupAnonymousBot", language_code=None, is_bot=True
+)
+CHANNEL_BOT = User(136817688, "Channel", username="Channel_Bot", language_code=None, is_bot=True)
+
+
 @dataclass(frozen=True)
 class Chat:
     """A chat: private (id == user id) or a group (negative id, with a title)."""
@@ -178,6 +193,13 @@ class Chat:
         if chat_id >= 0:
             raise ValueError("group chat ids are negative in the Bot API")
         return cls(chat_id, chat_type, title=title)
+
+    @classmethod
+    def channel(cls, chat_id: int, title: str) -> Chat:
+        """A channel (negative id, with a title)."""
+        if chat_id >= 0:
+            raise ValueError("channel ids are negative in the Bot API")
+        return cls(chat_id, "channel", title=title)
 
     def to_api(self) -> ApiObject:
         """The chat as the Bot API writes it."""
@@ -292,6 +314,7 @@ class TelegramEmulator:
         self._open_callback_queries: set[str] = set()
         self._commands: dict[str, list[ApiObject]] = {}
         self._webhook_url = ""
+        self._webhook_secret: str | None = None
         self._failures: dict[str, deque[_ScriptedFailure]] = {}
         self._waiting_polls = 0
         self._notifications: set[asyncio.Task[None]] = set()
@@ -411,9 +434,17 @@ class TelegramEmulator:
         text: str,
         reply_to_message_id: int | None = None,
         entities: Sequence[Mapping[str, Any]] | None = None,
+        sender_chat: Chat | None = None,
     ) -> ApiObject:
-        """A user sends a text message; mentions and /commands get their entities."""
-        message = self._user_message(user, chat, reply_to_message_id)
+        """A user sends a text message; mentions and /commands get their entities.
+
+        ``sender_chat`` sends it on behalf of a chat: ``user`` is then the placeholder
+        Telegram shows (``GROUP_ANONYMOUS_BOT`` for the group itself, ``CHANNEL_BOT`` for a
+        channel).
+        """
+        if not text.strip() or utf16_length(text) > MESSAGE_TEXT_LIMIT:
+            raise ValueError("Telegram clients send texts of 1-4096 characters")
+        message = self._user_message(user, chat, reply_to_message_id, sender_chat)
         message["text"] = text
         found = detect_entities(text) if entities is None else [dict(e) for e in entities]
         if found:
@@ -428,14 +459,16 @@ class TelegramEmulator:
         caption: str | None = None,
         reply_to: int | Mapping[str, Any] | None = None,
         sizes: Sequence[tuple[int, int]] | None = None,
+        sender_chat: Chat | None = None,
     ) -> ApiObject:
         """A user sends a photo; ``photo`` is one file_id or several, smallest first.
 
         ``sizes`` gives each file's (width, height); by default they grow with the index.
+        ``sender_chat`` is as for `send_text`.
         """
         file_ids = [photo] if isinstance(photo, str) else list(photo)
         dimensions = list(sizes) if sizes is not None else _default_sizes(len(file_ids))
-        message = self._user_message(user, chat, _message_id_of(reply_to))
+        message = self._user_message(user, chat, _message_id_of(reply_to), sender_chat)
         message["photo"] = [
             {
                 "file_id": self._files[file_id].file_id,
@@ -458,10 +491,12 @@ class TelegramEmulator:
         mime_type: str = "image/jpeg",
         caption: str | None = None,
         reply_to: int | Mapping[str, Any] | None = None,
+        sender_chat: Chat | None = None,
     ) -> ApiObject:
-        """A user sends a file as a document (for example an uncompressed photo)."""
+        """A user sends a file as a document (for example an uncompressed photo);
+        ``sender_chat`` is as for `send_text`."""
         stored = self._files[file_id]
-        message = self._user_message(user, chat, _message_id_of(reply_to))
+        message = self._user_message(user, chat, _message_id_of(reply_to), sender_chat)
         message["document"] = {
             "file_id": stored.file_id,
             "file_unique_id": stored.file_unique_id,
@@ -484,6 +519,9 @@ class TelegramEmulator:
             raise ValueError("users can press buttons only on messages the bot sent")
         if data not in _callback_data_of(current.get("reply_markup")):
             raise ValueError(f"message {current['message_id']} has no button with data {data!r}")
+        return self._push_callback_query(user, current, data)
+
+    def _push_callback_query(self, user: User, message: ApiObject, data: str) -> str:
         query_id = str(next(self._callback_ids))
         self._open_callback_queries.add(query_id)
         self.push_update(
@@ -491,13 +529,49 @@ class TelegramEmulator:
                 "callback_query": {
                     "id": query_id,
                     "from": user.to_api(),
-                    "message": copy.deepcopy(current),
-                    "chat_instance": str(abs(chat_id) * 7 + 1),
+                    "message": copy.deepcopy(message),
+                    "chat_instance": str(abs(message["chat"]["id"]) * 7 + 1),
                     "data": data,
                 }
             }
         )
         return query_id
+
+    def forge_button_press(self, user: User, message: Mapping[str, Any], data: str) -> str:
+        """A modified client sends a callback query with ``data`` made up, for a message the
+        bot sent: Telegram passes such data on without checking it against the buttons.
+
+        Returns the callback_query id the bot is expected to answer.
+        """
+        chat_id = message["chat"]["id"]
+        current = self._messages.get(chat_id, {}).get(message["message_id"])
+        if current is None or current["from"]["id"] != BOT_USER_ID:
+            raise ValueError("callback queries name a message the bot sent")
+        if not data or len(data.encode()) > CALLBACK_DATA_LIMIT_BYTES:
+            raise ValueError("Telegram carries 1-64 bytes of callback data")
+        return self._push_callback_query(user, current, data)
+
+    def edit_user_message(
+        self, chat: Chat, message_id: int, *, text: str | None = None, caption: str | None = None
+    ) -> ApiObject:
+        """The user edits a message they sent: its new text or caption arrives as an
+        ``edited_message`` update (``edited_channel_post`` in a channel) with ``edit_date``."""
+        message = self._messages.get(chat.id, {}).get(message_id)
+        if message is None or message["from"]["id"] == BOT_USER_ID:
+            raise ValueError("users can edit only messages they sent")
+        if text is not None:
+            if "text" not in message:
+                raise ValueError("only a text message has a text to edit")
+            message["text"] = text
+            message.pop("entities", None)
+            if found := detect_entities(text):
+                message["entities"] = found
+        if caption is not None:
+            message.pop("caption_entities", None)
+            self._add_caption(message, caption)
+        message["edit_date"] = int(time.time())
+        kind = "edited_channel_post" if chat.type == "channel" else "edited_message"
+        return self.push_update({kind: copy.deepcopy(message)})
 
     def fail_next(
         self,
@@ -590,6 +664,11 @@ class TelegramEmulator:
     def pending_updates(self) -> int:
         """Updates queued and not yet acknowledged by a getUpdates offset."""
         return len(self._updates)
+
+    @property
+    def webhook_secret(self) -> str | None:
+        """The secret_token of the last setWebhook (None when it set none)."""
+        return self._webhook_secret
 
     def commands(self, scope_type: str = "default", language_code: str = "") -> list[ApiObject]:
         """The commands set with setMyCommands for a scope type and language."""
@@ -715,7 +794,13 @@ class TelegramEmulator:
 
     # ----------------------------------------------------------------- messages
 
-    def _user_message(self, user: User, chat: Chat, reply_to_message_id: int | None) -> ApiObject:
+    def _user_message(
+        self,
+        user: User,
+        chat: Chat,
+        reply_to_message_id: int | None,
+        sender_chat: Chat | None = None,
+    ) -> ApiObject:
         self._chats[chat.id] = chat.to_api()
         message: ApiObject = {
             "message_id": self._next_message_id(chat.id),
@@ -723,6 +808,8 @@ class TelegramEmulator:
             "chat": chat.to_api(),
             "date": int(time.time()),
         }
+        if sender_chat is not None:
+            message["sender_chat"] = sender_chat.to_api()
         if reply_to_message_id is not None:
             message["reply_to_message"] = self._replied(chat.id, reply_to_message_id)
         return message
@@ -730,6 +817,8 @@ class TelegramEmulator:
     def _add_caption(self, message: ApiObject, caption: str | None) -> None:
         if caption is None:
             return
+        if utf16_length(caption) > CAPTION_LIMIT:
+            raise ValueError("Telegram clients send captions of at most 1024 characters")
         message["caption"] = caption
         entities = detect_entities(caption)
         if entities:
@@ -925,12 +1014,17 @@ class TelegramEmulator:
 
     def _delete_webhook(self, params: dict[str, Any], files: dict[str, UploadedFile]) -> bool:
         self._webhook_url = ""
+        self._webhook_secret = None
         if params.get("drop_pending_updates"):
             self._updates.clear()
         return True
 
     def _set_webhook(self, params: dict[str, Any], files: dict[str, UploadedFile]) -> bool:
+        secret = params.get("secret_token")
+        if secret is not None and not WEBHOOK_SECRET_TOKEN.fullmatch(str(secret)):
+            raise _bad_request("secret token contains unallowed characters")
         self._webhook_url = str(params.get("url", ""))
+        self._webhook_secret = None if secret is None else str(secret)
         if params.get("drop_pending_updates"):
             self._updates.clear()
         return True

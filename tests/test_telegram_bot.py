@@ -8,8 +8,11 @@ one test runs the tiny real InternVL through the transformers backend.
 from __future__ import annotations
 
 import asyncio
+import io
 import itertools
+import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -28,6 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from bot.adapters.telegram import TelegramAdapter
 from bot.core.admin import Admin
 from bot.core.dialog import Dialog, DialogConfig
+from bot.logs import RedactingFormatter
 from bot.settings import Settings, TelegramSettings
 from bot.store import Store
 from bot.store.models import Exchange, ExchangeStatus, Photo, Rating
@@ -159,11 +163,12 @@ def send_photo(
     *,
     colour: tuple[int, int, int] = (200, 80, 40),
     reply_to: int | None = None,
+    sender_chat: Chat | None = None,
 ) -> dict[str, Any]:
     file_id = telegram.add_file(jpeg_bytes(colour, size=(96, 64)))
-    return telegram.send_photo_message(user, chat, file_id, caption=caption, reply_to=reply_to)[
-        "message"
-    ]
+    return telegram.send_photo_message(
+        user, chat, file_id, caption=caption, reply_to=reply_to, sender_chat=sender_chat
+    )["message"]
 
 
 def buttons_of(message_or_call: dict[str, Any] | Call) -> list[tuple[str, str]]:
@@ -850,21 +855,23 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-async def test_webhook_mode_registers_the_url_and_secret_and_answers_pushed_updates(
-    telegram: TelegramEmulator, store: Store
-) -> None:
-    port = _free_port()
-    settings = TelegramSettings(
+def webhook_settings(telegram: TelegramEmulator, secret: str | None) -> TelegramSettings:
+    return TelegramSettings(
         token=SecretStr(telegram.token),
         base_url=telegram.base_url,
         base_file_url=telegram.base_file_url,
         mode="webhook",
         webhook_url="https://dishbot.example.org/telegram",
         webhook_listen="127.0.0.1",
-        webhook_port=port,
+        webhook_port=_free_port(),
         webhook_path="/telegram",
-        webhook_secret=SecretStr("s3cret-token"),
+        webhook_secret=None if secret is None else SecretStr(secret),
     )
+
+
+@asynccontextmanager
+async def webhook_bot(settings: TelegramSettings, store: Store) -> AsyncIterator[str]:
+    """A bot in webhook mode; yields the local URL Telegram would post updates to."""
     engine = Engine(ScriptedBackend(), ModelSpec("scripted", MODEL), EngineConfig())
     async with engine:
         adapter = TelegramAdapter(
@@ -872,28 +879,89 @@ async def test_webhook_mode_registers_the_url_and_secret_and_answers_pushed_upda
         )
         await adapter.start()
         try:
-            registered = await telegram.wait_for("setWebhook")
-            assert registered.params["url"] == "https://dishbot.example.org/telegram"
-            assert registered.params["secret_token"] == "s3cret-token"
-            assert telegram.calls("getUpdates") == [], "no polling in webhook mode"
-
-            update = telegram.send_photo_message(
-                ADA, ADA.private_chat, telegram.add_file(jpeg_bytes()), caption="pushed"
-            )
-            hook = f"http://127.0.0.1:{port}/telegram"
-            async with aiohttp.ClientSession() as http:
-                forged = await http.post(hook, json=update, headers={SECRET_HEADER: "wrong"})
-                assert forged.status == 403
-                pushed = await http.post(hook, json=update, headers={SECRET_HEADER: "s3cret-token"})
-                assert pushed.status == 200
-
-            answer = await telegram.wait_for(
-                "editMessageText", lambda c: c.params.get("reply_markup") is not None
-            )
-            assert answer.params["text"] == f"{MODEL} says: pushed"
-            assert len(await store_exchanges(store)) == 1, "the forged copy was not processed"
+            yield f"http://127.0.0.1:{settings.webhook_port}{settings.webhook_path}"
         finally:
             await adapter.stop()
+
+
+async def test_webhook_mode_registers_the_url_and_secret_and_answers_pushed_updates(
+    telegram: TelegramEmulator, store: Store
+) -> None:
+    async with webhook_bot(webhook_settings(telegram, "s3cret-token"), store) as hook:
+        registered = await telegram.wait_for("setWebhook")
+        assert registered.params["url"] == "https://dishbot.example.org/telegram"
+        assert registered.params["secret_token"] == "s3cret-token"
+        assert telegram.calls("getUpdates") == [], "no polling in webhook mode"
+
+        update = telegram.send_photo_message(
+            ADA, ADA.private_chat, telegram.add_file(jpeg_bytes()), caption="pushed"
+        )
+        async with aiohttp.ClientSession() as http:
+            forged = await http.post(hook, json=update, headers={SECRET_HEADER: "wrong"})
+            assert forged.status == 403
+            pushed = await http.post(hook, json=update, headers={SECRET_HEADER: "s3cret-token"})
+            assert pushed.status == 200
+
+        answer = await telegram.wait_for(
+            "editMessageText", lambda c: c.params.get("reply_markup") is not None
+        )
+        assert answer.params["text"] == f"{MODEL} says: pushed"
+        assert len(await store_exchanges(store)) == 1, "the forged copy was not processed"
+
+
+async def test_forged_webhook_update_without_the_secret_is_refused_when_none_is_configured(
+    telegram: TelegramEmulator, store: Store
+) -> None:
+    async with webhook_bot(webhook_settings(telegram, secret=None), store) as hook:
+        registered = await telegram.wait_for("setWebhook")
+        secret = registered.params.get("secret_token")
+        assert secret is not None, "webhook mode never runs without a secret"
+        assert re.fullmatch(r"[A-Za-z0-9_-]{32,256}", secret), "strong, and what Telegram allows"
+
+        # Someone who found the URL posts an update "from" Ada.
+        update = telegram.send_photo_message(
+            ADA, ADA.private_chat, telegram.add_file(jpeg_bytes()), caption="forged?"
+        )
+        async with aiohttp.ClientSession() as http:
+            for headers in ({}, {SECRET_HEADER: ""}, {SECRET_HEADER: "guess"}):
+                forged = await http.post(hook, json=update, headers=headers)
+                assert forged.status == 403, headers
+            await asyncio.sleep(0.2)
+            assert telegram.calls("sendChatAction") == []
+            assert await store_exchanges(store) == [], "a forged update never reaches the dialog"
+
+            pushed = await http.post(hook, json=update, headers={SECRET_HEADER: secret})
+            assert pushed.status == 200
+
+        answer = await telegram.wait_for(
+            "editMessageText", lambda c: c.params.get("reply_markup") is not None
+        )
+        assert answer.params["text"] == f"{MODEL} says: forged?"
+
+
+async def test_a_generated_webhook_secret_never_reaches_the_log(
+    telegram: TelegramEmulator, store: Store, tmp_path: Path
+) -> None:
+    settings = Settings(data_dir=tmp_path / "data", telegram=webhook_settings(telegram, None))
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(RedactingFormatter(settings.secret_values()))
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)  # PTB logs every call's parameters at DEBUG
+    try:
+        async with webhook_bot(settings.telegram, store):
+            registered = await telegram.wait_for("setWebhook")
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+
+    secret = registered.params.get("secret_token")
+    assert secret, "a secret was registered"
+    logged = stream.getvalue()
+    assert "setWebhook" in logged, "the call that carries the secret was logged"
+    assert secret not in logged
 
 
 SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"

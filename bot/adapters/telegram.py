@@ -210,12 +210,14 @@ class TelegramAdapter:
         assert app.updater is not None
         if self.settings.mode == "webhook":
             secret = self.settings.webhook_secret
+            if secret is None:  # the settings make one: a webhook without one takes forgeries
+                raise ValueError("webhook mode needs telegram.webhook_secret")
             await app.updater.start_webhook(
                 listen=self.settings.webhook_listen,
                 port=self.settings.webhook_port,
                 url_path=self.settings.webhook_path.lstrip("/"),
                 webhook_url=self.settings.webhook_url,
-                secret_token=secret.get_secret_value() if secret else None,
+                secret_token=secret.get_secret_value(),
             )
         else:
             await app.updater.start_polling()
