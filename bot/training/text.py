@@ -16,18 +16,30 @@ import unicodedata
 
 from engine.prompts import IMAGE_PLACEHOLDER
 
-# Markup with a meaning to InternVL2's loader or its tokenizer: the image placeholder, the
-# image and grounding tags, and InternLM2's ChatML control tokens (<|im_start|>, ...).
-_MARKUP = re.compile(
-    "|".join(
-        [
-            re.escape(IMAGE_PLACEHOLDER),
-            r"</?img>",
-            r"<IMG_CONTEXT>",
-            r"</?(?:quad|ref|box)>",
-            r"<\|[A-Za-z_]+\|>",
-        ]
-    )
+# Markup with a meaning to InternVL2's loader or its tokenizers: the image placeholder, the
+# image and grounding tags, the sentencepiece specials (a tokenizer turns a typed "</s>" into
+# the end of the sequence), and ChatML control tokens (<|im_start|>, <|im_end|>, ...).
+# engine/prompts.py has no such list to share yet; this is the one the export uses.
+CONTROL_TOKENS = (
+    IMAGE_PLACEHOLDER,
+    "<img>",
+    "</img>",
+    "<IMG_CONTEXT>",
+    "<quad>",
+    "</quad>",
+    "<ref>",
+    "</ref>",
+    "<box>",
+    "</box>",
+    "<s>",
+    "</s>",
+    "<unk>",
+)
+CHATML_TOKEN = r"<\|[A-Za-z0-9_]{1,40}\|>"
+_LONGEST_CONTROL = max(len(f"<|{'x' * 40}|>"), *map(len, CONTROL_TOKENS))
+# Every control token ends in ">", so one can only end where a ">" was just kept.
+_CONTROL_AT_END = re.compile(
+    "(?:" + "|".join([*map(re.escape, CONTROL_TOKENS), CHATML_TOKEN]) + ")$"
 )
 _SPACES = re.compile(r"\s+")
 
@@ -49,4 +61,23 @@ def clean_turn_text(text: str) -> str:
     """``text`` fit to stand in a training record: no loader markup, valid UTF-8, trimmed."""
     # A lone surrogate cannot be written as UTF-8; keep the rest of the text.
     valid = text.encode("utf-8", "replace").decode("utf-8")
-    return _MARKUP.sub("", valid).strip()
+    return remove_control_markup(valid).strip()
+
+
+def remove_control_markup(text: str) -> str:
+    """``text`` with every control token removed, including those that removing others forms.
+
+    Removing ``<image>`` from ``<im<image>age>`` leaves ``<image>``; so the text is rebuilt a
+    character at a time, and a token is dropped as soon as it appears at the end of what is
+    kept. What is kept never holds a token, so the result holds none, and cleaning it again
+    changes nothing. It takes time in proportion to the text, however deep the nesting.
+    """
+    kept: list[str] = []
+    for character in text:
+        kept.append(character)
+        if character != ">":
+            continue
+        token = _CONTROL_AT_END.search("".join(kept[-_LONGEST_CONTROL:]))
+        if token is not None:
+            del kept[-len(token.group()) :]
+    return "".join(kept)
