@@ -14,6 +14,7 @@ import secrets
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import unquote, urlsplit
 
 from pydantic import (
     BaseModel,
@@ -263,11 +264,15 @@ class Settings(BaseSettings):
         password = _database_password(self.db_url)
         if password:
             values.append(password)
+        for where, value in _text_settings(self.model_dump(mode="json")):
+            values += _url_secrets(value, user_is_a_name=where == "database_url")
         return [v for v in values if v]
 
     def redacted(self) -> dict[str, Any]:
         """The effective settings as plain data, with every secret replaced by asterisks."""
-        data = self.model_dump(mode="json")  # SecretStr dumps as '**********'
+        data = _without_url_credentials(self.model_dump(mode="json"))  # SecretStr: '*******'
+        # A database URL's user is the role to log in as, not a secret; its password may
+        # also be in the query string, which only SQLAlchemy's parser knows about.
         data["database_url"] = redact_url(self.db_url)
         return data
 
@@ -307,6 +312,61 @@ def _database_password(url: str) -> str | None:
         return None
     in_query = parsed.query.get("password")
     return parsed.password or (in_query if isinstance(in_query, str) else None)
+
+
+def _text_settings(data: Any, where: str = "") -> list[tuple[str, str]]:
+    """Every text value in dumped settings, with its dotted name (``engine.openai.base_url``)."""
+    if isinstance(data, str):
+        return [(where, data)]
+    if isinstance(data, dict):
+        items = [(f"{where}.{key}" if where else str(key), value) for key, value in data.items()]
+    elif isinstance(data, list):
+        items = [(where, value) for value in data]
+    else:
+        return []
+    return [found for name, value in items for found in _text_settings(value, name)]
+
+
+def _url_credentials(value: str) -> tuple[str, str | None] | None:
+    """The user and password (None without one) that ``value`` carries, if it is such a URL."""
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        return None
+    if not parts.scheme or "@" not in parts.netloc:
+        return None
+    user, colon, password = parts.netloc.rpartition("@")[0].partition(":")
+    return user, password if colon else None
+
+
+def _url_secrets(value: str, *, user_is_a_name: bool) -> list[str]:
+    """The credentials in URL ``value`` as they may be written in a log line: as set, decoded.
+
+    Without a password, what stands before the host is taken for a token
+    (``https://TOKEN@host``), unless ``user_is_a_name``.
+    """
+    credentials = _url_credentials(value)
+    if credentials is None:
+        return []
+    user, password = credentials
+    if password is None:
+        return [] if user_is_a_name else [user, unquote(user)]
+    return [f"{user}:{password}", password, unquote(password)]
+
+
+def _without_url_credentials(data: Any) -> Any:
+    """Dumped settings with the credentials in every URL in them hidden."""
+    if isinstance(data, dict):
+        return {key: _without_url_credentials(value) for key, value in data.items()}
+    if isinstance(data, list):
+        return [_without_url_credentials(value) for value in data]
+    if not isinstance(data, str) or (credentials := _url_credentials(data)) is None:
+        return data
+    user, password = credentials
+    written = user if password is None else f"{user}:{password}"
+    shown = "***" if password is None else f"{user}:***"
+    # Only the scheme and "//" come before the user-info, and they hold no "@".
+    return data.replace(f"{written}@", f"{shown}@", 1)
 
 
 def redact_url(url: str) -> str:

@@ -185,6 +185,63 @@ def test_a_token_in_a_log_line_or_traceback_is_redacted(monkeypatch: pytest.Monk
     assert "bot***/getMe" in text
 
 
+BACKEND_URL = "http://svc:backend-secret@gpu1/v1"
+# Every URL setting with credentials in it; the values stand for what operators write.
+URLS_WITH_CREDENTIALS = {
+    "DISHBOT_ENGINE__OPENAI__BASE_URL": BACKEND_URL,
+    "DISHBOT_TELEGRAM__BASE_URL": "https://tg:tg%40secret@botapi.local/bot",
+    "DISHBOT_TELEGRAM__WEBHOOK_URL": "https://hook:hook-secret@bot.example/telegram",
+    "DISHBOT_DISCORD__GATEWAY_URL": "wss://gateway-token-secret@gw.local",
+    "DISHBOT_DATABASE_URL": "postgresql+asyncpg://u:pg-secret@h/db",
+}
+URL_SECRETS = ("backend-secret", "tg%40secret", "tg@secret", "hook-secret", "gateway-token-secret")
+
+
+def test_dishbot_config_hides_the_credentials_in_every_url_setting(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name, url in URLS_WITH_CREDENTIALS.items():
+        monkeypatch.setenv(name, url)
+
+    assert main(["config"]) == 0
+
+    out = capsys.readouterr().out
+    for secret in (*URL_SECRETS, "pg-secret"):
+        assert secret not in out
+    shown = json.loads(out)
+    assert shown["engine"]["openai"]["base_url"] == "http://svc:***@gpu1/v1"
+    assert shown["telegram"]["base_url"] == "https://tg:***@botapi.local/bot"
+    assert shown["discord"]["gateway_url"] == "wss://***@gw.local"
+    assert shown["database_url"] == "postgresql+asyncpg://u:***@h/db"
+
+
+def test_a_url_password_in_a_log_line_or_an_error_is_redacted(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name, url in URLS_WITH_CREDENTIALS.items():
+        monkeypatch.setenv(name, url)
+    stream = io.StringIO()
+    configure_logging("DEBUG", load_settings().secret_values(), stream=stream)
+    try:
+        for url in URLS_WITH_CREDENTIALS.values():
+            logging.getLogger("aiohttp.client").warning("POST %s/chat failed", url)
+        logging.getLogger("aiohttp.client").warning("login as tg with password tg@secret")
+    finally:
+        logging.getLogger().handlers.clear()
+
+    def fail(settings: Settings, args: object) -> int:
+        raise ConnectionError(f"cannot reach {BACKEND_URL} or {URLS_WITH_CREDENTIALS.values()}")
+
+    monkeypatch.setattr("bot.cli.cmd_config", fail)
+    assert main(["config"]) == 1
+
+    shown = stream.getvalue() + capsys.readouterr().err
+    assert "POST http://***@gpu1/v1/chat failed" in shown
+    assert "dishbot: unexpected error: ConnectionError: cannot reach http://" in shown
+    for secret in (*URL_SECRETS, "pg-secret"):
+        assert secret not in shown
+
+
 def _environment_names(model: type[BaseModel], prefix: str = "DISHBOT_") -> list[str]:
     names = []
     for field_name, field in model.model_fields.items():
