@@ -270,7 +270,8 @@ class Settings(BaseSettings):
 
     def redacted(self) -> dict[str, Any]:
         """The effective settings as plain data, with every secret replaced by asterisks."""
-        data = _without_url_credentials(self.model_dump(mode="json"))  # SecretStr: '*******'
+        # SecretStr dumps as '**********'; URLs carry their credentials in plain text.
+        data: dict[str, Any] = _without_url_credentials(self.model_dump(mode="json"))
         # A database URL's user is the role to log in as, not a secret; its password may
         # also be in the query string, which only SQLAlchemy's parser knows about.
         data["database_url"] = redact_url(self.db_url)
