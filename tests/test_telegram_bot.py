@@ -453,6 +453,49 @@ async def test_text_with_no_photo_in_reach_gets_a_one_line_hint(bot: Bot) -> Non
     assert bot.backend.jobs == []
 
 
+# -- edits -----------------------------------------------------------------------------------
+
+
+async def test_an_edited_caption_is_not_asked_again_and_the_rated_answer_stays(bot: Bot) -> None:
+    telegram = bot.telegram
+    question = send_photo(telegram, ADA, ADA.private_chat, "what is it?")
+    answer = await bot.answer_to(ADA, ADA.private_chat, question)
+    telegram.press_button(ADA, answer, button_data(answer, "👍"))
+    await telegram.wait_for("answerCallbackQuery")
+
+    telegram.edit_user_message(ADA.private_chat, question["message_id"], caption="is it spicy?")
+    later = send_photo(telegram, ADA, ADA.private_chat, "and this one?", colour=(9, 9, 9))
+    await bot.answer_to(ADA, ADA.private_chat, later)
+    await asyncio.sleep(0.3)  # the edit came first; give it time to do anything at all
+
+    assert [job.question for job in bot.backend.jobs] == ["what is it?", "and this one?"]
+    assert len(telegram.calls("getFile")) == 2, "the edited photo is not even downloaded"
+    replies = [m for m in telegram.messages_in(ADA.id) if "reply_markup" in m and "👍" in str(m)]
+    assert len(replies) == 2, "one answer per photo sent, none for the edit"
+    first, _ = await bot.exchanges()
+    assert first.question == "what is it?"
+    assert first.answer == f"{MODEL} says: what is it?"
+    assert first.reply_message_id == str(answer["message_id"])
+    assert [r.value for r in await bot.store.ratings(first.id)] == [1]
+    assert telegram.message(ADA.id, answer["message_id"])["text"] == answer["text"]
+
+
+async def test_an_edited_follow_up_question_is_not_asked_again(bot: Bot) -> None:
+    telegram = bot.telegram
+    question = send_photo(telegram, ADA, ADA.private_chat, "what is it?")
+    await bot.answer_to(ADA, ADA.private_chat, question)
+    follow_up = telegram.send_text(ADA, ADA.private_chat, "is it spicy?")["message"]
+    await bot.answer_to(ADA, ADA.private_chat, follow_up)
+
+    telegram.edit_user_message(ADA.private_chat, follow_up["message_id"], text="is it sweet?")
+    telegram.send_text(ADA, ADA.private_chat, "/help")
+    await telegram.wait_for("sendMessage", lambda c: "/forget" in c.params["text"])
+    await asyncio.sleep(0.3)
+
+    assert [job.question for job in bot.backend.jobs] == ["what is it?", "is it spicy?"]
+    assert [e.question for e in await bot.exchanges()] == ["what is it?", "is it spicy?"]
+
+
 # -- groups ----------------------------------------------------------------------------------
 
 

@@ -190,10 +190,14 @@ class TelegramAdapter:
 
     def _register_handlers(self) -> None:
         app = self.application
-        app.add_handler(MessageHandler(filters.COMMAND, self._on_command))
-        app.add_handler(MessageHandler(filters.PHOTO, self._on_photo))
-        app.add_handler(MessageHandler(filters.Document.ALL, self._on_document))
-        app.add_handler(MessageHandler(filters.TEXT, self._on_text))
+        # MessageHandler alone also takes edits, channel posts and business messages. Only
+        # new messages are questions: the bot answers what was sent, and editing a message
+        # does not ask again (to ask again, send again).
+        sent = filters.UpdateType.MESSAGE
+        app.add_handler(MessageHandler(sent & filters.COMMAND, self._on_command))
+        app.add_handler(MessageHandler(sent & filters.PHOTO, self._on_photo))
+        app.add_handler(MessageHandler(sent & filters.Document.ALL, self._on_document))
+        app.add_handler(MessageHandler(sent & filters.TEXT, self._on_text))
         app.add_handler(CallbackQueryHandler(self._on_button))
         app.add_error_handler(self._on_error)
 
