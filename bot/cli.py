@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import traceback
 from collections.abc import Awaitable, Callable, Sequence
@@ -26,6 +27,8 @@ from bot.training.progress import TerminalProgress
 
 Handler = Callable[[Settings, argparse.Namespace], int]
 T = TypeVar("T")
+# 128 + SIGPIPE: what a shell reports for cat or seq when the reader stops early (`| head`).
+EXIT_READER_GONE = 141
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -218,9 +221,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         secrets = settings.secret_values()
         configure_logging(settings.log_level, secrets)
         handler: Handler = args.handler
-        return handler(settings, args)
+        status = handler(settings, args)
+        sys.stdout.flush()  # a reader that has gone is found here, not in Python's exit
+        return status
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        return _reader_gone()
     except DishbotError as exc:
         _print_error(str(exc), secrets, show_traceback=args.debug)
         return 1
@@ -230,6 +237,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             message += " (run `dishbot --debug ...` for the traceback)"
         _print_error(message, secrets, show_traceback=args.debug)
         return 1
+
+
+def _reader_gone() -> int:
+    """End quietly once whoever read stdout has closed it, as `dishbot config | head -3` does."""
+    # What is left in stdout's buffer would fail again when Python flushes it at exit.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_READER_GONE
 
 
 def _print_error(message: str, secrets: Sequence[str], *, show_traceback: bool) -> None:

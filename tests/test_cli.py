@@ -125,3 +125,20 @@ def test_an_unreachable_database_is_one_line_without_its_password() -> None:
     assert result.stderr.startswith("dishbot: cannot use the database at ")
     assert result.stderr.count("\n") == 1
     assert "pg-secret" not in result.stderr
+
+
+def test_output_piped_into_a_reader_that_stops_early_ends_quietly() -> None:
+    # As `dishbot config | head -3` once head has its lines: the reader has closed the pipe.
+    process = subprocess.Popen(
+        [str(Path(sys.executable).with_name("dishbot")), "config"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    process.stdout.close()  # long before dishbot, still starting, writes anything
+    _, error = process.communicate(timeout=60)
+
+    assert error == ""
+    assert process.returncode == 141  # as a shell reports cat or seq cut off the same way
+
