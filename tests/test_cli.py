@@ -142,3 +142,15 @@ def test_output_piped_into_a_reader_that_stops_early_ends_quietly() -> None:
     assert error == ""
     assert process.returncode == 141  # as a shell reports cat or seq cut off the same way
 
+
+def test_a_postgres_url_without_the_postgres_extra_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "asyncpg", None)  # as if it were not installed
+    monkeypatch.setenv("DISHBOT_DATABASE_URL", "postgresql://dishbot:pg-secret@127.0.0.1:9/db")
+
+    assert main(["db", "current"]) == 1
+
+    assert capsys.readouterr().err == (
+        "dishbot: PostgreSQL needs the postgres extra: pip install 'dishbot[postgres]'\n"
+    )

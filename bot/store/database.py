@@ -58,7 +58,14 @@ def open_engine(url: str, **engine_options: Any) -> AsyncEngine:
     """An async engine for ``url``; an SQLite file's directory is created if missing."""
     parsed = async_url(url)
     if not is_sqlite(parsed):
-        return create_async_engine(parsed, pool_pre_ping=True, **engine_options)
+        try:
+            return create_async_engine(parsed, pool_pre_ping=True, **engine_options)
+        except ModuleNotFoundError as error:
+            if error.name != "asyncpg":
+                raise
+            raise ConfigError(
+                "PostgreSQL needs the postgres extra: pip install 'dishbot[postgres]'"
+            ) from None
     if parsed.database and parsed.database != ":memory:":
         folder = Path(parsed.database).parent
         try:
