@@ -7,9 +7,10 @@ import string
 import pytest
 
 from bot.core import buttons
-from bot.core.dialog import RateLimiter
+from bot.core.dialog import RateLimiter, Verdict
 from bot.core.i18n import MESSAGES, image_reason, language_of, say
 from bot.core.limits import DISCORD_CUSTOM_ID_LENGTH, TELEGRAM_CALLBACK_DATA_BYTES
+from bot.core.text import visible_text
 from engine import images
 
 
@@ -80,6 +81,23 @@ def test_button_data_round_trips_and_fits_both_platforms(action: buttons.Action)
         "dishbot:rate:1:sideways",
         "dishbot:fix:",
         "other:fix:1",
+        # What a forged press sends: non-ASCII digits str.isdigit() takes, ids no store has,
+        # signs, padding and other spellings int() would read.
+        "dishbot:rate:²:up",
+        "dishbot:fix:٣",
+        "dishbot:fix:１",
+        "dishbot:rate:99999999999999999999999:up",
+        f"dishbot:rate:{2**63}:up",
+        "dishbot:rate:0:up",
+        "dishbot:rate:-1:up",
+        "dishbot:rate:+1:up",
+        "dishbot:rate:01:up",
+        "dishbot:rate: 1:up",
+        "dishbot:rate:1_0:up",
+        "dishbot:rate:1:up:extra",
+        "dishbot:forget:" + "9" * 200,
+        "dishbot:forget:../../x",
+        "dishbot:keep:a b",
     ],
 )
 def test_foreign_or_mangled_button_data_is_not_an_action(data: str) -> None:
@@ -111,3 +129,37 @@ def test_the_rate_limit_is_a_sliding_minute_per_user() -> None:
     clock.now += 30.5  # the first question is now more than a minute old
     assert limiter.allow("ada")
     assert not limiter.allow("ada"), "a refused question does not count, the second still does"
+
+
+def test_a_flood_over_the_rate_limit_is_told_once_per_window() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(per_minute=1, clock=clock)
+
+    verdicts = [limiter.check("ada") for _ in range(4)]
+    assert verdicts == [
+        Verdict.ALLOWED,
+        Verdict.REFUSED,
+        Verdict.REFUSED_AGAIN,
+        Verdict.REFUSED_AGAIN,
+    ]
+    clock.now += 60
+    assert limiter.check("ada") is Verdict.ALLOWED
+    assert limiter.check("ada") is Verdict.REFUSED, "a new window, a new notice"
+
+
+@pytest.mark.parametrize(
+    ("typed", "meant"),
+    [
+        ("肠\u200b粉", "肠粉"),  # a zero-width space would make it another dish to the export
+        ("\u202e粉肠", "粉肠"),  # a right-to-left override shows the text reversed
+        ("\u2067rice roll\u2069\u200f", "rice roll"),
+        ("\ufeffspicy?\x00", "spicy?"),
+        ("line one\nline two", "line one\nline two"),
+        ("👨\u200d🍳 chef's dish", "👨\u200d🍳 chef's dish"),  # joined emoji stay joined
+        ("  \u200b  ", ""),
+    ],
+)
+def test_what_users_type_is_kept_as_seen_without_invisible_characters(
+    typed: str, meant: str
+) -> None:
+    assert visible_text(typed) == meant

@@ -6,12 +6,16 @@ bot restarts. Every payload fits Telegram's 64 bytes and Discord's 100-character
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from bot.core.limits import DISCORD_CUSTOM_ID_LENGTH, TELEGRAM_CALLBACK_DATA_BYTES
 from bot.core.port import Button
 
 PREFIX = "dishbot"  # lets an adapter tell its own buttons from anything else
+MAX_ID = 2**63 - 1  # the largest id the store hands out (a PostgreSQL bigint)
+MAX_USER_ID_LENGTH = 40  # platform user ids are snowflakes and the like, well under this
+_USER_ID = re.compile(r"[A-Za-z0-9_:-]+")
 
 THUMBS_UP = "👍"
 THUMBS_DOWN = "👎"
@@ -60,20 +64,48 @@ def encode(action: Action) -> str:
 
 
 def decode(data: str) -> Action | None:
-    """The action behind button data, or None when it is not one of dishbot's buttons."""
-    parts = data.split(":")
-    if len(parts) < 3 or parts[0] != PREFIX:
+    """The action behind button data, or None when it is not one of dishbot's buttons.
+
+    Button data comes from the platform as the client sent it, so anyone can forge it: it is
+    parsed strictly (ids in ASCII digits, no sign, no leading zero, within the store's range)
+    and anything else is None, never an exception.
+    """
+    prefix, _, payload = data.partition(":")
+    if prefix != PREFIX or len(data) > DISCORD_CUSTOM_ID_LENGTH:
         return None
-    kind, rest = parts[1], parts[2:]
-    if kind == "rate" and len(rest) == 2 and rest[0].isdigit() and rest[1] in ("up", "down"):
-        return Rate(int(rest[0]), 1 if rest[1] == "up" else -1)
-    if kind == "fix" and len(rest) == 1 and rest[0].isdigit():
-        return Correct(int(rest[0]))
-    if kind == "forget" and len(rest) == 1 and rest[0]:
-        return ConfirmForget(rest[0])
-    if kind == "keep" and len(rest) == 1 and rest[0]:
-        return KeepData(rest[0])
+    kind, _, rest = payload.partition(":")
+    match kind, rest.split(":"):
+        case "rate", [exchange, ("up" | "down") as direction]:
+            exchange_id = _parse_id(exchange)
+            if exchange_id is None:
+                return None
+            return Rate(exchange_id, 1 if direction == "up" else -1)
+        case "fix", [exchange]:
+            exchange_id = _parse_id(exchange)
+            return None if exchange_id is None else Correct(exchange_id)
+        case "forget", _ if _is_user_id(rest):
+            return ConfirmForget(rest)
+        case "keep", _ if _is_user_id(rest):
+            return KeepData(rest)
     return None
+
+
+def _parse_id(text: str) -> int | None:
+    """A stored id written as dishbot writes it, or None.
+
+    ``str.isdigit`` would take "²" or "٣" (and ``int`` then fails or reads them as digits);
+    only ASCII digits are ids here.
+    """
+    if not text.isascii() or not text.isdigit() or len(text) > len(str(MAX_ID)):
+        return None
+    value = int(text)
+    if value < 1 or value > MAX_ID or str(value) != text:
+        return None
+    return value
+
+
+def _is_user_id(text: str) -> bool:
+    return len(text) <= MAX_USER_ID_LENGTH and _USER_ID.fullmatch(text) is not None
 
 
 def answer_buttons(exchange_id: int, chosen: int | None = None) -> tuple[Button, ...]:
