@@ -29,3 +29,19 @@ class SchemaOutdated(DishbotError):
 
 class NotFound(DishbotError):
     """A row the caller named does not exist."""
+
+
+class AlreadyAsked(DishbotError):
+    """A question whose message was stored before: a redelivered update, or an edit."""
+
+    def __init__(self, exchange_id: int) -> None:
+        self.exchange_id = exchange_id
+        super().__init__(f"that message was asked already (exchange {exchange_id})")
+
+
+class AlreadyAnswered(DishbotError):
+    """An answered question was about to get another answer; the first one stands."""
+
+    def __init__(self, exchange_id: int) -> None:
+        self.exchange_id = exchange_id
+        super().__init__(f"exchange {exchange_id} is answered already")

@@ -597,6 +597,24 @@ class DiscordEmulator:
             InteractionType.MODAL_SUBMIT, data, user, modal.channel_id, source
         )
 
+    def forge_interaction(
+        self,
+        interaction_type: InteractionType,
+        data: Mapping[str, Any],
+        user: Mapping[str, Any],
+        channel_id: int,
+        message_id: int | None = None,
+    ) -> ApiObject:
+        """An interaction a modified client makes up: any ``data`` (a custom_id no button or
+        form has, another channel's), on any message, as the attacker tests do."""
+        message = None if message_id is None else self._messages[message_id]
+        return self._start_interaction(interaction_type, dict(data), user, channel_id, message)
+
+    def redeliver(self, message: Mapping[str, Any]) -> None:
+        """Dispatch a user's message again, as MESSAGE_CREATE, as a gateway replaying events
+        after a reconnect may."""
+        self._dispatch_message("MESSAGE_CREATE", self._messages[int(message["id"])])
+
     def slash_command(
         self,
         name: str,

@@ -27,7 +27,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from bot.adapters.discord import ACK_MARGIN_S, DiscordAdapter
 from bot.adapters.telegram import TelegramAdapter
 from bot.app import App
-from bot.core.dialog import Dialog, DialogConfig
+from bot.core.admin import Admin
+from bot.core.dialog import MAX_QUESTION_LENGTH, Dialog, DialogConfig
 from bot.core.limits import DISCORD_ACK_SECONDS, DISCORD_MESSAGE_LENGTH
 from bot.errors import ConfigError
 from bot.settings import DiscordSettings, Settings, TelegramSettings
@@ -35,7 +36,14 @@ from bot.store import Store
 from bot.store.models import Correction, Exchange, ExchangeStatus, Photo, Rating
 from engine.engine import Engine, EngineConfig
 from engine.types import ModelSpec
-from tests.discord_emulator import EPHEMERAL, LOADING, ApiObject, Call, DiscordEmulator
+from tests.discord_emulator import (
+    EPHEMERAL,
+    LOADING,
+    ApiObject,
+    Call,
+    DiscordEmulator,
+    InteractionType,
+)
 from tests.factories import jpeg_bytes
 from tests.scripted_backend import LONG_ANSWER, ScriptedBackend
 from tests.telegram_emulator import TelegramEmulator
@@ -178,11 +186,18 @@ async def running_bot(
     *,
     guild_ids: Sequence[int] = (),
     ack_after_s: float = DISCORD_ACK_SECONDS - ACK_MARGIN_S,
+    dialog_config: DialogConfig | None = None,
+    admin_settings: Settings | None = None,
 ) -> AsyncIterator[Bot]:
     backend = ScriptedBackend(capacity=4)
     engine = Engine(backend, ModelSpec("scripted", MODEL), EngineConfig(max_pending_per_key=3))
     async with engine:
-        dialog = Dialog(store, engine, DialogConfig(edit_interval_s=0.05, questions_per_minute=60))
+        dialog = Dialog(
+            store,
+            engine,
+            dialog_config or DialogConfig(edit_interval_s=0.05, questions_per_minute=60),
+            admin=Admin(admin_settings, store, engine) if admin_settings else None,
+        )
         adapter = DiscordAdapter(
             discord_settings(emulator, guild_ids),
             dialog,
@@ -760,3 +775,200 @@ async def test_one_process_serves_telegram_and_discord_from_one_engine_in_fair_o
         "telegram",
         "telegram",
     ]
+
+
+# -- hostile input ---------------------------------------------------------------------------
+
+
+async def test_admin_replies_and_their_refusals_are_seen_only_by_who_asked(
+    emulator: DiscordEmulator, server: Server, store: Store, tmp_path: Path
+) -> None:
+    settings = Settings(data_dir=tmp_path / "admin-data", admins=[f"discord:{server.ada['id']}"])
+    async with running_bot(emulator, store, admin_settings=settings) as bot:
+        question = send_photo(emulator, server.channel_id, server.lin, "hi", mentions_bot=True)
+        answer = await bot.answer_to(server.channel_id, question)
+        up = emulator.press_button(int(answer["id"]), custom_id(answer, "👍"), server.lin)
+        await emulator.wait_for(CALLBACK, responses_to(up))
+
+        stats = emulator.slash_command("stats", {}, server.ada, server.channel_id)
+        export = emulator.slash_command("export", {}, server.ada, server.channel_id)
+        refused = emulator.slash_command("export", {}, server.lin, server.channel_id)
+        await emulator.wait_until(
+            lambda: any(
+                m["content"].startswith("Exported") for m in emulator.messages_in(server.channel_id)
+            ),
+            GUARD_S,
+        )
+        await emulator.wait_until(
+            lambda: any(
+                m["content"] == "That command is for admins."
+                for m in emulator.messages_in(server.channel_id)
+            ),
+            GUARD_S,
+        )
+
+    for interaction in (stats, export, refused):
+        [deferral] = emulator.interaction_responses(interaction["id"])
+        assert deferral["data"]["flags"] & EPHEMERAL, "only the one who asked sees it"
+    replies = [m for m in emulator.messages_in(server.channel_id) if "interaction_metadata" in m]
+    admin_replies = [m for m in replies if m["interaction_metadata"]["id"] != question["id"]]
+    assert any(m["content"].startswith("Exporting to /") for m in admin_replies)
+    assert admin_replies
+    assert all(m["flags"] & EPHEMERAL for m in admin_replies)
+
+
+async def test_a_message_delivered_again_is_not_asked_again_and_keeps_its_rating(
+    bot: Bot, server: Server
+) -> None:
+    emulator = bot.emulator
+    question = send_photo(emulator, server.ada_dm, server.ada, "is it spicy?")
+    answer = await bot.answer_to(server.ada_dm, question)
+    up = emulator.press_button(int(answer["id"]), custom_id(answer, "👍"), server.ada)
+    await emulator.wait_for(CALLBACK, responses_to(up))
+    [exchange] = await bot.exchanges()
+
+    emulator.redeliver(question)
+    later = send_photo(emulator, server.ada_dm, server.ada, "and this one?", colour=(5, 5, 5))
+    await bot.answer_to(server.ada_dm, later)
+
+    assert [job.question for job in bot.backend.jobs] == ["is it spicy?", "and this one?"]
+    first, _ = await bot.exchanges()
+    assert (first.id, first.answer) == (exchange.id, exchange.answer)
+    assert [r.value for r in await bot.store.ratings(exchange.id)] == [1]
+    answers = [m for m in emulator.messages_in(server.ada_dm) if m["components"]]
+    assert len(answers) == 2, "one answer per question, none for the repeat"
+
+
+async def test_a_flood_of_questions_gets_one_slow_down_then_silence(
+    emulator: DiscordEmulator, server: Server, store: Store
+) -> None:
+    config = DialogConfig(edit_interval_s=0.05, questions_per_minute=2)
+    async with running_bot(emulator, store, dialog_config=config) as bot:
+        for n in range(12):
+            send_photo(emulator, server.ada_dm, server.ada, f"photo {n}", colour=(n, 0, 0))
+        await emulator.wait_until(
+            lambda: sum(bool(m["components"]) for m in emulator.messages_in(server.ada_dm)) == 2,
+            GUARD_S,
+        )
+        # Lin's question is answered after all of Ada's flood was handled.
+        lin_dm = emulator.add_dm_channel(server.lin)
+        lins = send_photo(emulator, lin_dm, server.lin, "mine")
+        await bot.answer_to(lin_dm, lins)
+        await until(lambda: not bot.adapter._in_hand)
+
+    texts = [m["content"] for m in emulator.messages_in(server.ada_dm)]
+    assert sum("faster than I can eat" in t for t in texts) == 1, "told once, not per message"
+    assert len(texts) == 3, "two answers and one notice for twelve photos"
+    assert len(await bot.exchanges()) == 2 + 1 + 1, "the silent repeats are not stored"
+
+
+async def test_forged_button_data_grants_nothing_and_the_bot_keeps_serving(
+    bot: Bot, server: Server
+) -> None:
+    emulator = bot.emulator
+    question = send_photo(emulator, server.channel_id, server.ada, "hi", mentions_bot=True)
+    answer = await bot.answer_to(server.channel_id, question)
+    [exchange] = await bot.exchanges()
+    forged = [
+        "dishbot:rate:²:up",
+        "dishbot:rate:99999999999999999999999:up",
+        "dishbot:rate:-1:up",
+        f"dishbot:rate:0{exchange.id}:up",
+        "dishbot:fix:٣",
+        f"dishbot:forget:{server.ada['id']}",
+    ]
+    presses = [
+        emulator.forge_interaction(
+            InteractionType.MESSAGE_COMPONENT,
+            {"custom_id": data, "component_type": 2},
+            server.lin,
+            server.channel_id,
+            int(answer["id"]),
+        )
+        for data in forged
+    ]
+
+    # discord.py hands the bot only presses of buttons the message has: the forged ones are
+    # dropped before they reach it (Discord shows the presser "interaction failed").
+    again = send_photo(emulator, server.channel_id, server.lin, "still there?", mentions_bot=True)
+    assert (await bot.answer_to(server.channel_id, again))["content"].endswith("still there?")
+    assert all(emulator.interaction_responses(p["id"]) == [] for p in presses)
+    assert await bot.count(Rating) == 0
+    assert len(await bot.exchanges()) == 2, "Ada's answer was not forgotten"
+
+
+async def test_a_forged_form_for_an_answer_in_another_channel_corrects_nothing(
+    bot: Bot, server: Server
+) -> None:
+    emulator = bot.emulator
+    private = send_photo(emulator, server.ada_dm, server.ada, "secret lunch")
+    await bot.answer_to(server.ada_dm, private)
+    [exchange] = await bot.exchanges()
+
+    forged = emulator.forge_interaction(
+        InteractionType.MODAL_SUBMIT,
+        {
+            "custom_id": f"dishbot:fix:{exchange.id}",
+            "components": [
+                {
+                    "type": 1,
+                    "components": [
+                        {"type": 4, "custom_id": "correction", "value": "poisoned label"}
+                    ],
+                }
+            ],
+        },
+        server.lin,
+        server.channel_id,
+    )
+    await emulator.wait_until(
+        lambda: any(
+            m["content"].startswith("That answer") or "no longer" in m["content"]
+            for m in emulator.messages_in(server.channel_id)
+        ),
+        GUARD_S,
+    )
+
+    assert await bot.count(Correction) == 0
+    [deferral] = emulator.interaction_responses(forged["id"])
+    assert deferral["data"]["flags"] & EPHEMERAL
+
+
+async def test_a_correction_keeps_what_is_visible_and_drops_invisible_characters(
+    bot: Bot, server: Server
+) -> None:
+    emulator = bot.emulator
+    question = send_photo(emulator, server.channel_id, server.ada, "hi", mentions_bot=True)
+    answer = await bot.answer_to(server.channel_id, question)
+    pencil = emulator.press_button(int(answer["id"]), custom_id(answer, "✏️"), server.lin)
+    await emulator.wait_for(CALLBACK, responses_to(pencil))
+
+    typed = "\u202e肠\u200b粉\u200f \x00 rice\ufeff  roll 👨\u200d🍳"
+    emulator.submit_modal(custom_id(answer, "✏️"), {"correction": typed}, server.lin)
+    thanks = await emulator.wait_for(
+        "POST /webhooks/{application_id}/{token}", lambda c: "肠粉" in c.json["content"]
+    )
+
+    [exchange] = await bot.exchanges()
+    [stored] = await bot.store.corrections(exchange.id)
+    assert stored.text == "肠粉 rice roll 👨\u200d🍳"
+    assert "\u202e" not in thanks.json["content"]
+
+
+async def test_a_question_over_the_length_limit_gets_the_limit_not_the_model(
+    bot: Bot, server: Server
+) -> None:
+    emulator = bot.emulator
+    question = send_photo(emulator, server.ada_dm, server.ada, "is it " * 300)
+
+    def replies() -> list[ApiObject]:
+        return [m for m in emulator.messages_in(server.ada_dm) if m["id"] != question["id"]]
+
+    await emulator.wait_until(lambda: bool(replies()), GUARD_S)
+
+    [reply] = replies()
+    assert f"{MAX_QUESTION_LENGTH} characters or fewer" in reply["content"]
+    assert bot.backend.jobs == []
+    [exchange] = await bot.exchanges()
+    assert exchange.status is ExchangeStatus.FAILED
+    assert len(exchange.question) == MAX_QUESTION_LENGTH

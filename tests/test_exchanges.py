@@ -7,7 +7,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import func, select, update
 
-from bot.errors import NotFound
+from bot.errors import AlreadyAnswered, AlreadyAsked, NotFound
 from bot.store import CorrectionStatus, ExchangeStatus, Store
 from bot.store.models import Correction, CorrectionPrompt, utcnow
 from tests.factories import add_photo, add_user, answered
@@ -66,15 +66,36 @@ async def test_a_message_delivered_twice_is_one_exchange(store: Store) -> None:
     first = await store.start_exchange(
         user_id=user.id, platform="telegram", chat_id="42", question="?", question_message_id="9"
     )
-    again = await store.start_exchange(
-        user_id=user.id, platform="telegram", chat_id="42", question="?", question_message_id="9"
-    )
+    with pytest.raises(AlreadyAsked) as again:
+        await store.start_exchange(
+            user_id=user.id,
+            platform="telegram",
+            chat_id="42",
+            question="edited?",
+            question_message_id="9",
+        )
     other_chat = await store.start_exchange(
         user_id=user.id, platform="telegram", chat_id="43", question="?", question_message_id="9"
     )
 
-    assert again.id == first.id
+    assert again.value.exchange_id == first.id
+    assert await store.was_asked("telegram", "42", "9")
+    assert not await store.was_asked("telegram", "42", "10")
     assert other_chat.id != first.id
+    assert (await store.get_exchange(first.id)) == first, "the first question stands"
+
+
+async def test_an_answered_question_keeps_the_answer_people_rated(store: Store) -> None:
+    user = await add_user(store, "5")
+    first = await answered(store, user, question="这是什么菜？", answer="叉烧")
+    await store.record_rating(first.id, user.id, 1)
+
+    with pytest.raises(AlreadyAnswered):
+        await store.finish_exchange(first.id, answer="肠粉", model_version="v2", latency_ms=5)
+
+    kept = await store.get_exchange(first.id)
+    assert kept is not None
+    assert (kept.answer, kept.status) == ("叉烧", ExchangeStatus.ANSWERED)
 
 
 async def test_a_reply_to_an_answer_finds_the_conversation_oldest_first(store: Store) -> None:

@@ -25,6 +25,7 @@ from discord import app_commands
 from discord.gateway import DiscordWebSocket
 
 from bot.core import buttons
+from bot.core.admin import ADMIN_COMMANDS
 from bot.core.dialog import MAX_CORRECTION_LENGTH, Dialog
 from bot.core.events import (
     ButtonPress,
@@ -485,7 +486,10 @@ class DiscordAdapter:
     async def _on_command(self, interaction: discord.Interaction[Any]) -> None:
         if interaction.command is None:
             return
-        reply = InteractionReply(interaction, ephemeral=False)
+        # Admin replies (and their refusals) are for the one who asked: an export's summary
+        # names a path on the server, and /stats is nobody else's business.
+        private = interaction.command.name in ADMIN_COMMANDS
+        reply = InteractionReply(interaction, ephemeral=private)
         if not await self._defer(reply):
             return
         await self._hand_over(

@@ -53,28 +53,30 @@ class Admin:
         if command.name == "stats":
             await port.send(command.where, self._stats(), reply_to=command.message_id)
         elif command.name == "export":
-            await self._export(command, port)
+            await self._export(command, port, language)
         return True
 
     def exports_dir(self) -> Path:
         """Where `/export` writes: one new directory per export, under the training work dir."""
         return self.settings.training_dir / "exports"
 
-    async def _export(self, command: Command, port: ChatPort) -> None:
+    async def _export(self, command: Command, port: ChatPort, language: Language) -> None:
         """Export the feedback as XTuner training data, with the default filters."""
         if self._exporting.locked():
             await port.send(
-                command.where, "An export is already running.", reply_to=command.message_id
+                command.where, say("export_running", language), reply_to=command.message_id
             )
             return
         async with self._exporting:
             stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
             out_dir = self.exports_dir() / f"export-{stamp}"
-            await port.send(command.where, f"Exporting to {out_dir} …", reply_to=command.message_id)
+            started = say("export_started", language, path=out_dir)
+            await port.send(command.where, started, reply_to=command.message_id)
             try:
                 summary = await export_dataset(self.store, self.settings, out_dir, ExportOptions())
             except ExportError as exc:
-                await port.send(command.where, f"Export failed: {exc}", reply_to=command.message_id)
+                failed = say("export_failed", language, reason=exc)
+                await port.send(command.where, failed, reply_to=command.message_id)
                 return
             log.info("export by %s:%s to %s", command.who.platform, command.who.user_id, out_dir)
             text = "\n".join(summary.lines())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import time
 from collections import OrderedDict, defaultdict, deque
@@ -30,9 +31,10 @@ from bot.core.events import (
 from bot.core.i18n import Language, image_reason, language_of, say
 from bot.core.port import ChatPort
 from bot.core.reply import EditPacer, StreamingReply
-from bot.errors import NotFound
+from bot.core.text import visible_text
+from bot.errors import AlreadyAnswered, AlreadyAsked, NotFound
 from bot.store import Store
-from bot.store.models import ExchangeStatus, utcnow
+from bot.store.models import utcnow
 from bot.store.records import ExchangeRecord, UserRecord
 from engine.engine import Answer, Engine, Queued, Request, RequestHandle, TextDelta
 from engine.errors import (
@@ -50,6 +52,9 @@ from engine.types import Turn
 log = logging.getLogger(__name__)
 
 MAX_CORRECTION_LENGTH = 500  # characters; a dish name or a sentence, not an essay
+# Characters; a question about a dish fits with room to spare, and a wall of text is refused
+# before it costs the model (and every user batched with it) a long prompt.
+MAX_QUESTION_LENGTH = 1000
 PENDING_PROMPTS = 10_000  # users whose latest ✏️ prompt is remembered, newest kept
 
 AdminHandler = Callable[[Command, ChatPort, UserRecord, Language], Awaitable[bool]]
@@ -60,10 +65,19 @@ class DialogConfig:
     """The dialog's limits; `bot.app` fills them from the settings."""
 
     questions_per_minute: int = 6
+    feedback_per_minute: int = 30  # button presses and corrections, per user
     follow_up_window_s: float = 600.0  # a private text this soon after a photo follows it up
     correction_window_s: float = 600.0  # a private text this soon after ✏️ is the correction
     edit_interval_s: float = 1.0  # per chat
     max_photo_bytes: int = MAX_IMAGE_BYTES
+
+
+class Verdict(enum.Enum):
+    """What `RateLimiter.check` decided about one event."""
+
+    ALLOWED = "allowed"
+    REFUSED = "refused"  # the first refusal in a window: tell the user once
+    REFUSED_AGAIN = "refused again"  # told already: stay silent, a flood gets no echo
 
 
 class RateLimiter:
@@ -73,17 +87,27 @@ class RateLimiter:
         self.per_minute = per_minute
         self._clock = clock
         self._times: dict[str, deque[float]] = defaultdict(deque)
+        self._told: set[str] = set()  # keys refused since their last allowed event
 
     def allow(self, key: str) -> bool:
         """Count an event for ``key``; False (and not counted) when over the limit."""
+        return self.check(key) is Verdict.ALLOWED
+
+    def check(self, key: str) -> Verdict:
+        """Count an event for ``key`` when under the limit, and say whether it was allowed,
+        and if not, whether this is the first refusal since the key was last allowed."""
         now = self._clock()
         times = self._times[key]
         while times and times[0] <= now - 60.0:
             times.popleft()
         if len(times) >= self.per_minute:
-            return False
+            if key in self._told:
+                return Verdict.REFUSED_AGAIN
+            self._told.add(key)
+            return Verdict.REFUSED
+        self._told.discard(key)
         times.append(now)
-        return True
+        return Verdict.ALLOWED
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +139,7 @@ class Dialog:
         self.config = config or DialogConfig()
         self._admin = admin
         self._rate = RateLimiter(self.config.questions_per_minute)
+        self._feedback_rate = RateLimiter(self.config.feedback_per_minute)
         self._pacer = EditPacer(self.config.edit_interval_s)
         self._handles: dict[str, set[RequestHandle]] = defaultdict(set)
         # ✏️ prompts waiting for a reply are in the store, which outlives a restart; the
@@ -171,16 +196,17 @@ class Dialog:
     async def _photo(self, event: PhotoQuestion, port: ChatPort) -> None:
         if not event.where.private and not event.addressed:
             return
+        if await self._asked_before(event):
+            return
         user = await self._user(event.who)
         if user is None:
             return
-        question = (event.question or "").strip()
+        question = visible_text(event.question or "")
         language = language_of(event.who.language, question)
         question = question or say("default_question", language)
-        if not self._rate.allow(self._key(event.who)):
-            await self._refuse(
-                port, user, event, question, say("slow_down", language), "rate limited"
-            )
+        if await self._too_long(port, user, event, question, language):
+            return
+        if await self._over_rate_limit(port, user, event, question, language):
             return
         limit = self.config.max_photo_bytes
         if event.photo.size is not None and event.photo.size > limit:
@@ -225,6 +251,12 @@ class Dialog:
             return
         try:
             exchange = await store(handle)
+        except AlreadyAsked:
+            # The same message came twice at once (a redelivery racing the first delivery):
+            # the first one answers.
+            handle.cancel()
+            self._untrack(request.key, handle)
+            return
         except BaseException:
             handle.cancel()
             self._untrack(request.key, handle)
@@ -232,6 +264,52 @@ class Dialog:
         await self._answer(
             handle, exchange, port, event.who, event.where, event.message_id, language
         )
+
+    async def _asked_before(self, event: PhotoQuestion | TextMessage) -> bool:
+        """Whether this message was taken already. An edited message and an update the
+        platform delivers again are not asked again: the answer, and the ratings people gave
+        it, belong to what was first asked. To ask something else, send a new message."""
+        if not await self.store.was_asked(
+            event.who.platform, event.where.chat_id, event.message_id
+        ):
+            return False
+        log.info("message %s in %s was asked already: ignored", event.message_id, event.where)
+        return True
+
+    async def _too_long(
+        self,
+        port: ChatPort,
+        user: UserRecord,
+        event: PhotoQuestion | TextMessage,
+        question: str,
+        language: Language,
+    ) -> bool:
+        """True (and the user told) when the question is over `MAX_QUESTION_LENGTH`."""
+        if len(question) <= MAX_QUESTION_LENGTH:
+            return False
+        words = say("question_too_long", language, limit=MAX_QUESTION_LENGTH)
+        reason = f"question of {len(question)} characters is over the limit"
+        await self._refuse(port, user, event, question[:MAX_QUESTION_LENGTH], words, reason)
+        return True
+
+    async def _over_rate_limit(
+        self,
+        port: ChatPort,
+        user: UserRecord,
+        event: PhotoQuestion | TextMessage,
+        question: str,
+        language: Language,
+    ) -> bool:
+        """True when the user asks too fast; only the first refusal of a window is recorded
+        and answered, so a flood is not echoed back message for message."""
+        verdict = self._rate.check(self._key(event.who))
+        if verdict is Verdict.REFUSED:
+            await self._refuse(
+                port, user, event, question, say("slow_down", language), "rate limited"
+            )
+        elif verdict is Verdict.REFUSED_AGAIN:
+            log.debug("%s is still over the rate limit: ignored", self._key(event.who))
+        return verdict is not Verdict.ALLOWED
 
     async def _start_exchange(
         self,
@@ -285,9 +363,11 @@ class Dialog:
         reason: str,
     ) -> None:
         """Record a question that will not be answered, with why, then tell the user."""
-        exchange = await self._start_exchange(user, event, question)
-        if exchange.status is ExchangeStatus.PENDING:
-            await self.store.fail_exchange(exchange.id, error=reason, latency_ms=0)
+        try:
+            exchange = await self._start_exchange(user, event, question)
+        except AlreadyAsked:
+            return  # told the first time it came
+        await self.store.fail_exchange(exchange.id, error=reason, latency_ms=0)
         await port.send(event.where, words, reply_to=event.message_id)
 
     async def _answer(
@@ -322,12 +402,19 @@ class Dialog:
             self._untrack(key, handle)
         text = answer.text.strip() or say("empty_answer", language)
         # Stored before it is shown, so a button pressed the moment it appears finds it.
-        await self.store.finish_exchange(
-            exchange.id,
-            answer=answer.text,
-            model_version=answer.model,
-            latency_ms=_ms_since(started),
-        )
+        try:
+            await self.store.finish_exchange(
+                exchange.id,
+                answer=answer.text,
+                model_version=answer.model,
+                latency_ms=_ms_since(started),
+            )
+        except AlreadyAnswered:
+            # Only a second handler of the same question gets here; its answer is shown
+            # without buttons, as the first answer is the one rated.
+            log.warning("exchange %s was answered already: this answer is not stored", exchange.id)
+            await reply.finish(text)
+            return
         try:
             message_ids = await reply.finish(text, buttons.answer_buttons(exchange.id))
         except Exception:
@@ -395,7 +482,7 @@ class Dialog:
     # -- text: corrections and follow-ups -------------------------------------------------
 
     async def _text(self, event: TextMessage, port: ChatPort) -> None:
-        text = event.text.strip()
+        text = visible_text(event.text)
         if not text:
             return
         corrected = await self._prompt_answered(event)
@@ -461,11 +548,12 @@ class Dialog:
         user: UserRecord,
         port: ChatPort,
     ) -> None:
+        if await self._asked_before(event):
+            return
         language = language_of(event.who.language, question)
-        if not self._rate.allow(self._key(event.who)):
-            await self._refuse(
-                port, user, event, question, say("slow_down", language), "rate limited"
-            )
+        if await self._too_long(port, user, event, question, language):
+            return
+        if await self._over_rate_limit(port, user, event, question, language):
             return
         history = [
             Turn(turn.question, turn.answer)
@@ -491,8 +579,18 @@ class Dialog:
     async def _press(self, press: ButtonPress, port: ChatPort) -> None:
         language = language_of(press.who.language)
         action = buttons.decode(press.data)
+        if action is None:
+            # Forged or from another bot: refused quietly, before anything is read or stored.
+            log.info("unknown button data from %s", self._key(press.who))
+            await port.acknowledge(press, say("unknown_button", language))
+            return
+        if self._feedback_rate.check(self._key(press.who)) is not Verdict.ALLOWED:
+            # Every press must be answered (the platform shows a spinner otherwise), but
+            # only to the presser, and nothing is stored.
+            await port.acknowledge(press, say("slow_down", language))
+            return
         user = await self._user(press.who)
-        if user is None or action is None:
+        if user is None:
             await port.acknowledge(press, say("unknown_button", language))
             return
         match action:
@@ -619,6 +717,11 @@ class Dialog:
             del self._latest_prompt[key]
 
     async def _correction_submitted(self, event: CorrectionSubmitted, port: ChatPort) -> None:
+        language = language_of(event.who.language)
+        if self._feedback_rate.check(self._key(event.who)) is not Verdict.ALLOWED:
+            # A form is answered only to its sender, so each one may be: no flood echoes.
+            await port.send(event.where, say("slow_down", language))
+            return
         user = await self._user(event.who)
         if user is None:
             return
@@ -635,9 +738,17 @@ class Dialog:
         who, where = event.who, event.where
         # A dish name is often in another language than the user's own: thank them in theirs.
         language = language_of(who.language)
-        text = " ".join(text.split())[:MAX_CORRECTION_LENGTH]
+        text = " ".join(visible_text(text).split())[:MAX_CORRECTION_LENGTH]
+        if not text:
+            await port.send(where, say("correction_empty", language))
+            return
         exchange = await self.store.get_exchange(exchange_id)
-        if exchange is None or exchange.platform != who.platform:
+        if (
+            exchange is None
+            or exchange.answer is None
+            or (exchange.platform, exchange.chat_id) != (who.platform, where.chat_id)
+        ):
+            # Gone, or named by a forged form: either way there is no answer here to correct.
             await port.send(where, say("answer_gone", language))
             return
         try:

@@ -173,6 +173,20 @@ MESSAGES: Final[dict[str, dict[Language, str]]] = {
         "zh": "我不认识这个命令。/help 可以查看所有命令。",
     },
     "admin_only": {"en": "That command is for admins.", "zh": "这个命令只有管理员可以用。"},
+    "question_too_long": {
+        "en": "That question is too long for me: please keep it to {limit} characters or fewer.",
+        "zh": "这个问题太长了：请控制在 {limit} 个字符以内。",
+    },
+    "correction_empty": {
+        "en": "I didn't catch a dish name there: please write what it actually is.",
+        "zh": "没有看到菜名：请写下它到底是什么菜。",
+    },
+    "export_running": {
+        "en": "An export is already running.",
+        "zh": "已经有一个导出在进行中。",
+    },
+    "export_started": {"en": "Exporting to {path} …", "zh": "正在导出到 {path} …"},
+    "export_failed": {"en": "Export failed: {reason}", "zh": "导出失败：{reason}"},
 }
 
 # The engine's reasons for refusing an image, for Chinese speakers. Reasons with figures in

@@ -1,8 +1,10 @@
-"""Cutting a long answer into messages a platform accepts, at natural boundaries."""
+"""Text in and out: what a user typed, cleaned; a long answer cut into messages a platform
+accepts, at natural boundaries."""
 
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Callable
 
 _WORD_BREAK = re.compile(r"\s+")
@@ -71,3 +73,21 @@ def _cut_at_boundary(window: str, after: str) -> tuple[str, str]:
             if head.strip():
                 return head, window[last.end() :] + after
     return window, after
+
+
+# Invisible format characters (Unicode category Cf) change how text reads, sorts and compares
+# without being seen: zero-width spaces, bidirectional overrides and isolates ("\u202e" shows
+# "肠粉" as something else), the BOM. The zero-width joiner stays: emoji sequences need it.
+_KEPT_FORMAT_CHARACTERS = frozenset({"\u200d"})
+
+
+def visible_text(text: str) -> str:
+    """``text`` as a person meant it: without control characters (line breaks and tabs
+    stay) and invisible format characters, and without space at either end."""
+    return "".join(
+        character
+        for character in text
+        if character in _KEPT_FORMAT_CHARACTERS
+        or character.isspace()
+        or unicodedata.category(character) not in ("Cc", "Cf")
+    ).strip()

@@ -15,7 +15,7 @@ from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from bot.errors import NotFound
+from bot.errors import AlreadyAnswered, AlreadyAsked, NotFound
 from bot.store.database import open_engine
 from bot.store.models import (
     Correction,
@@ -217,8 +217,9 @@ class Store:
     ) -> ExchangeRecord:
         """Record a question as pending.
 
-        A message the platform delivers twice (same chat and message id) yields the exchange
-        stored the first time, not a second one.
+        A message the platform delivers twice (same chat and message id: a redelivered
+        update, or the user editing it) raises `AlreadyAsked` naming the exchange stored the
+        first time; nothing is stored again.
         """
         values = {
             "user_id": user_id,
@@ -241,19 +242,31 @@ class Store:
                 new_id = await session.scalar(stmt.returning(Exchange.id))
             except IntegrityError:
                 raise NotFound("the user, photo or parent exchange does not exist") from None
-            exchange = (
-                await session.get(Exchange, new_id)
-                if new_id is not None
-                else await session.scalar(
-                    select(Exchange).where(
+            if new_id is None:
+                existing = await session.scalar(
+                    select(Exchange.id).where(
                         Exchange.platform == platform,
                         Exchange.chat_id == chat_id,
                         Exchange.question_message_id == question_message_id,
                     )
                 )
-            )
+                assert existing is not None
+                raise AlreadyAsked(existing)
+            exchange = await session.get(Exchange, new_id)
             assert exchange is not None
             return snapshot(ExchangeRecord, exchange)
+
+    async def was_asked(self, platform: str, chat_id: str, question_message_id: str) -> bool:
+        """Whether a question was stored for this message already (see `start_exchange`)."""
+        async with self._read() as session:
+            found = await session.scalar(
+                select(Exchange.id).where(
+                    Exchange.platform == platform,
+                    Exchange.chat_id == chat_id,
+                    Exchange.question_message_id == question_message_id,
+                )
+            )
+            return found is not None
 
     async def finish_exchange(
         self,
@@ -264,7 +277,11 @@ class Store:
         latency_ms: int,
         reply_message_id: str | None = None,
     ) -> ExchangeRecord:
-        """Store the answer to a pending question."""
+        """Store the answer to a pending (or failed) question.
+
+        Raises `AlreadyAnswered` for a question answered before: its answer is what people
+        rated and corrected, so it is never replaced.
+        """
         values: dict[str, Any] = {
             "answer": answer,
             "model_version": model_version,
@@ -292,7 +309,9 @@ class Store:
         self, exchange_id: int, status: ExchangeStatus, values: dict[str, Any]
     ) -> ExchangeRecord:
         async with self._write() as session:
-            exchange = await self._exchange_or_raise(session, exchange_id)
+            exchange = await self._exchange_or_raise(session, exchange_id, for_update=True)
+            if status is ExchangeStatus.ANSWERED and exchange.status is ExchangeStatus.ANSWERED:
+                raise AlreadyAnswered(exchange_id)
             for name, value in values.items():
                 setattr(exchange, name, value)
             exchange.status = status
@@ -301,8 +320,10 @@ class Store:
             return snapshot(ExchangeRecord, exchange)
 
     @staticmethod
-    async def _exchange_or_raise(session: AsyncSession, exchange_id: int) -> Exchange:
-        exchange = await session.get(Exchange, exchange_id)
+    async def _exchange_or_raise(
+        session: AsyncSession, exchange_id: int, *, for_update: bool = False
+    ) -> Exchange:
+        exchange = await session.get(Exchange, exchange_id, with_for_update=for_update)
         if exchange is None:
             raise NotFound(f"exchange {exchange_id} does not exist")
         return exchange
