@@ -40,7 +40,9 @@ from engine.types import ModelSpec
 from tests.factories import jpeg_bytes, png_declaring
 from tests.scripted_backend import LONG_ANSWER, ScriptedBackend
 from tests.telegram_emulator import (
+    CHANNEL_BOT,
     DEFAULT_BOT_USERNAME,
+    GROUP_ANONYMOUS_BOT,
     Call,
     Chat,
     TelegramEmulator,
@@ -53,6 +55,9 @@ MODEL = "dishbot-test"
 ADA = TelegramUser(42, "Ada", username="ada_eats", language_code="en")
 LIN = TelegramUser(43, "林", language_code="zh-hans")
 FOODIES = Chat.group(-1001234567890, "Foodies")
+NIGHT_MARKET = Chat.group(-1009876543210, "Night Market")
+NOODLE_NEWS = Chat.channel(-1005550001111, "Noodle News")
+MENTION = f"@{DEFAULT_BOT_USERNAME}"
 GUARD_S = 15.0  # how long a test waits for the bot; a guard against hangs, not a measurement
 
 
@@ -538,6 +543,89 @@ async def test_in_a_group_a_reply_to_the_bot_is_answered(bot: Bot) -> None:
         m.get("reply_to_message", {}).get("message_id") == chatter["message_id"]
         for m in telegram.messages_in(FOODIES.id)
     ), "chatter without a mention gets no answer, not even a hint"
+
+
+# -- who is speaking: anonymous admins and channels ------------------------------------------
+
+
+def placeholders_listed_as_admins(tmp_path: Path) -> Settings:
+    # Listing the placeholder users must not make everyone who hides behind them an admin.
+    admins = [f"telegram:{GROUP_ANONYMOUS_BOT.id}", f"telegram:{CHANNEL_BOT.id}"]
+    return Settings(data_dir=tmp_path / "admin-data", admins=admins)
+
+
+async def test_anonymous_admins_of_two_groups_are_their_groups_and_never_admins(
+    telegram: TelegramEmulator, store: Store, tmp_path: Path
+) -> None:
+    config = DialogConfig(edit_interval_s=0.05, questions_per_minute=1)
+    settings = placeholders_listed_as_admins(tmp_path)
+    async with running_bot(telegram, store, dialog_config=config, admin_settings=settings) as bot:
+        for group in (FOODIES, NIGHT_MARKET):
+            telegram.add_chat(group)
+        telegram.send_text(GROUP_ANONYMOUS_BOT, FOODIES, f"/stats{MENTION}", sender_chat=FOODIES)
+        refused = await telegram.wait_for(
+            "sendMessage", lambda c: c.params["chat_id"] == FOODIES.id
+        )
+        # One question a minute each: the two groups' anonymous admins do not share a limit.
+        here = send_photo(
+            telegram, GROUP_ANONYMOUS_BOT, FOODIES, f"{MENTION} what is it?", sender_chat=FOODIES
+        )
+        there = send_photo(
+            telegram,
+            GROUP_ANONYMOUS_BOT,
+            NIGHT_MARKET,
+            f"{MENTION} and this?",
+            colour=(5, 50, 150),
+            sender_chat=NIGHT_MARKET,
+        )
+        first = await bot.answer_to(GROUP_ANONYMOUS_BOT, FOODIES, here)
+        second = await bot.answer_to(GROUP_ANONYMOUS_BOT, NIGHT_MARKET, there)
+
+    assert refused.params["text"] == "That command is for admins."
+    assert first["text"] == f"{MODEL} says: what is it?"
+    assert second["text"] == f"{MODEL} says: and this?"
+    foodies = await bot.store.find_user("telegram", f"chat:{FOODIES.id}")
+    night_market = await bot.store.find_user("telegram", f"chat:{NIGHT_MARKET.id}")
+    assert foodies is not None
+    assert night_market is not None
+    assert foodies.display_name == "Foodies"
+    assert [e.user_id for e in await bot.exchanges()] == [foodies.id, night_market.id]
+    assert await bot.store.find_user("telegram", str(GROUP_ANONYMOUS_BOT.id)) is None
+
+
+async def test_a_message_sent_as_a_channel_is_the_channels_and_its_rating_the_pressers(
+    telegram: TelegramEmulator, store: Store, tmp_path: Path
+) -> None:
+    settings = placeholders_listed_as_admins(tmp_path)
+    async with running_bot(telegram, store, admin_settings=settings) as bot:
+        telegram.add_chat(FOODIES)
+        telegram.send_text(CHANNEL_BOT, FOODIES, f"/export{MENTION}", sender_chat=NOODLE_NEWS)
+        refused = await telegram.wait_for(
+            "sendMessage", lambda c: c.params["chat_id"] == FOODIES.id
+        )
+        question = send_photo(
+            telegram, CHANNEL_BOT, FOODIES, f"{MENTION} what is it?", sender_chat=NOODLE_NEWS
+        )
+        answer = await bot.answer_to(CHANNEL_BOT, FOODIES, question)
+        # Pressing a button shows who pressed it: the rating is that person's.
+        query_id = telegram.press_button(ADA, answer, button_data(answer, "👍"))
+        ack = await telegram.wait_for(
+            "answerCallbackQuery", lambda c: c.params["callback_query_id"] == query_id
+        )
+
+    assert refused.params["text"] == "That command is for admins."
+    assert not (tmp_path / "admin-data" / "training" / "exports").exists()
+    assert answer["text"] == f"{MODEL} says: what is it?"
+    assert ack.params["text"] == "Thanks for the 👍!"
+    channel = await bot.store.find_user("telegram", f"chat:{NOODLE_NEWS.id}")
+    ada = await bot.store.find_user("telegram", str(ADA.id))
+    assert channel is not None
+    assert ada is not None
+    assert channel.display_name == "Noodle News"
+    [exchange] = await bot.exchanges()
+    assert exchange.user_id == channel.id
+    assert [r.user_id for r in await bot.store.ratings(exchange.id)] == [ada.id]
+    assert await bot.store.find_user("telegram", str(CHANNEL_BOT.id)) is None
 
 
 # -- platform trouble and bad input ----------------------------------------------------------

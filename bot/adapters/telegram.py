@@ -52,6 +52,17 @@ from bot.settings import TelegramSettings
 log = logging.getLogger(__name__)
 
 PLATFORM = "telegram"
+# Telegram's placeholder senders: a message sent on behalf of a chat (an anonymous group
+# admin, someone writing as a channel, a channel post forwarded to its discussion group)
+# carries one of these as `from` and the chat as `sender_chat`. Everyone behind one shares
+# its id, so it is never taken for a person.
+GROUP_ANONYMOUS_BOT_ID = 1087968824  # @GroupAnonymousBot
+CHANNEL_BOT_ID = 136817688  # @Channel_Bot
+TELEGRAM_SERVICE_ID = 777000  # "Telegram": automatic forwards from a linked channel
+PLACEHOLDER_SENDER_IDS = frozenset({GROUP_ANONYMOUS_BOT_ID, CHANNEL_BOT_ID, TELEGRAM_SERVICE_ID})
+# A chat that speaks is "chat:<chat id>": never a number, so never equal to a user's id, and
+# never one of the `admins` (which are telegram:<digits>).
+SENDER_CHAT_PREFIX = "chat:"
 TYPING_INTERVAL_S = 4.5  # Telegram shows "typing…" for five seconds
 FLOOD_RETRIES = 5
 
@@ -243,7 +254,8 @@ class TelegramAdapter:
 
     async def _on_command(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         message = update.effective_message
-        if message is None or message.text is None or message.from_user is None:
+        who = _person(message)
+        if message is None or message.text is None or who is None:
             return
         word, _, argument = message.text.partition(" ")
         name, _, target = word[1:].partition("@")
@@ -251,7 +263,7 @@ class TelegramAdapter:
             return  # a command for another bot in the same group
         await self._hand_over(
             Command(
-                who=_person(message),
+                who=who,
                 where=_place(message),
                 name=name.lower(),
                 argument=argument.strip(),
@@ -261,12 +273,13 @@ class TelegramAdapter:
 
     async def _on_photo(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         message = update.effective_message
-        if message is None or message.from_user is None or not message.photo:
+        who = _person(message)
+        if message is None or who is None or not message.photo:
             return
         largest = max(message.photo, key=lambda size: size.width * size.height)
         await self._hand_over(
             PhotoQuestion(
-                who=_person(message),
+                who=who,
                 where=_place(message),
                 message_id=str(message.message_id),
                 photo=self._photo_file(largest.file_id, largest.file_size, None, "image/jpeg"),
@@ -278,7 +291,8 @@ class TelegramAdapter:
 
     async def _on_document(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         message = update.effective_message
-        if message is None or message.from_user is None or message.document is None:
+        who = _person(message)
+        if message is None or who is None or message.document is None:
             return
         document = message.document
         addressed = self._addressed(message, message.caption, message.caption_entities)
@@ -287,7 +301,7 @@ class TelegramAdapter:
             kind = mime or "unknown"
             await self._hand_over(
                 NotAPhoto(
-                    who=_person(message),
+                    who=who,
                     where=_place(message),
                     message_id=str(message.message_id),
                     reason=f"{document.file_name or 'the file'} is a {kind} file, not a photo",
@@ -297,7 +311,7 @@ class TelegramAdapter:
             return
         await self._hand_over(
             PhotoQuestion(
-                who=_person(message),
+                who=who,
                 where=_place(message),
                 message_id=str(message.message_id),
                 photo=self._photo_file(
@@ -311,11 +325,12 @@ class TelegramAdapter:
 
     async def _on_text(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         message = update.effective_message
-        if message is None or message.from_user is None or message.text is None:
+        who = _person(message)
+        if message is None or who is None or message.text is None:
             return
         await self._hand_over(
             TextMessage(
-                who=_person(message),
+                who=who,
                 where=_place(message),
                 message_id=str(message.message_id),
                 text=self._without_mention(message.text, message.entities) or "",
@@ -422,9 +437,17 @@ def _entity_text(text: str, entity: MessageEntity) -> str:
     return encoded[start:end].decode("utf-16-le")
 
 
-def _person(message: Message) -> Person:
+def _person(message: Message | None) -> Person | None:
+    """Who sent a message: the user, or the chat it was sent on behalf of; None for nobody
+    (a placeholder sender without its chat)."""
+    if message is None:
+        return None
+    chat = message.sender_chat
+    if chat is not None:
+        return Person(PLATFORM, f"{SENDER_CHAT_PREFIX}{chat.id}", chat.effective_name)
     user = message.from_user
-    assert user is not None
+    if user is None or user.id in PLACEHOLDER_SENDER_IDS:
+        return None
     return Person(PLATFORM, str(user.id), user.full_name, user.language_code)
 
 
