@@ -16,12 +16,15 @@ import unicodedata
 
 from engine.prompts import IMAGE_PLACEHOLDER
 
-# Markup with a meaning to InternVL2's loader or its tokenizers: the image placeholder, the
-# image and grounding tags, the sentencepiece specials (a tokenizer turns a typed "</s>" into
-# the end of the sequence), and ChatML control tokens (<|im_start|>, <|im_end|>, ...).
-# engine/prompts.py has no such list to share yet; this is the one the export uses.
+# Markup with a meaning to InternVL2's loader, its tokenizers or lmdeploy: the image
+# placeholders, the image and grounding tags, the sentencepiece specials (a tokenizer turns
+# a typed "</s>" into the end of the sequence), and ChatML-style control tokens (<|im_end|>,
+# InternLM2's <|action_start|>, ...). engine/prompts.py has no list of its own to import yet;
+# this one is meant to name the same markers serving keeps out of prompts.
 CONTROL_TOKENS = (
     IMAGE_PLACEHOLDER,
+    "<IMAGE_TOKEN>",
+    "<video>",
     "<img>",
     "</img>",
     "<IMG_CONTEXT>",
