@@ -5,6 +5,13 @@ before its text, then alternating answers and follow-up questions. Backends that
 text render it with `render_chatml` (InternVL2's InternLM2 template and the HF InternVL
 models' Qwen2 template are both ChatML); backends that take messages use `to_openai_messages`.
 
+User text never reaches a model as control tokens. A question (or an earlier answer, which
+may be a user's correction) holding ``<|im_end|>``, ``<IMG_CONTEXT>`` and the like would
+otherwise end turns, inject instructions or break the image layout; `build_messages` breaks
+every such token in it with an invisible zero-width space (`neutralise_control_tokens`), so
+that it is read as the text it looks like. Backends that tokenize themselves also keep user
+text from matching special tokens at the token level.
+
 The system prompt belongs to the model version: dishbot's own prompt for a base model, and
 for a model fine-tuned with XTuner the fixed prompt XTuner trained it with (XTuner's
 InternVL dataset ignores any other), so that what is trained is what is served.
@@ -12,7 +19,7 @@ InternVL dataset ignores any other), so that what is trained is what is served.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -33,6 +40,33 @@ XTUNER_INTERNLM2_SYSTEM_PROMPT = "You are an AI assistant whose name is InternLM
 # Where an image goes in the text of a turn, as InternVL and XTuner data write it.
 IMAGE_PLACEHOLDER = "<image>"
 
+# Strings that chat templates, InternVL and lmdeploy give a meaning to, whatever the model's
+# own tokenizer says: "<|" starts every ChatML-style token (<|im_start|>, <|im_end|>,
+# <|endoftext|>, InternLM2's <|action_start|>, ...); the rest are InternVL2's added tokens,
+# the image placeholders of XTuner data and of lmdeploy, and SentencePiece's specials.
+CHAT_CONTROL_TOKENS = (
+    "<|",
+    "<img>",
+    "</img>",
+    "<IMG_CONTEXT>",
+    IMAGE_PLACEHOLDER,
+    "<IMAGE_TOKEN>",
+    "<video>",
+    "<quad>",
+    "</quad>",
+    "<ref>",
+    "</ref>",
+    "<box>",
+    "</box>",
+    "<s>",
+    "</s>",
+    "<unk>",
+)
+
+# Invisible, and no tokenizer's control token contains it: inserted after a token's first
+# character, it leaves the text looking the same but no longer the token.
+_BREAK = "\u200b"
+
 Role = Literal["system", "user", "assistant"]
 
 
@@ -50,17 +84,60 @@ def system_prompt_for(model: ModelSpec) -> str:
     return model.system_prompt if model.system_prompt is not None else DISHBOT_SYSTEM_PROMPT
 
 
+def neutralise_control_tokens(text: str, model_tokens: Iterable[str] = ()) -> str:
+    """``text`` with every control token in it broken by an invisible zero-width space.
+
+    The tokens are `CHAT_CONTROL_TOKENS` and ``model_tokens`` (the model tokenizer's special
+    and added tokens, when known). Breaking repeats until none is left, so overlapping or
+    nested forms (``<im<image>age>``) cannot survive; nothing is removed, so nothing can
+    reassemble, and the text reads as before. Tokens shorter than two characters or made
+    of whitespace only are left alone: they cannot be broken, or are ordinary text.
+    """
+    tokens = {
+        token
+        for token in (*CHAT_CONTROL_TOKENS, *model_tokens)
+        if len(token) > 1 and not token.isspace() and _BREAK not in token
+    }
+    # Each pass breaks every occurrence it finds and can create none, so this ends.
+    while found := [token for token in tokens if token in text]:
+        for token in found:
+            text = text.replace(token, token[0] + _BREAK + token[1:])
+    return text
+
+
 def build_messages(
-    system_prompt: str, history: Sequence[Turn], question: str, num_images: int
+    system_prompt: str,
+    history: Sequence[Turn],
+    question: str,
+    num_images: int,
+    model_tokens: Iterable[str] = (),
 ) -> list[ChatMessage]:
-    """The conversation to send: system, then turns, the photos in the first user turn."""
+    """The conversation to send: system, then turns, the photos in the first user turn.
+
+    Every question and answer goes through `neutralise_control_tokens` (with the model's
+    own ``model_tokens``); the system prompt is the operator's and is sent as it is.
+    """
+    tokens = tuple(model_tokens)
     messages = [ChatMessage("system", system_prompt)]
     turns = [*((turn.question, turn.answer) for turn in history), (question, None)]
     for position, (asked, answered) in enumerate(turns):
-        messages.append(ChatMessage("user", asked, images=num_images if position == 0 else 0))
+        images = num_images if position == 0 else 0
+        messages.append(ChatMessage("user", neutralise_control_tokens(asked, tokens), images))
         if answered is not None:
-            messages.append(ChatMessage("assistant", answered))
+            messages.append(ChatMessage("assistant", neutralise_control_tokens(answered, tokens)))
     return messages
+
+
+@dataclass(frozen=True, slots=True)
+class PromptPart:
+    """A stretch of a rendered prompt: the template's own markup, or a message's text.
+
+    A tokenizer reads ``markup`` parts with their control tokens and every other part as
+    plain text, so no message can add a control token whatever it holds.
+    """
+
+    text: str
+    markup: bool
 
 
 def render_chatml(
@@ -71,6 +148,13 @@ def render_chatml(
     ``image_text(i)`` gives the text standing for image ``i`` (for InternVL, ``<img>``, the
     image context tokens, ``</img>``); each image is followed by a newline, as in training.
     """
+    return "".join(part.text for part in render_chatml_parts(messages, image_text))
+
+
+def render_chatml_parts(
+    messages: Sequence[ChatMessage], image_text: Callable[[int], str] = lambda _: IMAGE_PLACEHOLDER
+) -> list[PromptPart]:
+    """`render_chatml`'s prompt in parts: the template's markup and the messages' texts."""
     parts = []
     image_index = 0
     for message in messages:
@@ -78,9 +162,11 @@ def render_chatml(
         for _ in range(message.images):
             images += image_text(image_index) + "\n"
             image_index += 1
-        parts.append(f"<|im_start|>{message.role}\n{images}{message.text}<|im_end|>\n")
-    parts.append("<|im_start|>assistant\n")
-    return "".join(parts)
+        parts.append(PromptPart(f"<|im_start|>{message.role}\n{images}", markup=True))
+        parts.append(PromptPart(message.text, markup=False))
+        parts.append(PromptPart("<|im_end|>\n", markup=True))
+    parts.append(PromptPart("<|im_start|>assistant\n", markup=True))
+    return parts
 
 
 def to_openai_messages(
