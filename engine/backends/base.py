@@ -35,8 +35,9 @@ class Backend(Protocol):
         """Generate answers for ``jobs``, streaming text as it comes.
 
         Yields `JobDelta` events and, for every job, exactly one `JobFinished` or
-        `JobFailed` (a failure of one job need not fail the others). CPU- or GPU-bound
-        work runs off the event loop.
+        `JobFailed`. A job that fails, whatever its inputs, must not fail the others: its
+        users' answers do not depend on who else was asking. CPU- or GPU-bound work runs
+        off the event loop.
         """
         ...
 

@@ -6,6 +6,13 @@ all of its jobs left-padded into one batch. Images are tiled by dishbot itself
 (`engine.backends.torch_pixels`) and each tile stands in the prompt as the model's image
 context tokens, so the prompt is the exact ChatML text that training export writes.
 
+User text never becomes a control token: its control-token strings are broken by the shared
+template (`engine.prompts.neutralise_control_tokens`, with this tokenizer's special and added
+tokens), and the template's markup and the messages' texts are tokenized apart, the texts
+with special tokens split into plain characters. Jobs share one ``model.generate`` call, so
+when a batch fails, its jobs that had shown nothing yet are run again each alone: one job's
+inputs cannot cost the others their answers.
+
 Generation runs on one worker thread owned by the backend, so the event loop stays free and a
 model swap never overlaps a batch. Text streams back per job while the batch runs; each job
 stops on its own (end of answer, its own ``max_new_tokens``, or cancellation).
@@ -15,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import threading
 from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +39,7 @@ from transformers.utils import logging as hf_logging
 
 from engine.backends import torch_pixels
 from engine.errors import Cancelled, EngineError, GenerationFailed, ModelLoadFailed
-from engine.prompts import build_messages, render_chatml
+from engine.prompts import PromptPart, build_messages, render_chatml_parts
 from engine.types import (
     BackendEvent,
     GenerationJob,
@@ -41,6 +49,8 @@ from engine.types import (
     JobFinished,
     ModelSpec,
 )
+
+logger = logging.getLogger(__name__)
 
 # InternVL's markers around one image's context tokens; the context token itself is the one
 # whose id the checkpoint's config names (`image_token_id`).
@@ -83,16 +93,24 @@ class _LoadedModel:
     image_context_token: str
     pad_token_id: int
     stop_token_ids: frozenset[int]
+    control_tokens: tuple[str, ...]  # the tokenizer's special and added tokens
 
 
 @dataclass(slots=True)
 class _PreparedJob:
-    """A job turned into model inputs: its prompt text and its images' tiles."""
+    """A job turned into model inputs: its prompt's parts and its images' tiles."""
 
     index: int
     job: GenerationJob
-    prompt: str
+    prompt: list[PromptPart]
     pixel_values: torch.Tensor | None
+
+
+@dataclass(frozen=True, slots=True)
+class _BatchFailed:
+    """``model.generate`` raised; the rows not finished by then are left to the caller."""
+
+    error: Exception
 
 
 @dataclass(slots=True)
@@ -180,6 +198,46 @@ class TransformersBackend:
     async def _run_batch(
         self, loaded: _LoadedModel, batch: list[_PreparedJob]
     ) -> AsyncGenerator[BackendEvent, None]:
+        """Generate ``batch`` together; if that fails, each job that had shown nothing alone.
+
+        One job's inputs can fail the whole ``model.generate`` call; run alone, the others
+        get their answers and only that job fails. A job that had already streamed text
+        fails with the batch, since starting it again would show its beginning twice.
+        """
+        rows = [
+            _Row(prepared.index, prepared.job.params.max_new_tokens, prepared.job.cancelled)
+            for prepared in batch
+        ]
+        failure: Exception | None = None
+        async with aclosing(self._generate_batch(loaded, batch, rows)) as events:
+            async for event in events:
+                if isinstance(event, _BatchFailed):
+                    failure = event.error
+                else:
+                    yield event
+        if failure is None:
+            return
+        unfinished = [
+            (prepared, row) for prepared, row in zip(batch, rows, strict=True) if not row.done
+        ]
+        if len(batch) > 1:
+            logger.warning(
+                "a batch of %d jobs failed (%s); running the %d unfinished ones alone",
+                len(batch),
+                _first_line(failure),
+                len(unfinished),
+            )
+        for prepared, row in unfinished:
+            if len(batch) > 1 and not row.emitted and not row.cancelled.is_set():
+                async with aclosing(self._run_batch(loaded, [prepared])) as events:
+                    async for event in events:
+                        yield event
+            else:
+                yield JobFailed(row.index, _failure(row, failure))
+
+    async def _generate_batch(
+        self, loaded: _LoadedModel, batch: list[_PreparedJob], rows: list[_Row]
+    ) -> AsyncGenerator[BackendEvent | _BatchFailed, None]:
         """Run one ``model.generate`` on the worker thread and relay what it streams."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[BackendEvent | None] = asyncio.Queue()
@@ -191,10 +249,6 @@ class TransformersBackend:
             except RuntimeError:  # the loop is closed: nobody is listening any more
                 stop.set()
 
-        rows = [
-            _Row(prepared.index, prepared.job.params.max_new_tokens, prepared.job.cancelled)
-            for prepared in batch
-        ]
         work = _BatchRun(loaded, batch, rows, stop, emit)
         future = loop.run_in_executor(self._worker(), work.run)
         try:
@@ -203,9 +257,7 @@ class TransformersBackend:
             try:
                 await future
             except Exception as error:
-                for row in rows:
-                    if not row.done:
-                        yield JobFailed(row.index, _failure(row, error))
+                yield _BatchFailed(error)
         finally:
             # Reached early when the consumer stops listening: the batch must not run on.
             stop.set()
@@ -258,20 +310,16 @@ class _BatchRun:
 
     def _generate(self) -> None:
         loaded = self._loaded
-        inputs = loaded.tokenizer(
-            [prepared.prompt for prepared in self._batch],
-            return_tensors="pt",
-            padding=True,
-            add_special_tokens=False,
-        )
-        input_ids = inputs["input_ids"].to(loaded.device)
+        prompts = [_prompt_ids(loaded.tokenizer, prepared.prompt) for prepared in self._batch]
+        input_ids, attention_mask = _left_padded(prompts, loaded.pad_token_id)
+        input_ids = input_ids.to(loaded.device)
         tiles = [p.pixel_values for p in self._batch if p.pixel_values is not None]
         pixel_values = _joined(tiles).to(loaded.device, loaded.dtype) if tiles else None
         stop_ids = sorted(loaded.stop_token_ids)
         with torch.inference_mode():
             loaded.model.generate(
                 input_ids=input_ids,
-                attention_mask=inputs["attention_mask"].to(loaded.device),
+                attention_mask=attention_mask.to(loaded.device),
                 pixel_values=pixel_values,
                 max_new_tokens=max(row.max_new_tokens for row in self._rows),
                 pad_token_id=loaded.pad_token_id,
@@ -442,6 +490,7 @@ def _load_model(path: str, config: TransformersConfig) -> _LoadedModel:
         image_context_token=image_context_token,
         pad_token_id=pad_token_id,
         stop_token_ids=frozenset({end_of_turn, pad_token_id}),
+        control_tokens=tuple({*tokenizer.all_special_tokens, *tokenizer.get_added_vocab()}),
     )
 
 
@@ -485,9 +534,38 @@ def _prepare_job(loaded: _LoadedModel, index: int, job: GenerationJob) -> _Prepa
         tokens = loaded.image_tokens_per_tile * len(tiles[image_index])
         return START_IMAGE_TOKEN + loaded.image_context_token * tokens + END_IMAGE_TOKEN
 
-    messages = build_messages(job.system_prompt, job.history, job.question, len(job.images))
-    prompt = render_chatml(messages, image_text=image_text)
+    messages = build_messages(
+        job.system_prompt, job.history, job.question, len(job.images), loaded.control_tokens
+    )
+    prompt = render_chatml_parts(messages, image_text=image_text)
     return _PreparedJob(index, job, prompt, _joined(tiles) if tiles else None)
+
+
+def _prompt_ids(tokenizer: Any, prompt: list[PromptPart]) -> list[int]:
+    """The prompt's token ids: the template's markup with its control tokens, the messages'
+    texts as plain text, in which no string can become a special token."""
+    # Two tokenizer calls per prompt, not one per part; the parts keep their order.
+    markup_texts = [part.text for part in prompt if part.markup]
+    plain_texts = [part.text for part in prompt if not part.markup]
+    markup = iter(tokenizer(markup_texts, add_special_tokens=False)["input_ids"])
+    plain = iter(
+        tokenizer(plain_texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    )
+    ids: list[int] = []
+    for part in prompt:
+        ids.extend(next(markup if part.markup else plain))
+    return ids
+
+
+def _left_padded(prompts: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts as one batch, padded on the left, and its attention mask."""
+    width = max(len(ids) for ids in prompts)
+    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, width - len(ids) :] = 1
+    return input_ids, attention_mask
 
 
 def _joined(tiles: list[torch.Tensor]) -> torch.Tensor:
