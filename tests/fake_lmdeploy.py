@@ -13,6 +13,15 @@ It keeps lmdeploy's contract as read from its sources, and records every call:
   Response with the finish reason and empty text; the iterator ends after all of them.
 * ``Session.abort()`` cancels the session's request, which then ends with 'abort'; like
   lmdeploy's, it does nothing while the request has not started yet.
+* Each conversation is first made into a prompt as lmdeploy does for InternVL
+  (``lmdeploy/vl/model/internvl.py`` ``proc_messages``, then the model's ChatML template): an
+  image item becomes ``<img><IMG_CONTEXT></img>\\n`` and text is copied verbatim. The prompt
+  is then cut at every ``<IMG_CONTEXT>`` to splice the image features in
+  (``vl/model/base.py`` ``to_pytorch_aux`` / ``to_turbomind_aux``), and the request fails
+  with ``preprocess_failed`` unless there is one cut per image; ``<IMAGE_TOKEN>`` in a user's
+  text switches to the old placeholder layout, which drops the image items. The prompts
+  are recorded (``stream_calls[n]["rendered"]``): lmdeploy's tokenizer reads any special
+  token in them as that token.
 
 Replies are scripted per question (the text of the last user message) with `Reply`.
 """
@@ -28,6 +37,48 @@ from types import ModuleType
 from typing import Any
 
 ABORT_WAIT_S = 5.0
+
+# InternVL's image context token, where lmdeploy splices an image's features into the prompt.
+IMAGE_CONTEXT_TOKEN = "<IMG_CONTEXT>"
+# lmdeploy's old image placeholder (lmdeploy/vl/constants.py).
+IMAGE_TOKEN = "<IMAGE_TOKEN>"
+
+
+def render_prompt(messages: list[dict[str, Any]]) -> str:
+    """The prompt lmdeploy makes of an InternVL conversation, before tokenizing it."""
+    placeholder_layout = any(
+        IMAGE_TOKEN in _texts(message) for message in messages if message["role"] == "user"
+    )
+    parts = []
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, str) or message["role"] != "user":
+            text = content if isinstance(content, str) else _texts(message)
+        elif placeholder_layout:
+            text = _texts(message).replace(IMAGE_TOKEN, f"<img>{IMAGE_CONTEXT_TOKEN}</img>")
+        else:
+            text = "".join(
+                item["text"] if item["type"] == "text" else f"<img>{IMAGE_CONTEXT_TOKEN}</img>\n"
+                for item in content
+            )
+        parts.append(f"<|im_start|>{message['role']}\n{text}<|im_end|>\n")
+    return "".join(parts) + "<|im_start|>assistant\n"
+
+
+def count_images(messages: list[dict[str, Any]]) -> int:
+    return sum(
+        item["type"] != "text"
+        for message in messages
+        if isinstance(message["content"], list)
+        for item in message["content"]
+    )
+
+
+def _texts(message: dict[str, Any]) -> str:
+    content = message["content"]
+    if isinstance(content, str):
+        return content
+    return "".join(item["text"] for item in content if item["type"] == "text")
 
 
 @dataclass
@@ -140,13 +191,23 @@ class FakePipeline:
             raise self.lmdeploy.stream_error
         assert all(isinstance(prompt, list) for prompt in prompts)
         assert len(sessions) == len(prompts) == len(gen_config)
+        # What lmdeploy tokenizes for each conversation; its tokenizer reads special tokens.
+        rendered = [render_prompt(prompt) for prompt in prompts]
         self.stream_calls.append(
-            {"prompts": prompts, "sessions": sessions, "gen_config": gen_config, **kwargs}
+            {
+                "prompts": prompts,
+                "sessions": sessions,
+                "gen_config": gen_config,
+                "rendered": rendered,
+                **kwargs,
+            }
         )
         queue: Queue[Response | None] = Queue()
         threads = [
-            threading.Thread(target=self._run, args=(index, prompt, session, queue))
-            for index, (prompt, session) in enumerate(zip(prompts, sessions, strict=True))
+            threading.Thread(target=self._run, args=(index, prompt, text, session, queue))
+            for index, (prompt, text, session) in enumerate(
+                zip(prompts, rendered, sessions, strict=True)
+            )
         ]
         for thread in threads:
             thread.start()
@@ -160,16 +221,28 @@ class FakePipeline:
         return iter(queue.get, None)
 
     def _run(
-        self, index: int, prompt: list[dict[str, Any]], session: FakeSession, queue: Queue[Any]
+        self,
+        index: int,
+        prompt: list[dict[str, Any]],
+        rendered: str,
+        session: FakeSession,
+        queue: Queue[Any],
     ) -> None:
-        reply = self.lmdeploy.reply_for(prompt)
         generated = 0
-        if self.lmdeploy.start_gate is not None:
-            self.lmdeploy.start_gate.wait(ABORT_WAIT_S)
-        session.started.set()
 
         def out(text: str, reason: str | None = None, **extra: Any) -> None:
             queue.put(Response(text, generated, 100, reason, index=index, **extra))
+
+        cuts, images = rendered.count(IMAGE_CONTEXT_TOKEN), count_images(prompt)
+        if cuts != images:
+            message = f"the number of {IMAGE_CONTEXT_TOKEN} is not equal to input images"
+            detail = f"{message}, {cuts} vs {images}"
+            out("", "error", error_code="preprocess_failed", error_message=detail)
+            return
+        reply = self.lmdeploy.reply_for(prompt)
+        if self.lmdeploy.start_gate is not None:
+            self.lmdeploy.start_gate.wait(ABORT_WAIT_S)
+        session.started.set()
 
         for piece in reply.pieces:
             if session.aborted.is_set():

@@ -10,6 +10,11 @@ What it promises:
   as a system message, so dishbot's prompt, or XTuner's for a fine-tuned model, is what the
   model sees instead of lmdeploy's default.
 * Photos go in as PIL images, not re-encoded, each limited to ``job.max_tiles`` tiles.
+* User text reaches lmdeploy with its control tokens broken (`engine.prompts`): lmdeploy
+  copies message text into the prompt verbatim, cuts the prompt at every ``<IMG_CONTEXT>``
+  to splice the images in (failing the request if the count is off), and its tokenizer
+  reads any special token in the text as that token. The tokens are the generic ones and
+  those the model's tokenizer files declare, read at load.
 * Greedy or sampled decoding is always said explicitly (lmdeploy decodes greedily unless
   ``do_sample=True``).
 * A job whose ``cancelled`` event is set ends at once with ``JobFailed(index, Cancelled(...))``
@@ -62,6 +67,12 @@ AsyncEngine refactor of early 2026. Recheck them against 0.18 on a GPU host.
 * ``lmdeploy/model.py``: with no ``chat_template_config`` the template is matched from the
   model path; no built-in template matches InternVL2, so the ``hf`` template (the model's
   own tokenizer chat template, ChatML with no default system prompt) is used.
+* ``lmdeploy/vl/model/internvl.py`` ``proc_messages`` writes each image item as
+  ``<img><IMG_CONTEXT></img>\\n`` and copies text verbatim (``<IMAGE_TOKEN>`` in a user's
+  text selects an older layout); ``vl/model/base.py`` ``to_pytorch_aux`` /
+  ``to_turbomind_aux`` split the prompt at ``<IMG_CONTEXT>``, assert one split per image,
+  and tokenize each piece with the HF tokenizer, special tokens included;
+  ``lmdeploy/pipeline.py`` ``_infer`` turns a failed request into its own 'error' Response.
 """
 
 from __future__ import annotations
@@ -70,11 +81,13 @@ import asyncio
 import contextlib
 import gc
 import importlib
+import json
 import logging
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import ModuleType
 from typing import Any, Literal
 
@@ -125,15 +138,21 @@ class LMDeployConfig:
             raise ValueError("cache_max_entry_count must be positive")
 
 
-def lmdeploy_messages(job: GenerationJob) -> list[dict[str, object]]:
+def lmdeploy_messages(
+    job: GenerationJob, model_tokens: Sequence[str] = ()
+) -> list[dict[str, object]]:
     """The job's conversation in the GPT4V-style message format lmdeploy's pipeline takes.
 
     The system prompt is the first message; photos are PIL images in the first user turn,
-    before its text, each with ``max_dynamic_patch`` set to the job's tile limit.
+    before its text, each with ``max_dynamic_patch`` set to the job's tile limit. Control
+    tokens in the questions and answers (``model_tokens`` and the generic ones) are broken.
     """
     messages: list[dict[str, object]] = []
     images = iter(job.images)
-    for message in build_messages(job.system_prompt, job.history, job.question, len(job.images)):
+    conversation = build_messages(
+        job.system_prompt, job.history, job.question, len(job.images), model_tokens
+    )
+    for message in conversation:
         if not message.images:
             messages.append({"role": message.role, "content": message.text})
             continue
@@ -169,6 +188,7 @@ class LMDeployBackend:
         self._lmdeploy: ModuleType | None = None
         self._pipeline: Any = None
         self._model: ModelSpec | None = None
+        self._model_tokens: tuple[str, ...] = ()
         # Streams whose lmdeploy requests may still run, even after their generate() ended.
         self._streams: set[_Stream] = set()
 
@@ -194,6 +214,7 @@ class LMDeployBackend:
         """
         lmdeploy = _import_lmdeploy()
         await self.close()
+        model_tokens = await asyncio.to_thread(tokenizer_control_tokens, model.path)
         backend_config = self._backend_config(lmdeploy)
         build = _pipeline_builder(lmdeploy, model.path, backend_config, self.config.log_level)
         future = asyncio.get_running_loop().run_in_executor(None, build)
@@ -211,6 +232,7 @@ class LMDeployBackend:
         self._lmdeploy = lmdeploy
         self._pipeline = pipeline
         self._model = model
+        self._model_tokens = model_tokens
         logger.info("lmdeploy loaded %s from %s (%s)", model.name, model.path, self.config)
 
     async def generate(self, jobs: Sequence[GenerationJob]) -> AsyncGenerator[BackendEvent, None]:
@@ -230,7 +252,7 @@ class LMDeployBackend:
         for index, job in enumerate(jobs):
             try:
                 gen_config = lmdeploy.GenerationConfig(**generation_config_kwargs(job.params))
-                requests.append((index, lmdeploy_messages(job), gen_config))
+                requests.append((index, lmdeploy_messages(job, self._model_tokens), gen_config))
             except Exception as error:  # bad parameters fail this job, not its neighbours
                 yield stream.fail(index, GenerationFailed(f"lmdeploy refused the job: {error}"))
         if not requests:
@@ -446,6 +468,65 @@ def _log_abort_failure(future: asyncio.Future[None]) -> None:
 
 
 # -- loading and freeing --------------------------------------------------------------------
+
+# The files in which an HF tokenizer declares its special and added tokens.
+_TOKENIZER_FILES = (
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.json",
+)
+
+
+def tokenizer_control_tokens(model_path: str) -> tuple[str, ...]:
+    """The special and added tokens the tokenizer files in ``model_path`` declare.
+
+    Nothing when ``model_path`` is not a local directory (a hub id): user text is then guarded
+    by the generic control tokens only. A file that cannot be read adds nothing.
+    """
+    directory = Path(model_path).expanduser()
+    tokens: set[str] = set()
+    for name in _TOKENIZER_FILES:
+        try:
+            data = json.loads((directory / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if not isinstance(data, dict):
+            continue
+        if name == "added_tokens.json":  # {token: id}
+            tokens.update(key for key in data if isinstance(key, str))
+            continue
+        if name == "tokenizer.json":  # the fast tokenizer: only its added tokens
+            data = {"added_tokens": data.get("added_tokens")}
+        tokens.update(_declared_tokens(data))
+    return tuple(sorted(tokens))
+
+
+_TOKEN_LISTS = ("added_tokens", "additional_special_tokens", "extra_special_tokens")
+
+
+def _declared_tokens(config: dict[str, Any]) -> set[str]:
+    """Token strings in a tokenizer config: added tokens, ``*_token`` and special lists."""
+    tokens: set[str] = set()
+    for key, value in config.items():
+        if key == "added_tokens_decoder" and isinstance(value, dict):
+            tokens |= _token_strings(list(value.values()))
+        elif key.endswith("_token") or key in _TOKEN_LISTS:
+            tokens |= _token_strings(value)
+    return tokens
+
+
+def _token_strings(value: object) -> set[str]:
+    """A token given as a string, an AddedToken dict, or a list or map of them."""
+    if isinstance(value, str):
+        return {value}
+    if isinstance(value, dict):
+        if isinstance(value.get("content"), str):
+            return {value["content"]}
+        return set().union(*(_token_strings(item) for item in value.values()))
+    if isinstance(value, list):
+        return set().union(*(_token_strings(item) for item in value))
+    return set()
 
 
 def _import_lmdeploy() -> ModuleType:
