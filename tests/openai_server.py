@@ -98,6 +98,27 @@ class RecordedRequest:
         ]
 
     @property
+    def prompt(self) -> str:
+        """The text an lmdeploy api_server serving InternVL would tokenize for this request.
+
+        Its ChatML template copies each message's text verbatim and writes an image as
+        ``<img><IMG_CONTEXT></img>``; its tokenizer then reads any special token in the text
+        as that token.
+        """
+        parts = []
+        for message in self.messages:
+            content = message["content"]
+            if isinstance(content, str):
+                text = content
+            else:
+                text = "".join(
+                    part["text"] if part.get("type") == "text" else "<img><IMG_CONTEXT></img>\n"
+                    for part in content
+                )
+            parts.append(f"<|im_start|>{message['role']}\n{text}<|im_end|>\n")
+        return "".join(parts) + "<|im_start|>assistant\n"
+
+    @property
     def images(self) -> list[bytes]:
         """The images, decoded from their ``data:image/jpeg;base64,`` URLs."""
         return [

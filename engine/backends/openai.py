@@ -8,6 +8,10 @@ What it promises:
 
 * Photos travel inline as ``data:image/jpeg;base64,...`` URLs, never as links: lmdeploy's
   server refuses URLs that resolve to private addresses, and the photo lives here anyway.
+* User text is sent with its control tokens broken (`engine.prompts`): the server copies it
+  into its template verbatim and its tokenizer would read ``<|im_end|>`` or
+  ``<IMG_CONTEXT>`` there as the real token. The server's tokenizer is unknown here, so the
+  generic ChatML and InternVL tokens are the ones broken.
 * A request that fails before the user saw any text (connection refused or dropped, HTTP
   5xx, 429) is retried with exponential backoff; once text has been streamed a failure fails
   the job, because retrying would show the user a second, different beginning. Other 4xx
