@@ -16,6 +16,7 @@ import re
 import signal
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -714,6 +715,202 @@ async def test_a_failure_in_the_engine_gets_an_apology_and_is_recorded(bot: Bot)
     assert exchange.error is not None
     assert "out of memory" in exchange.error
     assert exchange.question_message_id == str(question["message_id"])
+
+
+# -- hostile input -----------------------------------------------------------------------------
+
+FORGED_CALLBACK_DATA = {
+    "huge-exchange-id": "dishbot:rate:99999999999999999999999:up",
+    "superscript-digit": "dishbot:rate:²:up",
+    "negative-id": "dishbot:rate:-1:up",
+    "huge-correction-id": "dishbot:fix:99999999999999999999999",
+    "empty-fields": "dishbot:::",
+    "another-bots-data": "pollbot:vote:1",
+}
+QUIET_REFUSALS = (None, "That button no longer works.", "That answer is no longer stored.")
+
+
+def failures_logged(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [record for record in caplog.records if record.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize(
+    "data", FORGED_CALLBACK_DATA.values(), ids=list(FORGED_CALLBACK_DATA.keys())
+)
+async def test_forged_callback_data_gets_a_quiet_refusal_and_the_bot_keeps_serving(
+    bot: Bot, data: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    telegram = bot.telegram
+    question = send_photo(telegram, ADA, ADA.private_chat, "what is it?")
+    answer = await bot.answer_to(ADA, ADA.private_chat, question)
+
+    query_id = telegram.forge_button_press(ADA, answer, data)
+    ack = await telegram.wait_for(
+        "answerCallbackQuery", lambda c: c.params["callback_query_id"] == query_id
+    )
+
+    assert ack.params.get("text") in QUIET_REFUSALS
+    assert not any("Sorry" in text for text in bot_texts(telegram, ADA.private_chat))
+    assert failures_logged(caplog) == [], "no apology, no traceback: nothing failed"
+    [exchange] = await bot.exchanges()
+    assert await bot.store.ratings(exchange.id) == []
+    following = send_photo(telegram, LIN, LIN.private_chat, "下一个")
+    assert (await bot.answer_to(LIN, LIN.private_chat, following))["text"] == (
+        f"{MODEL} says: 下一个"
+    )
+
+
+async def test_buttons_forged_for_another_chats_answer_change_nothing_there(bot: Bot) -> None:
+    telegram = bot.telegram
+    theirs = send_photo(telegram, LIN, LIN.private_chat, "她的")
+    await bot.answer_to(LIN, LIN.private_chat, theirs)
+    mine = send_photo(telegram, ADA, ADA.private_chat, "mine", colour=(1, 1, 1))
+    answer = await bot.answer_to(ADA, ADA.private_chat, mine)
+    their_exchange, _ = await bot.exchanges()
+
+    acks = []
+    for data in (f"dishbot:rate:{their_exchange.id}:down", f"dishbot:fix:{their_exchange.id}"):
+        query_id = telegram.forge_button_press(ADA, answer, data)
+        acks.append(
+            await telegram.wait_for(
+                "answerCallbackQuery", lambda c, q=query_id: c.params["callback_query_id"] == q
+            )
+        )
+
+    assert [ack.params.get("text") for ack in acks] == ["That answer is no longer stored."] * 2
+    assert await bot.store.ratings(their_exchange.id) == []
+    assert not any("What is it actually?" in t for t in bot_texts(telegram, ADA.private_chat))
+    assert not any("What is it actually?" in t for t in bot_texts(telegram, LIN.private_chat))
+
+
+async def test_a_forget_confirmation_forged_for_another_user_deletes_nothing(bot: Bot) -> None:
+    telegram = bot.telegram
+    question = send_photo(telegram, ADA, ADA.private_chat, "mine")
+    await bot.answer_to(ADA, ADA.private_chat, question)
+    telegram.send_text(LIN, LIN.private_chat, "/forget")
+    confirm = await telegram.wait_for("sendMessage", lambda c: c.params["chat_id"] == LIN.id)
+    confirmation = telegram.message(LIN.id, confirm.result["message_id"])
+
+    query_id = telegram.forge_button_press(LIN, confirmation, f"dishbot:forget:{ADA.id}")
+    ack = await telegram.wait_for(
+        "answerCallbackQuery", lambda c: c.params["callback_query_id"] == query_id
+    )
+
+    assert ack.params["text"] == "这个按钮不是给你的。"
+    assert await bot.store.find_user("telegram", str(ADA.id)) is not None
+    assert await bot.count(Exchange) == 1
+    assert telegram.message(LIN.id, confirmation["message_id"]) == confirmation, "unchanged"
+
+
+def _words(length: int) -> str:
+    """Words of a question, exactly ``length`` characters long."""
+    text = ("spicy " * length)[:length]
+    return text[:-1] + "y" if text.endswith(" ") else text
+
+
+async def test_captions_and_texts_at_telegrams_limits_are_refused_politely_not_asked(
+    bot: Bot,
+) -> None:
+    telegram = bot.telegram
+    caption = _words(1024)  # the longest caption Telegram sends
+    photo = send_photo(telegram, ADA, ADA.private_chat, caption)
+    caption_refusal = await telegram.wait_for(
+        "sendMessage", lambda c: c.params["reply_parameters"]["message_id"] == photo["message_id"]
+    )
+    text = telegram.send_text(LIN, LIN.private_chat, _words(4096))["message"]  # the longest text
+    text_reply = await telegram.wait_for("sendMessage", lambda c: c.params["chat_id"] == LIN.id)
+
+    assert caption_refusal.params["text"].startswith("That question is too long for me")
+    assert text_reply.params["reply_parameters"]["message_id"] == text["message_id"]
+    assert "Traceback" not in text_reply.params["text"]
+    assert bot.backend.jobs == [], "the model is not given a question over the length limit"
+    following = send_photo(telegram, LIN, LIN.private_chat, "下一个")
+    assert (await bot.answer_to(LIN, LIN.private_chat, following))["text"] == (
+        f"{MODEL} says: 下一个"
+    )
+
+
+async def test_a_caption_over_telegrams_limit_in_a_forged_update_is_not_asked(bot: Bot) -> None:
+    telegram = bot.telegram
+    photo = telegram.add_file(jpeg_bytes())
+    telegram.push_update(  # no Telegram client sends this; an update is all it takes
+        {
+            "message": {
+                "message_id": 9001,
+                "from": ADA.to_api(),
+                "chat": ADA.private_chat.to_api(),
+                "date": int(time.time()),
+                "photo": [{"file_id": photo, "file_unique_id": "u1", "width": 96, "height": 64}],
+                "caption": _words(50_000),
+            }
+        }
+    )
+
+    refusal = await telegram.wait_for("sendMessage", lambda c: c.params["chat_id"] == ADA.id)
+
+    assert refusal.params["text"].startswith("That question is too long for me")
+    assert bot.backend.jobs == []
+    [exchange] = await bot.exchanges()
+    assert exchange.status is ExchangeStatus.FAILED
+    assert len(exchange.question) <= 1024, "a flood of text is not stored whole"
+
+
+@pytest.mark.parametrize("file_name", ["../../etc/passwd.jpg", "a/b\\c.png", "/tmp/evil.jpg"])
+async def test_a_documents_file_name_never_becomes_a_path_on_disk(
+    bot: Bot, file_name: str, tmp_path: Path
+) -> None:
+    telegram = bot.telegram
+    file_id = telegram.add_file(jpeg_bytes(size=(120, 90)))
+    question = telegram.send_document(
+        ADA, ADA.private_chat, file_id, file_name=file_name, mime_type="image/jpeg"
+    )
+
+    answer = await bot.answer_to(ADA, ADA.private_chat, question)
+
+    assert answer["text"] == f"{MODEL} says: What dish is this?"
+    [exchange] = await bot.exchanges()
+    assert exchange.photo_sha256 is not None
+    photo = await bot.store.get_photo(exchange.photo_sha256)
+    assert photo is not None
+    stored = bot.store.photo_file(photo)
+    assert stored.name.startswith(exchange.photo_sha256), "named by its content only"
+    assert _images_under(tmp_path) == [stored]
+    leaf = file_name.replace("\\", "/").rsplit("/", 1)[-1]
+    assert not _exists(Path("/etc", leaf))
+    assert not _exists(Path("/tmp", leaf))
+
+
+def _images_under(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file() and p.suffix in (".jpg", ".png")]
+
+
+def _exists(path: Path) -> bool:
+    return path.exists()
+
+
+async def test_invisible_characters_in_a_correction_are_stored_cleaned(bot: Bot) -> None:
+    telegram = bot.telegram
+    question = send_photo(telegram, ADA, ADA.private_chat, "what is it?")
+    answer = await bot.answer_to(ADA, ADA.private_chat, question)
+    telegram.press_button(ADA, answer, button_data(answer, "✏️"))
+    prompt = await telegram.wait_for(
+        "sendMessage", lambda c: "What is it actually?" in c.params["text"]
+    )
+
+    telegram.send_text(
+        ADA,
+        ADA.private_chat,
+        "\u200b肠\u200c粉\u202e (rice\u2066 noodle\u2069 roll)\ufeff\u200e",
+        reply_to_message_id=prompt.result["message_id"],
+    )
+
+    thanks = await telegram.wait_for(
+        "sendMessage", lambda c: c.params["text"].startswith("Thanks!")
+    )
+    [exchange] = await bot.exchanges()
+    [correction] = await bot.store.corrections(exchange.id)
+    assert correction.text == "肠粉 (rice noodle roll)"
+    assert "肠粉 (rice noodle roll)" in thanks.params["text"]
 
 
 def _reply_message_ids(bot: Bot) -> Callable[[], Any]:
