@@ -629,6 +629,19 @@ async def test_a_message_sent_as_a_channel_is_the_channels_and_its_rating_the_pr
     assert await bot.store.find_user("telegram", str(CHANNEL_BOT.id)) is None
 
 
+async def test_forget_sent_on_behalf_of_a_group_asks_the_person_to_use_their_own_account(
+    bot: Bot,
+) -> None:
+    telegram = bot.telegram
+    telegram.add_chat(FOODIES)
+    telegram.send_text(GROUP_ANONYMOUS_BOT, FOODIES, f"/forget{MENTION}", sender_chat=FOODIES)
+
+    answer = await telegram.wait_for("sendMessage", lambda c: c.params["chat_id"] == FOODIES.id)
+
+    assert answer.params["text"].startswith("/forget deletes one person's data")
+    assert "reply_markup" not in answer.params, "no confirmation no one could press"
+
+
 # -- platform trouble and bad input ----------------------------------------------------------
 
 

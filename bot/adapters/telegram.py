@@ -444,7 +444,7 @@ def _person(message: Message | None) -> Person | None:
         return None
     chat = message.sender_chat
     if chat is not None:
-        return Person(PLATFORM, f"{SENDER_CHAT_PREFIX}{chat.id}", chat.effective_name)
+        return Person(PLATFORM, f"{SENDER_CHAT_PREFIX}{chat.id}", chat.effective_name, is_chat=True)
     user = message.from_user
     if user is None or user.id in PLACEHOLDER_SENDER_IDS:
         return None

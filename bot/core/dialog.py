@@ -779,6 +779,8 @@ class Dialog:
                     else say("cancel_none", language)
                 )
                 await port.send(where, words, reply_to=reply_to)
+            case "forget" if command.who.is_chat:
+                await port.send(where, say("forget_people_only", language), reply_to=reply_to)
             case "forget":
                 await port.send(
                     where,

@@ -18,6 +18,9 @@ class Person:
     user_id: str
     display_name: str | None = None
     language: str | None = None  # the platform's language code (e.g. "zh-hans", "en-US")
+    # A chat speaking as itself (Telegram's anonymous group admins, posts as a channel): whoever
+    # is behind it, there is no one person to confirm /forget.
+    is_chat: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -173,6 +173,14 @@ MESSAGES: Final[dict[str, dict[Language, str]]] = {
         "zh": "我不认识这个命令。/help 可以查看所有命令。",
     },
     "admin_only": {"en": "That command is for admins.", "zh": "这个命令只有管理员可以用。"},
+    "forget_people_only": {
+        "en": (
+            "/forget deletes one person's data, and this message was sent on behalf of a chat. "
+            "Send /forget from your own account to delete yours."
+        ),
+        "zh": "/forget 删除的是某个人的数据，而这条消息是以群组或频道身份发送的。"
+        "请用你自己的账号发送 /forget 来删除你的数据。",
+    },
     "question_too_long": {
         "en": "That question is too long for me: please keep it to {limit} characters or fewer.",
         "zh": "这个问题太长了：请控制在 {limit} 个字符以内。",
@@ -196,6 +204,10 @@ _IMAGE_REASONS_ZH: Final[dict[str, str]] = {
     images.NOT_AN_ACCEPTED_IMAGE: "它不是 JPEG、PNG、WebP 或 HEIC 图片",
     images.CORRUPT_IMAGE: "图片数据不完整或已损坏",
     images.HEIC_NOT_SUPPORTED: "这里不支持 HEIC 照片，请用 JPEG 格式发送",
+    images.TOO_MANY_SCANS: "这张 JPEG 的渐进扫描次数太多，无法安全解码",
+    images.TOO_MANY_PARTS: "文件由太多部分组成，无法安全解码",
+    images.TOO_SLOW_TO_DECODE: "图片解码耗时太长",
+    images.TOO_MUCH_METADATA: "图片附带的元数据超出允许范围",
 }
 
 
