@@ -1,7 +1,10 @@
 """Safe image decoding and InternVL tiling: untrusted bytes in, model-ready pixels out.
 
 Photos come from strangers, so every limit is checked before any pixel is decoded: the byte
-size first, then the width and height the header declares. Large JPEGs are decoded at a
+size first, then the file's structure (a JPEG's scans and segments, a PNG's chunks, counted
+from the markers alone), then the width and height the header declares. Decoding itself has a
+time budget: Pillow's decoders cannot be interrupted, but they ask for input a chunk at a
+time, and the input stops (`BadImage`) once the budget is spent. Large JPEGs are decoded at a
 reduced scale directly (libjpeg's DCT scaling: 1/2, 1/4 or 1/8, the smallest that still covers
 the tile grid), which is most of the speed and memory saving; other formats are shrunk to
 what InternVL's dynamic tiling can use right after decoding.
@@ -21,7 +24,10 @@ import asyncio
 import functools
 import importlib
 import io
+import re
+import struct
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,6 +43,19 @@ MAX_IMAGE_BYTES = 20 * 1024 * 1024
 # 50 megapixels is above any phone camera (a 48 MP sensor is 8064×6048) and well under
 # Pillow's own bomb limit, so a real photo passes and a bomb is refused by the header alone.
 MAX_IMAGE_PIXELS = 50_000_000
+# Encoders write few scans: libjpeg's default progression has 10 for a colour photo (18 for
+# CMYK), mozjpeg's and cameras' fewer. libjpeg walks every block of the image for each scan,
+# however small, so thousands of 26-byte scans cost minutes of CPU for under a megabyte.
+MAX_JPEG_SCANS = 100
+# A photo has tens of segments (APPn, COM, tables); even 20 MB of full 64 KB ones is 320.
+# Pillow parses each in Python: a million empty ones cost seconds and hundreds of MB.
+MAX_JPEG_SEGMENTS = 1000
+# A PNG has a handful of metadata chunks plus its data in chunks of usually 8 to 64 KB, so a
+# 20 MB one has at most a few thousand; a flood of tiny ones costs 20 to 50 µs each in Pillow.
+# Animations count all their frames' chunks: over 10,000 is thousands of frames, not a photo.
+MAX_PNG_CHUNKS = 10_000
+# Seconds one photo may take to decode: a 50 MP progressive JPEG takes well under one.
+DECODE_TIME_BUDGET_S = 5.0
 TILE_SIZE = 448
 # Bands of the tile grid `pixel_values` resamples at once (Pillow resamples without the GIL).
 RESAMPLE_THREADS = 2
@@ -46,6 +65,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 NOT_AN_ACCEPTED_IMAGE = "the file is not a JPEG, PNG, WebP or HEIC image"
 CORRUPT_IMAGE = "the image data is truncated or corrupt"
 HEIC_NOT_SUPPORTED = "HEIC photos are not supported here; please send it as a JPEG"
+TOO_MANY_SCANS = "the JPEG has too many progressive scans to decode safely"
+TOO_MANY_PARTS = "the file is made of too many parts to decode safely"
+TOO_SLOW_TO_DECODE = "the image took too long to decode"
+TOO_MUCH_METADATA = "the image carries more metadata than allowed"
 
 _WHITE = (255, 255, 255)
 _BASE_FORMATS = ("JPEG", "PNG", "WEBP")
@@ -68,6 +91,20 @@ _ORIENTATION_TRANSPOSE = {
     8: Image.Transpose.ROTATE_90,
 }
 _SWAPS_AXES = frozenset({5, 6, 7, 8})
+# The next marker after a segment or in a scan's data, as libjpeg finds it: 0xFF (the last of
+# any 0xFF fill) then a byte that is not 0 (the 0xFF was a data byte) nor a restart marker
+# (which has no segment). One literal byte first, so the search runs in C at memchr speed.
+_JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+_JPEG_SOS = 0xDA
+_JPEG_EOI = 0xD9
+_JPEG_WITHOUT_LENGTH = frozenset({0x01, 0xD8})  # TEM and SOI
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# The names of PngImagePlugin's limits on inflated metadata, which its errors mention.
+_PNG_METADATA_LIMITS = ("MAX_TEXT_CHUNK", "MAX_TEXT_MEMORY")
+# libjpeg decodes everything it is handed in one call: 16 KB at a time lets the time budget
+# be checked often (every 0.1 s or so for a scan bomb of a 16 MP image) at no measurable cost
+# to an ordinary photo.
+_JPEG_FEED_BYTES = 16 * 1024
 
 # ToTensor divides by 255, Normalize subtracts the mean and divides by the std; folded into
 # one multiply and one subtract per channel.
@@ -104,20 +141,32 @@ def decode_image(
     max_tiles: int,
     max_bytes: int = MAX_IMAGE_BYTES,
     max_pixels: int = MAX_IMAGE_PIXELS,
+    max_jpeg_scans: int = MAX_JPEG_SCANS,
+    time_budget_s: float = DECODE_TIME_BUDGET_S,
 ) -> DecodedImage:
     """Decode untrusted image bytes into an upright RGB image sized for ``max_tiles`` tiles.
 
     Raises `BadImage` with a reason a user can be told when the data is empty, larger than
-    ``max_bytes``, declares more than ``max_pixels`` pixels, is not a JPEG, PNG, WebP or
-    (when pillow-heif is installed) HEIC/HEIF image, or is truncated or corrupt.
+    ``max_bytes``, is a JPEG of more than ``max_jpeg_scans`` scans or a file of too many
+    segments or chunks, declares more than ``max_pixels`` pixels, is not a JPEG, PNG, WebP or
+    (when pillow-heif is installed) HEIC/HEIF image, carries more (decompressed) metadata
+    than Pillow's limits, is truncated or corrupt, or takes over ``time_budget_s`` seconds to
+    decode (the decode then stops itself, freeing its thread).
     """
     _check_max_tiles(max_tiles)
     if not data:
         raise BadImage("the file is empty")
     if len(data) > max_bytes:
         raise BadImage(f"the photo is larger than {max_bytes / (1024 * 1024):g} MB")
+    if data.startswith(b"\xff\xd8"):
+        _check_jpeg_structure(data, max_jpeg_scans)
+    elif data.startswith(_PNG_SIGNATURE):
+        _check_png_structure(data)
+    stream = _BudgetedBytes(data, time_budget_s)
     try:
-        with Image.open(io.BytesIO(data), formats=_accepted_formats()) as opened:
+        with Image.open(stream, formats=_accepted_formats()) as opened:
+            if opened.format in _DRAFTABLE_FORMATS:
+                stream.hand_out_at_most(_JPEG_FEED_BYTES)
             return _decode_opened(opened, max_tiles, max_pixels)
     except BadImage:
         raise
@@ -127,6 +176,11 @@ def decode_image(
         raise BadImage(reason) from exc
     except Image.DecompressionBombError as exc:
         raise BadImage(f"the image has more than the {_megapixels(max_pixels)} allowed") from exc
+    except ValueError as exc:
+        # Pillow inflates a PNG's compressed text and ICC profile only up to its limits
+        # (MAX_TEXT_CHUNK each, MAX_TEXT_MEMORY in all) and names the limit when it stops.
+        too_much = any(name in str(exc) for name in _PNG_METADATA_LIMITS)
+        raise BadImage(TOO_MUCH_METADATA if too_much else CORRUPT_IMAGE) from exc
     except Exception as exc:
         # Image parsers fail in many ways on hostile input (OSError, SyntaxError, struct and
         # zlib errors, ValueError...); to the user they all mean the same thing.
@@ -139,10 +193,24 @@ async def load_image(
     max_tiles: int,
     max_bytes: int = MAX_IMAGE_BYTES,
     max_pixels: int = MAX_IMAGE_PIXELS,
+    max_jpeg_scans: int = MAX_JPEG_SCANS,
+    time_budget_s: float = DECODE_TIME_BUDGET_S,
 ) -> DecodedImage:
-    """`decode_image` in a worker thread, so decoding never blocks the event loop."""
+    """`decode_image` in a worker thread, so decoding never blocks the event loop.
+
+    A thread cannot be cancelled: if the caller gives up, the decode still runs to its end,
+    which ``time_budget_s`` bounds.
+    """
     return await asyncio.to_thread(
-        decode_image, data, max_tiles=max_tiles, max_bytes=max_bytes, max_pixels=max_pixels
+        functools.partial(
+            decode_image,
+            data,
+            max_tiles=max_tiles,
+            max_bytes=max_bytes,
+            max_pixels=max_pixels,
+            max_jpeg_scans=max_jpeg_scans,
+            time_budget_s=time_budget_s,
+        )
     )
 
 
@@ -345,6 +413,75 @@ def encode_jpeg(image: Image.Image, quality: int = 90) -> bytes:
     buffer = io.BytesIO()
     rgb.save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
+
+
+class _BudgetedBytes(io.BytesIO):
+    """The photo's bytes, handed to Pillow only until the decode's time budget is spent.
+
+    Pillow's decoders run in C and cannot be stopped, but `ImageFile.load` feeds them a chunk
+    at a time (read, decode what was read, read again), and its parsers read header by
+    header; each read checks the clock, so a decode over budget stops at its next read.
+    """
+
+    def __init__(self, data: bytes, budget_s: float) -> None:
+        super().__init__(data)
+        self._deadline = time.monotonic() + budget_s
+        self._most: int | None = None
+
+    def hand_out_at_most(self, size: int) -> None:
+        """From now on give at most ``size`` bytes a read (only once headers are parsed:
+        Pillow's header parsers take a short read for a truncated file)."""
+        self._most = size
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        if time.monotonic() > self._deadline:
+            raise BadImage(TOO_SLOW_TO_DECODE)
+        if self._most is not None and (size is None or size < 0 or size > self._most):
+            size = self._most
+        return super().read(size)
+
+
+def _check_jpeg_structure(data: bytes, max_scans: int) -> None:
+    """Refuse a JPEG of more than ``max_scans`` scans or `MAX_JPEG_SEGMENTS` segments.
+
+    Reads only the markers, as libjpeg finds them: a segment's length skips its body (so a
+    thumbnail inside EXIF is not counted), a scan's data is skipped to the next marker (see
+    `_JPEG_MARKER`), and the walk ends at the first end-of-image, after which libjpeg reads
+    nothing (a phone's MPO keeps its second picture there). A truncated file is left to the
+    decoder, which refuses it as corrupt.
+    """
+    scans = segments = 0
+    position = 2  # after the start-of-image marker
+    while (found := _JPEG_MARKER.search(data, position)) is not None:
+        marker = data[found.end() - 1]
+        position = found.end()
+        if marker == _JPEG_EOI:
+            return
+        if marker in _JPEG_WITHOUT_LENGTH:
+            continue
+        segments += 1
+        if segments > MAX_JPEG_SEGMENTS:
+            raise BadImage(TOO_MANY_PARTS)
+        if marker == _JPEG_SOS:
+            scans += 1
+            if scans > max_scans:
+                raise BadImage(TOO_MANY_SCANS)
+        if position + 2 > len(data):
+            return
+        position += struct.unpack_from(">H", data, position)[0]
+
+
+def _check_png_structure(data: bytes) -> None:
+    """Refuse a PNG of more than `MAX_PNG_CHUNKS` chunks, counted up to its IEND."""
+    position = len(_PNG_SIGNATURE)
+    for _ in range(MAX_PNG_CHUNKS):
+        if position + 8 > len(data):
+            return  # truncated: the decoder says so
+        length, kind = struct.unpack_from(">I4s", data, position)
+        if kind == b"IEND":
+            return
+        position += 12 + length  # length, type, body, CRC
+    raise BadImage(TOO_MANY_PARTS)
 
 
 def _decode_opened(opened: Image.Image, max_tiles: int, max_pixels: int) -> DecodedImage:

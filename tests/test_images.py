@@ -5,13 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import io
+import struct
 import threading
-from collections.abc import Iterator
+import time
+import tracemalloc
+import warnings
+import zlib
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageOps, _imaging
 
+from engine import images
 from engine.errors import BadImage
 from engine.images import (
     IMAGENET_MEAN,
@@ -28,7 +34,13 @@ from engine.images import (
     pixel_values,
     tile_image,
 )
-from tests.factories import png_declaring
+from tests.factories import (
+    jpeg_with_segments,
+    png_chunk,
+    png_declaring,
+    png_with_chunks,
+    progressive_jpeg_scan_bomb,
+)
 
 RED = (255, 0, 0)
 GREEN = (0, 255, 0)
@@ -38,6 +50,14 @@ NOT_AN_IMAGE = "the file is not a JPEG, PNG, WebP or HEIC image"
 # The smallest 8-bit step (one grey level) in normalised units: 1 / (255 × 0.229) ≈ 0.017.
 ONE_STEP = 1 / (255 * max(IMAGENET_STD))
 CORRUPT = "the image data is truncated or corrupt"
+TOO_MANY_SCANS = "the JPEG has too many progressive scans to decode safely"
+TOO_MANY_PARTS = "the file is made of too many parts to decode safely"
+TOO_SLOW = "the image took too long to decode"
+TOO_MUCH_METADATA = "the image carries more metadata than allowed"
+# Generous bounds for hostile files: the unguarded decodes they stand against take 5 to 50 s
+# or hundreds of MB (bench/hostile_images.py prints the figures).
+QUICKLY_S = 5.0
+BOUNDED_PYTHON_MEMORY = 100 * 1024 * 1024
 
 
 def encoded(image: Image.Image, image_format: str, **options: object) -> bytes:
@@ -194,6 +214,231 @@ def test_a_text_file_is_not_an_image() -> None:
 @pytest.mark.parametrize("image_format", ["GIF", "BMP", "TIFF", "ICO"])
 def test_other_image_formats_are_refused(image_format: str) -> None:
     assert decode_reason(encoded(photo_like(64, 64), image_format)) == NOT_AN_IMAGE
+
+
+# --- hostile structure: bounded before decoding, and while decoding ------------------------
+
+
+def outcome_within_bounds(decode: Callable[[], object]) -> tuple[object, float, int]:
+    """What ``decode`` returned or raised, its seconds, and the peak Python memory it took."""
+    tracemalloc.start()
+    started = time.monotonic()
+    try:
+        outcome = decode()
+    except BadImage as refused:
+        outcome = refused
+    finally:
+        elapsed = time.monotonic() - started
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return outcome, elapsed, peak
+
+
+def test_a_progressive_jpeg_with_thousands_of_scans_is_refused_at_once() -> None:
+    bomb = progressive_jpeg_scan_bomb(20_000)  # about 9 s of libjpeg's time unguarded
+
+    outcome, elapsed, _ = outcome_within_bounds(lambda: decode_image(bomb, max_tiles=6))
+
+    assert isinstance(outcome, BadImage)
+    assert outcome.reason == TOO_MANY_SCANS
+    assert elapsed < QUICKLY_S
+
+
+def test_a_jpeg_decode_that_runs_past_its_time_budget_stops_itself(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # With the scan and segment limits lifted, only the time budget stands between this file
+    # and a minute of one decode thread's CPU (4096×4096: about 3.5 ms a scan).
+    monkeypatch.setattr(images, "MAX_JPEG_SEGMENTS", 1_000_000)
+    bomb = progressive_jpeg_scan_bomb(20_000, size=(4096, 4096))
+
+    outcome, elapsed, _ = outcome_within_bounds(
+        lambda: decode_image(bomb, max_tiles=6, max_jpeg_scans=1_000_000, time_budget_s=0.5)
+    )
+
+    assert isinstance(outcome, BadImage)
+    assert outcome.reason == TOO_SLOW
+    assert elapsed < QUICKLY_S
+
+
+@pytest.mark.parametrize("progressive", [False, True], ids=["baseline", "progressive"])
+def test_ordinary_baseline_and_progressive_jpegs_still_decode(progressive: bool) -> None:
+    photo = photo_like(1600, 1200)
+    data = encoded(photo, "JPEG", quality=90, progressive=progressive)
+
+    decoded = decode_image(data, max_tiles=6)
+
+    assert decoded.source_size == (1600, 1200)
+    reference = photo.resize(decoded.image.size, Image.Resampling.BICUBIC)
+    difference = np.abs(np.asarray(decoded.image, np.int16) - np.asarray(reference, np.int16))
+    assert difference.mean() < 4
+
+
+def test_a_phones_multi_picture_jpeg_with_progressive_frames_still_decodes() -> None:
+    buffer = io.BytesIO()
+    photo_like(640, 480).save(
+        buffer,
+        format="MPO",
+        save_all=True,
+        append_images=[photo_like(320, 240, seed=2)],
+        progressive=True,
+    )
+
+    decoded = decode_image(buffer.getvalue(), max_tiles=6)
+
+    assert decoded.source_format == "JPEG"
+    assert decoded.image.size == (640, 480)
+
+
+def test_scan_markers_inside_a_metadata_segment_or_after_the_picture_are_not_counted() -> None:
+    # 98,000 bytes that look like scan headers: in a comment's body, then after the end of
+    # the picture (where a phone's MPO keeps its second one), libjpeg never reads them.
+    fake_scans = b"\xff\xda" * 16_000
+    data = jpeg_with_segments(0xFE, fake_scans, 1) + fake_scans * 2
+
+    decoded = decode_image(data, max_tiles=6)
+
+    assert is_close(decoded.image.getpixel((0, 0)), (200, 80, 40), tolerance=4)  # type: ignore[arg-type]
+
+
+def test_a_jpeg_padded_with_a_million_empty_segments_is_refused_at_once() -> None:
+    flood = jpeg_with_segments(0xFE, b"", 1_000_000)  # 4 MB of empty comments
+
+    outcome, elapsed, peak = outcome_within_bounds(lambda: decode_image(flood, max_tiles=6))
+
+    assert isinstance(outcome, BadImage)
+    assert outcome.reason == TOO_MANY_PARTS
+    assert elapsed < QUICKLY_S
+    assert peak < BOUNDED_PYTHON_MEMORY
+
+
+@pytest.mark.parametrize("marker", [0xE1, 0xE9, 0xFE], ids=["APP1", "APP9", "COM"])
+def test_a_jpeg_with_19_mb_of_full_size_metadata_segments_decodes_in_bounds(marker: int) -> None:
+    data = jpeg_with_segments(marker, b"x" * 65_533, 300)
+
+    outcome, elapsed, peak = outcome_within_bounds(lambda: decode_image(data, max_tiles=6))
+
+    assert isinstance(outcome, DecodedImage)
+    assert is_close(outcome.image.getpixel((0, 0)), (200, 80, 40), tolerance=4)  # type: ignore[arg-type]
+    assert elapsed < QUICKLY_S
+    assert peak < BOUNDED_PYTHON_MEMORY
+
+
+def test_a_png_padded_with_a_flood_of_empty_chunks_is_refused_at_once() -> None:
+    flood = png_with_chunks(png_chunk(b"teXt", b"") * 200_000)  # 2.4 MB; about 6 s unguarded
+
+    outcome, elapsed, peak = outcome_within_bounds(lambda: decode_image(flood, max_tiles=6))
+
+    assert isinstance(outcome, BadImage)
+    assert outcome.reason == TOO_MANY_PARTS
+    assert elapsed < QUICKLY_S
+    assert peak < BOUNDED_PYTHON_MEMORY
+
+
+def test_a_png_whose_pixels_come_in_a_flood_of_empty_data_chunks_is_refused_at_once() -> None:
+    pixels = b"".join(b"\0" + bytes((10, 200, 30)) * 64 for _ in range(48))
+    header = png_with_chunks(b"")[:33]
+    flood = (
+        header
+        + png_chunk(b"IDAT", zlib.compress(pixels))
+        + png_chunk(b"IDAT", b"") * 500_000  # 6 MB; about 11 s unguarded
+        + png_chunk(b"IEND", b"")
+    )
+
+    outcome, elapsed, _ = outcome_within_bounds(lambda: decode_image(flood, max_tiles=6))
+
+    assert isinstance(outcome, BadImage)
+    assert outcome.reason == TOO_MANY_PARTS
+    assert elapsed < QUICKLY_S
+
+
+def test_a_png_with_a_15_mb_text_chunk_decodes_in_bounds() -> None:
+    data = png_with_chunks(png_chunk(b"tEXt", b"Comment\0" + b"a" * 15_000_000))
+
+    outcome, elapsed, peak = outcome_within_bounds(lambda: decode_image(data, max_tiles=6))
+
+    assert isinstance(outcome, DecodedImage)
+    assert outcome.image.getpixel((0, 0)) == (10, 200, 30)
+    assert elapsed < QUICKLY_S
+    assert peak < BOUNDED_PYTHON_MEMORY
+
+
+GIGABYTE_OF_A = zlib.compress(b"a" * 1_000_000_000, 9)  # 1 MB that inflates to 1 GB
+
+
+@pytest.mark.parametrize(
+    "chunk",
+    [
+        png_chunk(b"zTXt", b"Comment\0\0" + GIGABYTE_OF_A),
+        png_chunk(b"iTXt", b"Comment\0\1\0\0\0" + GIGABYTE_OF_A),
+        png_chunk(b"iCCP", b"icc\0\0" + GIGABYTE_OF_A),
+        png_chunk(b"zTXt", b"C\0\0" + zlib.compress(b"a" * 1_000_000, 9)) * 100,
+    ],
+    ids=["zTXt", "iTXt", "iCCP", "100 zTXt of 1 MB"],
+)
+def test_compressed_png_metadata_bombs_are_refused_as_too_much_metadata(chunk: bytes) -> None:
+    bomb = png_with_chunks(chunk)
+
+    outcome, elapsed, peak = outcome_within_bounds(lambda: decode_image(bomb, max_tiles=6))
+
+    assert isinstance(outcome, BadImage)
+    assert outcome.reason == TOO_MUCH_METADATA
+    assert elapsed < QUICKLY_S
+    assert peak < BOUNDED_PYTHON_MEMORY
+
+
+def exif_of_absurd_ifds(entries: int, shared_bytes: int) -> bytes:
+    """TIFF-structured EXIF whose IFD0 has ``entries`` tags all pointing at one big block."""
+    data_at = 8 + 2 + 12 * entries + 4
+    tags = b"".join(
+        struct.pack("<HHII", 0x1000 + tag, 1, shared_bytes, data_at) for tag in range(entries)
+    )
+    orientation = struct.pack("<HHIHH", 0x0112, 3, 1, 6, 0)  # rotate 90° clockwise to view
+    return (
+        b"II*\0"
+        + struct.pack("<IH", 8, entries + 1)
+        + orientation
+        + tags
+        + b"\0\0\0\0"
+        + b"\1" * shared_bytes
+    )[: data_at + 12 + shared_bytes]
+
+
+def test_a_png_whose_exif_has_thousands_of_tags_over_one_big_block_decodes_in_bounds() -> None:
+    exif = exif_of_absurd_ifds(entries=60_000, shared_bytes=10_000_000)
+    data = encoded(with_red_top_left(80, 40), "PNG", exif=exif)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow warns about every tag it skips
+        outcome, elapsed, peak = outcome_within_bounds(lambda: decode_image(data, max_tiles=6))
+
+    assert isinstance(outcome, DecodedImage)
+    assert outcome.image.size == (40, 80)  # the orientation still applied
+    assert elapsed < QUICKLY_S
+    assert peak < BOUNDED_PYTHON_MEMORY
+
+
+def animation(image_format: str, frames: int) -> bytes:
+    """``frames`` frames of 320×240, the first red and every later one blue."""
+    first = Image.new("RGB", (320, 240), RED)
+    later = [Image.new("RGB", (320, 240), BLUE) for _ in range(frames - 1)]
+    return encoded(first, image_format, save_all=True, append_images=later)
+
+
+@pytest.mark.parametrize("image_format", ["PNG", "WEBP"])
+def test_only_the_first_frame_of_a_long_animation_is_decoded(image_format: str) -> None:
+    data = animation(image_format, 500)
+
+    outcome, elapsed, peak = outcome_within_bounds(lambda: decode_image(data, max_tiles=6))
+
+    assert isinstance(outcome, DecodedImage)
+    assert is_close(outcome.image.getpixel((160, 120)), RED, tolerance=8)  # type: ignore[arg-type]
+    assert elapsed < QUICKLY_S
+    assert peak < BOUNDED_PYTHON_MEMORY
+
+
+def test_an_animated_gif_is_refused_like_any_gif() -> None:
+    assert decode_reason(animation("GIF", 20)) == NOT_AN_IMAGE
 
 
 # --- accepted formats ----------------------------------------------------------------------
