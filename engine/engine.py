@@ -35,7 +35,7 @@ from engine.errors import (
     GenerationFailed,
     ModelLoadFailed,
 )
-from engine.images import DecodedImage, keep_image_memory, load_image
+from engine.images import DECODE_TIME_BUDGET_S, DecodedImage, keep_image_memory, load_image
 from engine.prompts import system_prompt_for
 from engine.scheduler import Scheduler, Ticket, TicketState
 from engine.types import (
@@ -66,6 +66,7 @@ class EngineConfig:
     load_timeout_s: float = 600.0
     max_images_per_request: int = 4
     max_concurrent_decodes: int = 2
+    decode_time_budget_s: float = DECODE_TIME_BUDGET_S
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +227,7 @@ class Engine:
         self._announced_at = -1
         self._decoding: Counter[str] = Counter()
         self._decode_slots = asyncio.Semaphore(self.config.max_concurrent_decodes)
+        self._decode_turns: dict[str, asyncio.Lock] = {}  # per key, while it has decodes
         self._counts = {"completed": 0, "failed": 0, "timed_out": 0, "cancelled": 0}
         self._waits: deque[float] = deque(maxlen=STATS_WINDOW)
         self._services: deque[float] = deque(maxlen=STATS_WINDOW)
@@ -335,11 +337,12 @@ class Engine:
         )
         self._decoding[request.key] += 1
         try:
-            images = tuple([await self._decode(data) for data in request.images])
+            images = tuple([await self._decode(request.key, data) for data in request.images])
         finally:
             self._decoding[request.key] -= 1
             if not self._decoding[request.key]:
                 del self._decoding[request.key]
+                self._decode_turns.pop(request.key, None)  # nobody holds or awaits it now
         if self._closed:
             raise EngineClosed("the engine is not running")
         handle = RequestHandle(self.cancel)
@@ -354,11 +357,17 @@ class Engine:
         self._wakeup.set()
         return handle
 
-    async def _decode(self, data: bytes) -> DecodedImage:
+    async def _decode(self, key: str, data: bytes) -> DecodedImage:
         # Decoding runs in worker threads; a bound keeps a burst of photos from taking
-        # every thread and a lot of memory at once.
-        async with self._decode_slots:
-            return await load_image(data, max_tiles=self.config.max_tiles)
+        # every thread and a lot of memory at once. A key's photos take turns, so one user's
+        # slow photos hold one slot at most and everyone else's keep being decoded.
+        turn = self._decode_turns.setdefault(key, asyncio.Lock())
+        async with turn, self._decode_slots:
+            return await load_image(
+                data,
+                max_tiles=self.config.max_tiles,
+                time_budget_s=self.config.decode_time_budget_s,
+            )
 
     def cancel(self, request_id: int) -> bool:
         """Cancel a request; False if it had already ended."""

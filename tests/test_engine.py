@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import _imaging
 
+import engine.engine as engine_module
 from engine.backends.transformers import TransformersBackend, TransformersConfig
 from engine.engine import (
     Answer,
@@ -30,10 +32,10 @@ from engine.errors import (
     QueueFull,
     TooManyPending,
 )
-from engine.images import KEPT_IMAGE_BLOCKS
+from engine.images import KEPT_IMAGE_BLOCKS, DecodedImage
 from engine.prompts import DISHBOT_SYSTEM_PROMPT, XTUNER_INTERNLM2_SYSTEM_PROMPT
 from engine.types import GenerationParams, ModelSpec, Turn
-from tests.factories import jpeg_bytes
+from tests.factories import jpeg_bytes, progressive_jpeg_scan_bomb
 from tests.scripted_backend import ScriptedBackend
 
 BASE = ModelSpec(path="/models/base", name="base")
@@ -166,6 +168,62 @@ async def test_a_burst_of_photos_from_one_user_is_refused_before_it_is_decoded(
 
     assert sum(isinstance(o, RequestHandle) for o in outcomes) == 3
     assert sum(isinstance(o, TooManyPending) for o in outcomes) == 7
+
+
+async def test_another_users_photo_is_answered_while_an_attacker_submits_scan_bombs(
+    engine: Engine,
+) -> None:
+    bomb = progressive_jpeg_scan_bomb(20_000)  # unguarded, each pins a decoder for ~9 s
+    attacks = [
+        asyncio.create_task(engine.submit(Request(key="attacker", question="?", images=(bomb,))))
+        for _ in range(3)
+    ]
+    await asyncio.sleep(0.1)  # the bombs reach the decoders first
+
+    # Generous: unguarded, this photo waits for a bomb to finish decoding.
+    handle = await asyncio.wait_for(
+        engine.submit(Request(key="someone", question="叉烧?", images=(jpeg_bytes(),))), 5
+    )
+    answer = await asyncio.wait_for(handle.result(), 5)
+
+    assert answer.text == "base says: 叉烧?"
+    outcomes = await asyncio.gather(*attacks, return_exceptions=True)
+    assert all(isinstance(outcome, BadImage) for outcome in outcomes)
+    assert {outcome.reason for outcome in outcomes if isinstance(outcome, BadImage)} == {
+        "the JPEG has too many progressive scans to decode safely"
+    }
+
+
+async def test_one_users_slow_photos_never_hold_every_decode_slot(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    slow_photo = jpeg_bytes(color=(1, 2, 3))
+    released = asyncio.Event()
+    decode = engine_module.load_image
+
+    async def decode_slowly(data: bytes, **options: Any) -> DecodedImage:
+        if data == slow_photo:  # stands in for any photo that takes its whole time budget
+            await released.wait()
+        return await decode(data, **options)
+
+    monkeypatch.setattr(engine_module, "load_image", decode_slowly)
+    slow = [
+        asyncio.create_task(engine.submit(Request(key="hog", question="?", images=(slow_photo,))))
+        for _ in range(3)
+    ]
+    await asyncio.sleep(0.05)
+
+    try:
+        handle = await asyncio.wait_for(
+            engine.submit(Request(key="someone", question="hi", images=(jpeg_bytes(),))), 5
+        )
+        answer = await asyncio.wait_for(handle.result(), 5)
+    finally:
+        released.set()
+
+    assert answer.text == "base says: hi"
+    handles = await asyncio.gather(*slow)
+    assert all(isinstance(handle, RequestHandle) for handle in handles)
 
 
 async def test_too_many_photos_in_one_question_are_refused(engine: Engine) -> None:
