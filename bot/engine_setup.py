@@ -72,6 +72,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         max_new_tokens=settings.engine.max_new_tokens,
         request_timeout_s=settings.engine.request_timeout_s,
         load_timeout_s=settings.engine.load_timeout_s,
+        decode_time_budget_s=settings.engine.decode_time_budget_s,
     )
 
 

@@ -34,6 +34,7 @@ from pydantic_settings import (
 )
 
 from bot.errors import ConfigError
+from engine.images import DECODE_TIME_BUDGET_S
 
 CONFIG_ENV_VAR = "DISHBOT_CONFIG"
 DEFAULT_CONFIG_FILE = Path("dishbot.toml")
@@ -72,6 +73,9 @@ class EngineSettings(_Section):
     max_new_tokens: int = Field(default=512, ge=1, le=8192)
     request_timeout_s: float = Field(default=120.0, gt=0, description="queue wait + generation")
     load_timeout_s: float = Field(default=600.0, gt=0, description="loading or swapping a model")
+    decode_time_budget_s: float = Field(
+        default=DECODE_TIME_BUDGET_S, gt=0, description="longest one photo may take to decode"
+    )
     lmdeploy_engine: Literal["turbomind", "pytorch"] = Field(
         default="turbomind", description="lmdeploy's inference engine"
     )

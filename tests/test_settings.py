@@ -11,6 +11,7 @@ import pytest
 from pydantic import BaseModel
 
 from bot.cli import main
+from bot.engine_setup import engine_config
 from bot.errors import ConfigError
 from bot.logs import configure_logging
 from bot.settings import Settings, load_settings
@@ -259,3 +260,11 @@ def test_the_readme_documents_every_setting() -> None:
     missing = [name for name in _environment_names(Settings) if f"`{name}`" not in readme]
 
     assert missing == []
+
+
+def test_the_decode_time_budget_reaches_the_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DISHBOT_ENGINE__DECODE_TIME_BUDGET_S", "1.5")
+
+    config = engine_config(Settings())
+
+    assert config.decode_time_budget_s == 1.5
