@@ -862,6 +862,27 @@ async def test_a_flood_of_questions_gets_one_slow_down_then_silence(
     assert len(await bot.exchanges()) == 2 + 1 + 1, "the silent repeats are not stored"
 
 
+async def test_a_flood_of_long_questions_texts_and_files_is_not_echoed_back(
+    emulator: DiscordEmulator, server: Server, store: Store
+) -> None:
+    config = DialogConfig(edit_interval_s=0.05, questions_per_minute=2, replies_per_minute=3)
+    async with running_bot(emulator, store, dialog_config=config) as bot:
+        for n in range(8):
+            send_photo(emulator, server.ada_dm, server.ada, "why " * 300, colour=(n, 1, 1))
+            emulator.send_message(server.ada_dm, server.ada, f"hello {n}")
+            not_a_photo = emulator.add_file(b"%PDF-1.4", "menu.pdf", "application/pdf")
+            emulator.send_message(server.ada_dm, server.ada, "", [not_a_photo])
+        lin_dm = emulator.add_dm_channel(server.lin)
+        await bot.answer_to(lin_dm, send_photo(emulator, lin_dm, server.lin, "mine"))
+        await until(lambda: not bot.adapter._in_hand)
+
+    texts = [m["content"] for m in emulator.messages_in(server.ada_dm)]
+    assert sum("characters or fewer" in t for t in texts) == 2, "two questions a minute"
+    assert sum("faster than I can eat" in t for t in texts) == 2, "one notice per limit"
+    assert len(texts) == 2 + 3 + 2, "24 messages get 7 replies"
+    assert len([e for e in await bot.exchanges() if e.platform == "discord"]) == 3 + 1
+
+
 async def test_forged_button_data_grants_nothing_and_the_bot_keeps_serving(
     bot: Bot, server: Server
 ) -> None:

@@ -66,6 +66,7 @@ class DialogConfig:
 
     questions_per_minute: int = 6
     feedback_per_minute: int = 30  # button presses and corrections, per user
+    replies_per_minute: int = 20  # hints, refusals of non-photos, command replies, per user
     follow_up_window_s: float = 600.0  # a private text this soon after a photo follows it up
     correction_window_s: float = 600.0  # a private text this soon after ✏️ is the correction
     edit_interval_s: float = 1.0  # per chat
@@ -140,6 +141,7 @@ class Dialog:
         self._admin = admin
         self._rate = RateLimiter(self.config.questions_per_minute)
         self._feedback_rate = RateLimiter(self.config.feedback_per_minute)
+        self._replies_rate = RateLimiter(self.config.replies_per_minute)
         self._pacer = EditPacer(self.config.edit_interval_s)
         self._handles: dict[str, set[RequestHandle]] = defaultdict(set)
         # ✏️ prompts waiting for a reply are in the store, which outlives a restart; the
@@ -204,9 +206,9 @@ class Dialog:
         question = visible_text(event.question or "")
         language = language_of(event.who.language, question)
         question = question or say("default_question", language)
-        if await self._too_long(port, user, event, question, language):
-            return
         if await self._over_rate_limit(port, user, event, question, language):
+            return
+        if await self._too_long(port, user, event, question, language):
             return
         limit = self.config.max_photo_bytes
         if event.photo.size is not None and event.photo.size > limit:
@@ -275,6 +277,16 @@ class Dialog:
             return False
         log.info("message %s in %s was asked already: ignored", event.message_id, event.where)
         return True
+
+    async def _too_chatty(
+        self, port: ChatPort, who: Person, where: Place, reply_to: str | None, language: Language
+    ) -> bool:
+        """True when the user has had `DialogConfig.replies_per_minute` replies that are not
+        answers this minute: told once, then nothing, so a flood is not echoed back."""
+        verdict = self._replies_rate.check(self._key(who))
+        if verdict is Verdict.REFUSED:
+            await port.send(where, say("slow_down", language), reply_to=reply_to)
+        return verdict is not Verdict.ALLOWED
 
     async def _too_long(
         self,
@@ -476,6 +488,8 @@ class Dialog:
         if await self._user(event.who) is None:
             return
         language = language_of(event.who.language)
+        if await self._too_chatty(port, event.who, event.where, event.message_id, language):
+            return
         words = say("not_a_photo", language, reason=image_reason(event.reason, language))
         await port.send(event.where, words, reply_to=event.message_id)
 
@@ -495,6 +509,8 @@ class Dialog:
             addressed = event.where.private or event.addressed
             if addressed and await self._user(event.who) is not None:
                 language = language_of(event.who.language, text)
+                if await self._too_chatty(port, event.who, event.where, event.message_id, language):
+                    return
                 hint = say("no_photo_hint", language)
                 await port.send(event.where, hint, reply_to=event.message_id)
             return
@@ -551,9 +567,9 @@ class Dialog:
         if await self._asked_before(event):
             return
         language = language_of(event.who.language, question)
-        if await self._too_long(port, user, event, question, language):
-            return
         if await self._over_rate_limit(port, user, event, question, language):
+            return
+        if await self._too_long(port, user, event, question, language):
             return
         history = [
             Turn(turn.question, turn.answer)
@@ -766,6 +782,8 @@ class Dialog:
             return
         language = language_of(command.who.language, command.argument)
         where, reply_to = command.where, command.message_id
+        if await self._too_chatty(port, command.who, where, reply_to, language):
+            return
         match command.name:
             case "start":
                 await port.send(where, say("start", language), reply_to=reply_to)
