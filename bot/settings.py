@@ -279,7 +279,10 @@ class Settings(BaseSettings):
         # A database URL's user is the role to log in as, not a secret; its password may
         # also be in the query string, which only SQLAlchemy's parser knows about.
         data["database_url"] = redact_url(self.db_url)
-        return data
+        # A secret can sit elsewhere in a setting too: a token in the webhook URL's path, a
+        # key in a query string. Nothing known to be secret is shown, wherever it is.
+        hidden: dict[str, Any] = _with_secrets_hidden(data, self.secret_values())
+        return hidden
 
     @classmethod
     def settings_customise_sources(
@@ -350,13 +353,32 @@ def _url_secrets(value: str, *, user_is_a_name: bool) -> list[str]:
     Without a password, what stands before the host is taken for a token
     (``https://TOKEN@host``), unless ``user_is_a_name``.
     """
+    in_query = _query_secrets(value)
     credentials = _url_credentials(value)
     if credentials is None:
-        return []
+        return in_query
     user, password = credentials
     if password is None:
-        return [] if user_is_a_name else [user, unquote(user)]
-    return [f"{user}:{password}", password, unquote(password)]
+        return in_query + ([] if user_is_a_name else [user, unquote(user)])
+    return [*in_query, f"{user}:{password}", password, unquote(password)]
+
+
+# Query parameters that carry a credential in an HTTP URL (`?api-key=...`, `?token=...`).
+_SECRET_PARAMETER = re.compile(r"(?:api[-_]?)?(?:key|token|secret|password|passwd|pwd|sig)", re.I)
+
+
+def _query_secrets(value: str) -> list[str]:
+    """The values of ``value``'s query parameters named like credentials, as set and decoded."""
+    try:
+        query = urlsplit(value).query
+    except ValueError:
+        return []
+    found: list[str] = []
+    for pair in query.split("&"):
+        name, _, secret = pair.partition("=")
+        if secret and _SECRET_PARAMETER.fullmatch(unquote(name).strip()):
+            found += [secret, unquote(secret)]
+    return found
 
 
 def _without_url_credentials(data: Any) -> Any:
@@ -372,6 +394,19 @@ def _without_url_credentials(data: Any) -> Any:
     shown = "***" if password is None else f"{user}:***"
     # Only the scheme and "//" come before the user-info, and they hold no "@".
     return data.replace(f"{written}@", f"{shown}@", 1)
+
+
+def _with_secrets_hidden(data: Any, secrets: list[str]) -> Any:
+    """Dumped settings with every occurrence of ``secrets`` in their text replaced by ***."""
+    if isinstance(data, dict):
+        return {key: _with_secrets_hidden(value, secrets) for key, value in data.items()}
+    if isinstance(data, list):
+        return [_with_secrets_hidden(value, secrets) for value in data]
+    if not isinstance(data, str):
+        return data
+    for secret in sorted(set(secrets), key=len, reverse=True):  # a longer one holds a shorter
+        data = data.replace(secret, "***")
+    return data
 
 
 def redact_url(url: str) -> str:

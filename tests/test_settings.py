@@ -268,3 +268,25 @@ def test_the_decode_time_budget_reaches_the_engine(monkeypatch: pytest.MonkeyPat
     config = engine_config(Settings())
 
     assert config.decode_time_budget_s == 1.5
+
+
+def test_dishbot_config_hides_a_token_in_a_url_path_and_a_key_in_a_query(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Putting the bot token in the webhook path is common practice for Telegram bots.
+    monkeypatch.setenv("DISHBOT_TELEGRAM__TOKEN", "123456:AAtoken-in-the-path")
+    monkeypatch.setenv("DISHBOT_TELEGRAM__MODE", "webhook")
+    monkeypatch.setenv(
+        "DISHBOT_TELEGRAM__WEBHOOK_URL", "https://bot.example/123456:AAtoken-in-the-path"
+    )
+    monkeypatch.setenv("DISHBOT_ENGINE__OPENAI__BASE_URL", "http://gpu1/v1?api-key=q-secret&x=1")
+
+    assert main(["config"]) == 0
+
+    out = capsys.readouterr().out
+    assert "AAtoken-in-the-path" not in out
+    assert "q-secret" not in out
+    shown = json.loads(out)
+    assert shown["telegram"]["webhook_url"] == "https://bot.example/***"
+    assert shown["engine"]["openai"]["base_url"] == "http://gpu1/v1?api-key=***&x=1"
+    assert "q-secret" in Settings().secret_values(), "and the log scrubber knows the key"
