@@ -7,6 +7,9 @@ defaults. The file is ``$DISHBOT_CONFIG`` when set, otherwise ``./dishbot.toml``
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import json
 import os
 import re
@@ -40,6 +43,7 @@ CONFIG_ENV_VAR = "DISHBOT_CONFIG"
 DEFAULT_CONFIG_FILE = Path("dishbot.toml")
 ADMIN_PLATFORMS = ("telegram", "discord")
 WEBHOOK_SECRET_BYTES = 32  # token_urlsafe: 43 characters, all of them ones Telegram allows
+_WEBHOOK_SECRET_LABEL = b"dishbot telegram webhook secret"
 _WEBHOOK_SECRET = re.compile(r"[A-Za-z0-9_-]{1,256}")  # what Telegram's setWebhook accepts
 
 
@@ -96,8 +100,8 @@ class TelegramSettings(_Section):
     webhook_path: str = "/telegram"
     webhook_secret: SecretStr | None = Field(
         default=None,
-        description="header Telegram sends with every update; default in webhook mode: a new "
-        "random one at each start (set one when several processes share the webhook)",
+        description="header Telegram sends with every update; default in webhook mode: one "
+        "derived from the bot token, the same in every process and across restarts",
     )
 
     @model_validator(mode="after")
@@ -111,11 +115,22 @@ class TelegramSettings(_Section):
         # Without a secret anyone who finds the URL can post updates "from" any user. One
         # made here is in `Settings.secret_values`, so the log scrubber knows it too.
         if self.webhook_secret is None and self.mode == "webhook":
-            self.webhook_secret = SecretStr(secrets.token_urlsafe(WEBHOOK_SECRET_BYTES))
+            self.webhook_secret = SecretStr(_webhook_secret_for(self.token))
         secret = self.webhook_secret
         if secret is not None and not _WEBHOOK_SECRET.fullmatch(secret.get_secret_value()):
             raise ValueError("telegram.webhook_secret must be 1-256 of A-Z a-z 0-9 _ -")
         return self
+
+
+def _webhook_secret_for(token: SecretStr | None) -> str:
+    """A webhook secret only the token's holder can know: an HMAC of the bot token, so every
+    process serving the bot (behind one load balancer) registers and expects the same one, and
+    it changes when the token does. Without a token (the bot will not start), a random one."""
+    if token is None:
+        return secrets.token_urlsafe(WEBHOOK_SECRET_BYTES)
+    key = token.get_secret_value().encode()
+    digest = hmac.new(key, _WEBHOOK_SECRET_LABEL, hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).decode().rstrip("=")
 
 
 class DiscordSettings(_Section):

@@ -290,3 +290,24 @@ def test_dishbot_config_hides_a_token_in_a_url_path_and_a_key_in_a_query(
     assert shown["telegram"]["webhook_url"] == "https://bot.example/***"
     assert shown["engine"]["openai"]["base_url"] == "http://gpu1/v1?api-key=***&x=1"
     assert "q-secret" in Settings().secret_values(), "and the log scrubber knows the key"
+
+
+def test_every_process_of_one_bot_expects_the_same_made_up_webhook_secret(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Several processes behind one load balancer, and a restart, must all accept the secret
+    # the last setWebhook registered; a different bot's must not.
+    monkeypatch.setenv("DISHBOT_TELEGRAM__MODE", "webhook")
+    monkeypatch.setenv("DISHBOT_TELEGRAM__WEBHOOK_URL", "https://bot.example/telegram")
+    monkeypatch.setenv("DISHBOT_TELEGRAM__TOKEN", "123456:AA-one-bot")
+    first, second = Settings().telegram.webhook_secret, Settings().telegram.webhook_secret
+    monkeypatch.setenv("DISHBOT_TELEGRAM__TOKEN", "654321:AA-another-bot")
+    other = Settings().telegram.webhook_secret
+
+    assert first is not None
+    assert second is not None
+    assert other is not None
+    assert first.get_secret_value() == second.get_secret_value()
+    assert other.get_secret_value() != first.get_secret_value()
+    assert "AA-one-bot" not in first.get_secret_value()
+    assert len(first.get_secret_value()) >= 32
