@@ -157,6 +157,10 @@ def test_a_flood_over_the_rate_limit_is_told_once_per_window() -> None:
         ("line one\nline two", "line one\nline two"),
         ("👨\u200d🍳 chef's dish", "👨\u200d🍳 chef's dish"),  # joined emoji stay joined
         ("  \u200b  ", ""),
+        ("\x1cmapo\x85 tofu\x1f", "mapo tofu"),  # controls Python counts as whitespace
+        ("ch\u00adar siu", "char siu"),  # a soft hyphen
+        ("می\u200cخواهم", "می\u200cخواهم"),  # Persian needs its zero-width non-joiner
+        ("🏴\U000e0067\U000e0062\U000e0073\U000e0063\U000e0074\U000e007f haggis",) * 2,
     ],
 )
 def test_what_users_type_is_kept_as_seen_without_invisible_characters(

@@ -75,19 +75,24 @@ def _cut_at_boundary(window: str, after: str) -> tuple[str, str]:
     return window, after
 
 
-# Invisible format characters (Unicode category Cf) change how text reads, sorts and compares
-# without being seen: zero-width spaces, bidirectional overrides and isolates ("\u202e" shows
-# "肠粉" as something else), the BOM. The zero-width joiner stays: emoji sequences need it.
-_KEPT_FORMAT_CHARACTERS = frozenset({"\u200d"})
+# Invisible characters that change how text reads, sorts and compares without being seen:
+# zero-width spaces, the BOM and word joiners, soft hyphens, and bidirectional marks,
+# overrides and isolates ("\u202e" shows "肠粉" as "粉肠"). Other format characters carry
+# meaning and stay: the zero-width joiner and non-joiner (emoji sequences, Persian, Indic
+# scripts) and emoji tag characters (the Scottish flag).
+_INVISIBLE = frozenset(
+    "\u00ad\u061c\u180e\u200b\u200e\u200f\u2060\u2061\u2062\u2063\u2064\ufeff"
+    "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+)
+_KEPT_CONTROLS = frozenset("\t\n\r")
 
 
 def visible_text(text: str) -> str:
     """``text`` as a person meant it: without control characters (line breaks and tabs
-    stay) and invisible format characters, and without space at either end."""
+    stay) and invisible ones, and without space at either end."""
     return "".join(
         character
         for character in text
-        if character in _KEPT_FORMAT_CHARACTERS
-        or character.isspace()
-        or unicodedata.category(character) not in ("Cc", "Cf")
+        if character not in _INVISIBLE
+        and (character in _KEPT_CONTROLS or unicodedata.category(character) != "Cc")
     ).strip()
