@@ -157,6 +157,7 @@ def test_a_flood_over_the_rate_limit_is_told_once_per_window() -> None:
         ("line one\nline two", "line one\nline two"),
         ("👨\u200d🍳 chef's dish", "👨\u200d🍳 chef's dish"),  # joined emoji stay joined
         ("  \u200b  ", ""),
+        ("肠\u200c粉\u200d", "肠粉"),  # joiners that join nothing
         ("\x1cmapo\x85 tofu\x1f", "mapo tofu"),  # controls Python counts as whitespace
         ("ch\u00adar siu", "char siu"),  # a soft hyphen
         ("می\u200cخواهم", "می\u200cخواهم"),  # Persian needs its zero-width non-joiner

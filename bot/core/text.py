@@ -77,22 +77,39 @@ def _cut_at_boundary(window: str, after: str) -> tuple[str, str]:
 
 # Invisible characters that change how text reads, sorts and compares without being seen:
 # zero-width spaces, the BOM and word joiners, soft hyphens, and bidirectional marks,
-# overrides and isolates ("\u202e" shows "肠粉" as "粉肠"). Other format characters carry
-# meaning and stay: the zero-width joiner and non-joiner (emoji sequences, Persian, Indic
-# scripts) and emoji tag characters (the Scottish flag).
+# overrides and isolates ("\u202e" shows "肠粉" as "粉肠"). Emoji tag characters (the Scottish
+# flag) carry meaning and stay.
 _INVISIBLE = frozenset(
     "\u00ad\u061c\u180e\u200b\u200e\u200f\u2060\u2061\u2062\u2063\u2064\ufeff"
     "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
 )
+# The zero-width joiner and non-joiner shape emoji sequences, Persian and Indic scripts, and
+# mean nothing next to a space, an edge, or Chinese, Japanese or Korean writing, where they
+# would only make "肠\u200c粉" another dish than "肠粉".
+_JOINERS = frozenset("\u200c\u200d")
+_NO_JOINING = re.compile(r"[\s\u3000-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]")
 _KEPT_CONTROLS = frozenset("\t\n\r")
 
 
 def visible_text(text: str) -> str:
     """``text`` as a person meant it: without control characters (line breaks and tabs
-    stay) and invisible ones, and without space at either end."""
-    return "".join(
+    stay), invisible characters, and joiners where they join nothing, and without space at
+    either end."""
+    kept = [
         character
         for character in text
         if character not in _INVISIBLE
         and (character in _KEPT_CONTROLS or unicodedata.category(character) != "Cc")
+    ]
+    return "".join(
+        character
+        for index, character in enumerate(kept)
+        if character not in _JOINERS or _joins(kept, index)
     ).strip()
+
+
+def _joins(characters: list[str], index: int) -> bool:
+    if index == 0 or index == len(characters) - 1:
+        return False
+    neighbours = (characters[index - 1], characters[index + 1])
+    return not any(n in _JOINERS or _NO_JOINING.match(n) for n in neighbours)
