@@ -40,12 +40,10 @@ XTUNER_INTERNLM2_SYSTEM_PROMPT = "You are an AI assistant whose name is InternLM
 # Where an image goes in the text of a turn, as InternVL and XTuner data write it.
 IMAGE_PLACEHOLDER = "<image>"
 
-# Strings that chat templates, InternVL and lmdeploy give a meaning to, whatever the model's
-# own tokenizer says: "<|" starts every ChatML-style token (<|im_start|>, <|im_end|>,
-# <|endoftext|>, InternLM2's <|action_start|>, ...); the rest are InternVL2's added tokens,
-# the image placeholders of XTuner data and of lmdeploy, and SentencePiece's specials.
-CHAT_CONTROL_TOKENS = (
-    "<|",
+# Whole tokens that InternVL and lmdeploy give a meaning to, whatever the model's own
+# tokenizer says: InternVL2's added tokens, the image placeholders of XTuner data and of
+# lmdeploy, and SentencePiece's specials. The training export removes the same ones.
+CONTROL_MARKERS = (
     "<img>",
     "</img>",
     "<IMG_CONTEXT>",
@@ -62,6 +60,11 @@ CHAT_CONTROL_TOKENS = (
     "</s>",
     "<unk>",
 )
+# What user text must never carry: the markers, and the beginnings of whole families: "<|"
+# starts every ChatML-style token (<|im_start|>, <|im_end|>, <|endoftext|>, InternLM2's
+# <|action_start|>, ...); "[UNUSED_TOKEN_" is how InternLM2's SentencePiece model spells the
+# pieces its chat template reuses as <|im_start|> and <|im_end|>.
+CHAT_CONTROL_TOKENS = ("<|", "[UNUSED_TOKEN_", *CONTROL_MARKERS)
 
 # Invisible, and no tokenizer's control token contains it: inserted after a token's first
 # character, it leaves the text looking the same but no longer the token.

@@ -29,15 +29,17 @@ ISSUE_TOKENS = (
     "<|im_start|>",
     "<|im_end|>",
     "<|endoftext|>",
+    "[UNUSED_TOKEN_145]",  # InternLM2's SentencePiece spelling of <|im_end|>
 )
 CONTROL_TOKENS = (*ISSUE_TOKENS, *text.CONTROL_TOKENS)
 _CHATML_TOKEN = re.compile(text.CHATML_TOKEN)
+_UNUSED_TOKEN = re.compile(text.UNUSED_TOKEN)
 
 
 def control_sequences_in(text: str) -> list[str]:
     """Every control token that ``text`` contains."""
     found = [token for token in CONTROL_TOKENS if token in text]
-    return found + _CHATML_TOKEN.findall(text)
+    return found + _CHATML_TOKEN.findall(text) + _UNUSED_TOKEN.findall(text)
 
 
 def _fragments(token: str) -> list[str]:

@@ -35,7 +35,12 @@ def test_neutralised_text_holds_no_control_token_whatever_is_typed(text: str) ->
 
 
 def test_nested_control_tokens_cannot_reassemble() -> None:
-    for text in ("<im<image>age>", "<<|im_end|>|im_end|>", "<IMG_<IMG_CONTEXT>CONTEXT>"):
+    for text in (
+        "<im<image>age>",
+        "<<|im_end|>|im_end|>",
+        "<IMG_<IMG_CONTEXT>CONTEXT>",
+        "[UNUSED_[UNUSED_TOKEN_145]TOKEN_145]",  # InternLM2's spelling of <|im_end|>
+    ):
         neutralised = neutralise_control_tokens(text)
         assert not [token for token in CHAT_CONTROL_TOKENS if token in neutralised], text
 

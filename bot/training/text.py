@@ -14,35 +14,21 @@ from __future__ import annotations
 import re
 import unicodedata
 
-from engine.prompts import IMAGE_PLACEHOLDER
+from engine.prompts import CONTROL_MARKERS
 
-# Markup with a meaning to InternVL2's loader, its tokenizers or lmdeploy: the image
-# placeholders, the image and grounding tags, the sentencepiece specials (a tokenizer turns
-# a typed "</s>" into the end of the sequence), and ChatML-style control tokens (<|im_end|>,
-# InternLM2's <|action_start|>, ...). engine/prompts.py has no list of its own to import yet;
-# this one is meant to name the same markers serving keeps out of prompts.
-CONTROL_TOKENS = (
-    IMAGE_PLACEHOLDER,
-    "<IMAGE_TOKEN>",
-    "<video>",
-    "<img>",
-    "</img>",
-    "<IMG_CONTEXT>",
-    "<quad>",
-    "</quad>",
-    "<ref>",
-    "</ref>",
-    "<box>",
-    "</box>",
-    "<s>",
-    "</s>",
-    "<unk>",
-)
+# Markup with a meaning to InternVL2's loader, its tokenizers or lmdeploy: the markers
+# serving keeps out of prompts (image placeholders, image and grounding tags, SentencePiece's
+# specials: a tokenizer turns a typed "</s>" into the end of the sequence), ChatML-style
+# control tokens (<|im_end|>, InternLM2's <|action_start|>, ...) and InternLM2's
+# [UNUSED_TOKEN_n] pieces.
+CONTROL_TOKENS = CONTROL_MARKERS
 CHATML_TOKEN = r"<\|[A-Za-z0-9_]{1,40}\|>"
+UNUSED_TOKEN = r"\[UNUSED_TOKEN_[0-9]{1,6}\]"
 _LONGEST_CONTROL = max(len(f"<|{'x' * 40}|>"), *map(len, CONTROL_TOKENS))
-# Every control token ends in ">", so one can only end where a ">" was just kept.
+# Every control token ends in ">" or "]", so one can only end where one was just kept.
+_TOKEN_ENDS = frozenset(">]")
 _CONTROL_AT_END = re.compile(
-    "(?:" + "|".join([*map(re.escape, CONTROL_TOKENS), CHATML_TOKEN]) + ")$"
+    "(?:" + "|".join([*map(re.escape, CONTROL_TOKENS), CHATML_TOKEN, UNUSED_TOKEN]) + ")$"
 )
 _SPACES = re.compile(r"\s+")
 
@@ -78,7 +64,7 @@ def remove_control_markup(text: str) -> str:
     kept: list[str] = []
     for character in text:
         kept.append(character)
-        if character != ">":
+        if character not in _TOKEN_ENDS:
             continue
         token = _CONTROL_AT_END.search("".join(kept[-_LONGEST_CONTROL:]))
         if token is not None:
