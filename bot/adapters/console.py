@@ -40,7 +40,11 @@ async def chat(
     """
     data = _read_photo(image_path)
     try:
-        await load_image(data, max_tiles=settings.engine.max_tiles)
+        await load_image(
+            data,
+            max_tiles=settings.engine.max_tiles,
+            time_budget_s=settings.engine.decode_time_budget_s,
+        )
     except BadImage as exc:
         raise ChatError(f"cannot use {image_path}: {exc.reason}") from None
     interactive = stdin.isatty() if follow_ups is None else follow_ups
