@@ -168,3 +168,18 @@ def test_what_users_type_is_kept_as_seen_without_invisible_characters(
     typed: str, meant: str
 ) -> None:
     assert visible_text(typed) == meant
+
+
+def test_the_rate_limiter_forgets_users_idle_for_a_minute() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(per_minute=1, clock=clock)
+    for user in range(RateLimiter.SWEEP_EVERY):
+        limiter.check(f"telegram:{user}")
+    assert len(limiter) == RateLimiter.SWEEP_EVERY
+
+    clock.now += 61
+    for _ in range(RateLimiter.SWEEP_EVERY):
+        limiter.check("ada")
+
+    assert len(limiter) == 1, "a million one-off users do not stay in memory"
+    assert limiter.check("telegram:1") is Verdict.ALLOWED

@@ -82,13 +82,24 @@ class Verdict(enum.Enum):
 
 
 class RateLimiter:
-    """At most ``per_minute`` events per key in any sliding minute."""
+    """At most ``per_minute`` events per key in any sliding minute.
+
+    Keys idle for a minute are forgotten now and then, so memory follows the users active in
+    the last minute, not every user ever seen.
+    """
+
+    SWEEP_EVERY = 1024  # checks between sweeps of idle keys
 
     def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.per_minute = per_minute
         self._clock = clock
         self._times: dict[str, deque[float]] = defaultdict(deque)
         self._told: set[str] = set()  # keys refused since their last allowed event
+        self._checks = 0
+
+    def __len__(self) -> int:
+        """How many keys are remembered."""
+        return len(self._times)
 
     def allow(self, key: str) -> bool:
         """Count an event for ``key``; False (and not counted) when over the limit."""
@@ -98,6 +109,9 @@ class RateLimiter:
         """Count an event for ``key`` when under the limit, and say whether it was allowed,
         and if not, whether this is the first refusal since the key was last allowed."""
         now = self._clock()
+        self._checks += 1
+        if self._checks % self.SWEEP_EVERY == 0:
+            self._forget_idle(now)
         times = self._times[key]
         while times and times[0] <= now - 60.0:
             times.popleft()
@@ -109,6 +123,12 @@ class RateLimiter:
         self._told.discard(key)
         times.append(now)
         return Verdict.ALLOWED
+
+    def _forget_idle(self, now: float) -> None:
+        idle = [key for key, times in self._times.items() if not times or times[-1] <= now - 60]
+        for key in idle:
+            del self._times[key]
+            self._told.discard(key)
 
 
 @dataclass(frozen=True, slots=True)
