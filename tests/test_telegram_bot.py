@@ -629,6 +629,26 @@ async def test_a_message_sent_as_a_channel_is_the_channels_and_its_rating_the_pr
     assert await bot.store.find_user("telegram", str(CHANNEL_BOT.id)) is None
 
 
+async def test_an_admin_command_in_a_group_is_answered_only_in_a_private_chat(
+    telegram: TelegramEmulator, store: Store, tmp_path: Path
+) -> None:
+    settings = Settings(data_dir=tmp_path / "admin-data", admins=[f"telegram:{ADA.id}"])
+    async with running_bot(telegram, store, admin_settings=settings):
+        telegram.add_chat(FOODIES)
+        telegram.send_text(ADA, FOODIES, f"/export{MENTION}")
+        in_group = await telegram.wait_for(
+            "sendMessage", lambda c: c.params["chat_id"] == FOODIES.id
+        )
+        telegram.send_text(ADA, ADA.private_chat, "/stats")
+        in_private = await telegram.wait_for("sendMessage", lambda c: c.params["chat_id"] == ADA.id)
+
+    assert in_group.params["text"] == (
+        "Admin commands are answered in a private chat with me, not in a group."
+    )
+    assert not (tmp_path / "admin-data" / "training" / "exports").exists(), "nothing exported"
+    assert in_private.params["text"].startswith("model: ")
+
+
 async def test_forget_sent_on_behalf_of_a_group_asks_the_person_to_use_their_own_account(
     bot: Bot,
 ) -> None:

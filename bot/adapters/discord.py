@@ -183,6 +183,7 @@ class DiscordPort:
     platform = PLATFORM
     message_limit = DISCORD_MESSAGE_LENGTH
     typing_interval_s = TYPING_INTERVAL_S
+    answers_admin_commands_privately = True  # `DiscordAdapter._on_command`: ephemeral
 
     def __init__(self, client: discord.Client) -> None:
         self._client = client

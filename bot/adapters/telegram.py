@@ -86,6 +86,7 @@ class TelegramPort:
     platform = PLATFORM
     message_limit = TELEGRAM_MESSAGE_LENGTH
     typing_interval_s = TYPING_INTERVAL_S
+    answers_admin_commands_privately = False  # a bot's messages in a group are the group's
 
     def __init__(self, application: Application[Any, Any, Any, Any, Any, Any]) -> None:
         self._app = application

@@ -50,6 +50,11 @@ class Admin:
             )
             await port.send(command.where, say("admin_only", language), reply_to=command.message_id)
             return True
+        if not command.where.private and not port.answers_admin_commands_privately:
+            # The group would read the queue, the export's path on the server, its summary.
+            words = say("admin_in_private", language)
+            await port.send(command.where, words, reply_to=command.message_id)
+            return True
         if command.name == "stats":
             await port.send(command.where, self._stats(), reply_to=command.message_id)
         elif command.name == "export":

@@ -173,6 +173,10 @@ MESSAGES: Final[dict[str, dict[Language, str]]] = {
         "zh": "我不认识这个命令。/help 可以查看所有命令。",
     },
     "admin_only": {"en": "That command is for admins.", "zh": "这个命令只有管理员可以用。"},
+    "admin_in_private": {
+        "en": "Admin commands are answered in a private chat with me, not in a group.",
+        "zh": "管理命令请在与我的私聊中使用，不要在群组里用。",
+    },
     "forget_people_only": {
         "en": (
             "/forget deletes one person's data, and this message was sent on behalf of a chat. "

@@ -44,6 +44,12 @@ class ChatPort(Protocol):
         """How often the typing indicator must be renewed to stay visible."""
         ...
 
+    @property
+    def answers_admin_commands_privately(self) -> bool:
+        """Whether the reply to an admin command in a group is seen by the admin alone
+        (Discord's ephemeral replies); where not, admin commands are for private chats."""
+        ...
+
     def text_length(self, text: str) -> int:
         """The length of ``text`` as the platform counts it against `message_limit`."""
         ...
