@@ -52,6 +52,15 @@ CORRECTION_PROMPT_KEPT = timedelta(days=7)
 _FINISHED_TRAINING = (TrainingStatus.SUCCEEDED, TrainingStatus.FAILED, TrainingStatus.CANCELLED)
 
 
+def _exchange_asked_in(platform: str, chat_id: str, question_message_id: str) -> Select[int]:
+    """The id of the exchange a platform message asked, if any (they are unique)."""
+    return select(Exchange.id).where(
+        Exchange.platform == platform,
+        Exchange.chat_id == chat_id,
+        Exchange.question_message_id == question_message_id,
+    )
+
+
 def _user_by_platform_id(platform: str, platform_user_id: str) -> Select[User]:
     return select(User).where(User.platform == platform, User.platform_user_id == platform_user_id)
 
@@ -243,12 +252,9 @@ class Store:
             except IntegrityError:
                 raise NotFound("the user, photo or parent exchange does not exist") from None
             if new_id is None:
+                assert question_message_id is not None  # only then can the insert conflict
                 existing = await session.scalar(
-                    select(Exchange.id).where(
-                        Exchange.platform == platform,
-                        Exchange.chat_id == chat_id,
-                        Exchange.question_message_id == question_message_id,
-                    )
+                    _exchange_asked_in(platform, chat_id, question_message_id)
                 )
                 assert existing is not None
                 raise AlreadyAsked(existing)
@@ -259,13 +265,7 @@ class Store:
     async def was_asked(self, platform: str, chat_id: str, question_message_id: str) -> bool:
         """Whether a question was stored for this message already (see `start_exchange`)."""
         async with self._read() as session:
-            found = await session.scalar(
-                select(Exchange.id).where(
-                    Exchange.platform == platform,
-                    Exchange.chat_id == chat_id,
-                    Exchange.question_message_id == question_message_id,
-                )
-            )
+            found = await session.scalar(_exchange_asked_in(platform, chat_id, question_message_id))
             return found is not None
 
     async def finish_exchange(
