@@ -883,6 +883,32 @@ async def test_a_flood_of_long_questions_texts_and_files_is_not_echoed_back(
     assert len([e for e in await bot.exchanges() if e.platform == "discord"]) == 3 + 1
 
 
+async def test_a_flood_of_presses_and_corrections_from_one_account_stores_nothing_more(
+    emulator: DiscordEmulator, server: Server, store: Store
+) -> None:
+    config = DialogConfig(edit_interval_s=0.05, questions_per_minute=60, feedback_per_minute=2)
+    async with running_bot(emulator, store, dialog_config=config) as bot:
+        question = send_photo(emulator, server.channel_id, server.ada, "?", mentions_bot=True)
+        answer = await bot.answer_to(server.channel_id, question)
+        pencil = custom_id(answer, "✏️")
+        forms = []
+        for _ in range(3):
+            press = emulator.press_button(int(answer["id"]), pencil, server.lin)
+            forms.append(await emulator.wait_for(CALLBACK, responses_to(press)))
+        # Lin submits a form opened before the limit, over the limit.
+        emulator.submit_modal(pencil, {"correction": "叉烧"}, server.lin)
+        refused = await emulator.wait_for(
+            "POST /webhooks/{application_id}/{token}",
+            lambda c: "faster than I can eat" in c.json["content"],
+        )
+
+    assert [f.json["type"] for f in forms] == [MODAL, MODAL, CHANNEL_MESSAGE]
+    assert "faster than I can eat" in forms[2].json["data"]["content"]
+    assert forms[2].json["data"]["flags"] & EPHEMERAL, "only the flooder is told"
+    assert refused.json["flags"] & EPHEMERAL
+    assert await bot.count(Correction) == 0
+
+
 async def test_forged_button_data_grants_nothing_and_the_bot_keeps_serving(
     bot: Bot, server: Server
 ) -> None:
