@@ -23,7 +23,7 @@ from bot.store import Store
 from bot.store.database import database_errors, missing_sqlite_file, open_engine
 from bot.store.schema import current_revision, ensure_schema, head_revision, upgrade
 from bot.training import ExportError, ExportOptions, ExportSummary, export_dataset, parse_moment
-from bot.training.progress import TerminalProgress
+from bot.training.export.progress import TerminalProgress
 
 Handler = Callable[[Settings, argparse.Namespace], int]
 T = TypeVar("T")

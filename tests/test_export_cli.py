@@ -18,7 +18,7 @@ from bot.cli import main
 from bot.store import Store
 from bot.store.schema import upgrade
 from bot.training import ExportError, parse_moment
-from bot.training.progress import TerminalProgress
+from bot.training.export.progress import TerminalProgress
 from tests.factories import add_photo, add_user, answered, backdate
 
 

@@ -18,7 +18,7 @@ from bot.errors import DishbotError
 from bot.settings import Settings, TrainingSettings, load_settings
 from bot.store import Store, UserRecord
 from bot.training import ExportError, ExportOptions, export_dataset
-from bot.training.writer import DatasetWriter, is_validation_photo
+from bot.training.export.writer import DatasetWriter, is_validation_photo
 from engine.prompts import XTUNER_INTERNLM2_SYSTEM_PROMPT
 from tests.factories import add_photo, add_user, answered
 from tests.test_export_selection import export, photos, read_records, settings_for

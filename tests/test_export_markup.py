@@ -14,8 +14,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bot.store import Store
-from bot.training import text
-from bot.training.text import clean_turn_text
+from bot.training.export import text
+from bot.training.export.text import clean_turn_text
 from tests.factories import add_photo, add_user, answered
 from tests.test_export_selection import ADMIN_ID, export
 

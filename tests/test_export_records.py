@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from bot.store import Store
-from bot.training.records import (
+from bot.training.export.records import (
     IMAGE_TOKENS_PER_TILE,
     build_record,
     estimate_text_tokens,
@@ -21,9 +21,9 @@ from bot.training.records import (
     image_tokens,
     record_line,
 )
-from bot.training.selection import Fate
-from bot.training.targets import dish_name, is_identifying_question, target_from_correction
-from bot.training.text import clean_turn_text, comparison_key
+from bot.training.export.selection import Fate
+from bot.training.export.targets import dish_name, is_identifying_question, target_from_correction
+from bot.training.export.text import clean_turn_text, comparison_key
 from tests.factories import add_photo, add_user, answered
 from tests.test_export_selection import export, photos
 

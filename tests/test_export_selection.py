@@ -13,7 +13,7 @@ from bot.settings import Settings, TrainingSettings
 from bot.store import CorrectionStatus, PhotoRecord, Store, UserRecord
 from bot.store.models import Correction
 from bot.training import ExportOptions, ExportSummary, export_dataset
-from bot.training.selection import Fate
+from bot.training.export.selection import Fate
 from tests.factories import add_photo, add_user, answered, backdate, set_trust
 
 ADMIN_ID = "900"

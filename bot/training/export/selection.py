@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 
 from bot.store.feedback import CorrectionFeedback, ExchangeFeedback
 from bot.store.models import CorrectionStatus, ExchangeStatus
-from bot.training.targets import target_from_correction
-from bot.training.text import clean_turn_text, comparison_key
+from bot.training.export.targets import target_from_correction
+from bot.training.export.text import clean_turn_text, comparison_key
 
 
 class Fate(enum.StrEnum):

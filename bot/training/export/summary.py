@@ -8,8 +8,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from bot.training.selection import EXCLUDED_FATES, Fate
-from bot.training.text import comparison_key
+from bot.training.export.selection import EXCLUDED_FATES, Fate
+from bot.training.export.text import comparison_key
 
 MISSING_PHOTOS_LISTED = 10
 

@@ -18,8 +18,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from bot.store.feedback import ExchangeFeedback
-from bot.training.selection import Evidence, Fate, TurnJudgement
-from bot.training.text import clean_turn_text, comparison_key
+from bot.training.export.selection import Evidence, Fate, TurnJudgement
+from bot.training.export.text import clean_turn_text, comparison_key
 
 
 @dataclass(frozen=True, slots=True)

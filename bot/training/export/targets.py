@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from bot.training.text import clean_turn_text
+from bot.training.export.text import clean_turn_text
 
 MAX_DISH_NAME_CHARACTERS = 40
 MAX_DISH_NAME_WORDS = 6

@@ -19,20 +19,20 @@ from typing import Any, TypeVar
 from bot.settings import Settings, redact_url
 from bot.store import Store
 from bot.store.feedback import ExchangeFeedback, FeedbackSnapshot, feedback_snapshot
-from bot.training.dataset_card import CardContext, render_dataset_card, train_command
-from bot.training.errors import ExportError
-from bot.training.export_dir import (
+from bot.training.export.dataset_card import CardContext, render_dataset_card, train_command
+from bot.training.export.errors import ExportError
+from bot.training.export.export_dir import (
     EXPORT_FORMAT,
     IMAGES_DIR,
     ExportDirectory,
     ImagePlacement,
     check_output_dir,
 )
-from bot.training.options import ExportOptions, parse_moment
-from bot.training.selection import SelectionRules
-from bot.training.summary import ExportSummary
-from bot.training.writer import TRAIN_FILE, VAL_FILE, DatasetWriter, WriterTally
-from bot.training.xtuner_config import CONFIG_NAME, render_xtuner_config
+from bot.training.export.options import ExportOptions, parse_moment
+from bot.training.export.selection import SelectionRules
+from bot.training.export.summary import ExportSummary
+from bot.training.export.writer import TRAIN_FILE, VAL_FILE, DatasetWriter, WriterTally
+from bot.training.export.xtuner_config import CONFIG_NAME, render_xtuner_config
 from engine.prompts import XTUNER_INTERNLM2_SYSTEM_PROMPT
 
 __all__ = [

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from bot.settings import TrainingSettings
-from bot.training.summary import ExportSummary
-from bot.training.xtuner_config import CONFIG_NAME, iterations_per_run
+from bot.training.export.summary import ExportSummary
+from bot.training.export.xtuner_config import CONFIG_NAME, iterations_per_run
 
 TOP_DISHES_LISTED = 20
 # XTuner ships its configs inside the package; this finds the conversion script there.

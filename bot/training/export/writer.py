@@ -18,13 +18,17 @@ from pathlib import Path
 
 from bot.store.feedback import ExchangeFeedback
 from bot.store.photos import extension_for
-from bot.training.conversations import CandidateSample, conversation_paths, photo_conversations
-from bot.training.export_dir import ExportDirectory, PhotoUnavailable
-from bot.training.options import ExportOptions
-from bot.training.records import build_record, estimate_tokens, record_line
-from bot.training.selection import Fate, SelectionRules, ignored_corrections, judge_turn
-from bot.training.summary import MISSING_PHOTOS_LISTED, BoundedTally
-from bot.training.targets import dish_label
+from bot.training.export.conversations import (
+    CandidateSample,
+    conversation_paths,
+    photo_conversations,
+)
+from bot.training.export.export_dir import ExportDirectory, PhotoUnavailable
+from bot.training.export.options import ExportOptions
+from bot.training.export.records import build_record, estimate_tokens, record_line
+from bot.training.export.selection import Fate, SelectionRules, ignored_corrections, judge_turn
+from bot.training.export.summary import MISSING_PHOTOS_LISTED, BoundedTally
+from bot.training.export.targets import dish_label
 
 TRAIN_FILE = "train.jsonl"
 VAL_FILE = "val.jsonl"

@@ -21,7 +21,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from bot.training.errors import ExportError
+from bot.training.export.errors import ExportError
 
 MANIFEST_NAME = "manifest.json"
 EXPORT_FORMAT = "dishbot-training-export/1"

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 
-from bot.training.errors import ExportError
+from bot.training.export.errors import ExportError
 
 _DATE_ONLY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
