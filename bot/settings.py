@@ -154,12 +154,37 @@ class LimitSettings(_Section):
 
 
 class TrainingSettings(_Section):
-    """Exporting feedback as training data, and retraining with XTuner.
+    """Exporting feedback as training data, retraining, evaluating and promoting.
 
-    XTuner runs as a subprocess in its own Python environment.
+    XTuner runs as a subprocess in its own Python environment; dishbot's own trainer
+    (transformers + peft) runs as a subprocess of this one's.
     """
 
+    trainer: Literal["auto", "xtuner", "transformers"] = Field(
+        default="auto",
+        description="auto: xtuner for the lmdeploy backend, transformers for the transformers "
+        "backend",
+    )
     python: str = Field(default="python3", description="interpreter of the XTuner environment")
+    gpus: int = Field(default=1, ge=1, description="GPUs XTuner trains on (torchrun when > 1)")
+    threads: int = Field(
+        default=1, ge=1, description="CPU threads dishbot's trainer may use, so the bot keeps up"
+    )
+    promote_margin: float = Field(
+        default=0.1, ge=0, le=1, description="how much better (0..1) a candidate must score"
+    )
+    min_eval_samples: int = Field(
+        default=5, ge=1, description="held-out questions needed to decide on held-out alone"
+    )
+    kept_samples: int = Field(
+        default=20, ge=0, description="approved answers of the active model re-asked to check"
+    )
+    kept_tolerance: float = Field(
+        default=0.1, ge=0, le=1, description="how much agreement on kept answers may drop"
+    )
+    follow_interval_s: float = Field(
+        default=2.0, gt=0, description="how often each process checks which version is active"
+    )
     work_dir: Path | None = Field(default=None, description="default: <data_dir>/training")
     base_model: str = Field(
         default="OpenGVLab/InternVL2-2B",
@@ -169,7 +194,7 @@ class TrainingSettings(_Section):
     epochs: int = Field(default=10, ge=1, description="passes over the data; small data needs many")
     learning_rate: float = Field(default=3e-5, gt=0, description="peak learning rate")
     batch_size: int = Field(
-        default=4, ge=1, description="per device; the recipe's 8 did not fit in GPU memory"
+        default=2, ge=1, description="per device; the recipe's 8 did not fit in GPU memory"
     )
     accumulative_counts: int = Field(default=2, ge=1, description="gradient accumulation steps")
     save_steps: int = Field(default=64, ge=1, description="iterations between checkpoints")
