@@ -14,8 +14,31 @@ Chinese and English alike. Both models answer greedily, each with the prompt it 
 
 from __future__ import annotations
 
+import asyncio
+import difflib
+import json
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
+
+from bot.settings import TrainingSettings
+from bot.store import Store
+from bot.training.export.export_dir import IMAGES_DIR
+from bot.training.export.targets import dish_name
+from bot.training.export.text import clean_turn_text, comparison_key
+from bot.training.export.writer import TRAIN_FILE, VAL_FILE
+from engine.engine import Engine, Request
+from engine.errors import EngineError
+from engine.prompts import IMAGE_PLACEHOLDER
+from engine.types import GenerationParams
+
+log = logging.getLogger(__name__)
+
+EVALUATION_KEY = "training:evaluation"  # the fairness key evaluation questions queue under
+ANSWER_TOKENS = 128  # a dish name and a sentence or two are enough to judge
+DEFAULT_QUESTION = "What dish is this?"  # what the bot asks for a photo sent without a caption
 
 SetName = Literal["held_out", "taught", "kept"]
 SET_NAMES: tuple[SetName, ...] = ("held_out", "taught", "kept")
@@ -26,7 +49,7 @@ class SampleResult:
     """One question of one set: what each model answered and how it scored (0..1)."""
 
     set_name: SetName
-    image: str  # path of the photo, relative to the export directory
+    image: str  # the photo's file name in the export's images directory
     question: str
     expected: str
     active_answer: str
@@ -61,3 +84,205 @@ class Decision:
 
     promote: bool
     reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Question:
+    set_name: SetName
+    image: str
+    question: str
+    expected: str
+    names_dish: str | None  # the taught dish for a correction; None for an approved answer
+
+
+async def evaluate(
+    *,
+    active: Engine,
+    candidate: Engine,
+    export_dir: Path,
+    store: Store,
+    training: TrainingSettings,
+    progress: Callable[[int, int], None] | None = None,
+) -> Evaluation:
+    """Ask ``active`` and ``candidate`` every question of the three sets and score the answers.
+
+    The sets come from the export in ``export_dir`` (its validation and training records)
+    and the store (which answer a record's target replaced, if any). Each model answers with
+    greedy decoding and the prompt it is served with (the engines know theirs).
+    ``progress(done, total)`` is called as answers come in.
+    """
+    questions = await _questions(export_dir, store, training)
+    total = len(questions)
+    done = 0
+
+    def one_done() -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, 2 * total)
+
+    active_answers, candidate_answers = await asyncio.gather(
+        _answers(active, questions, export_dir, one_done),
+        _answers(candidate, questions, export_dir, one_done),
+    )
+    return Evaluation(
+        tuple(
+            SampleResult(
+                set_name=q.set_name,
+                image=q.image,
+                question=q.question,
+                expected=q.expected,
+                active_answer=mine,
+                candidate_answer=theirs,
+                active_score=score(q.expected, q.names_dish, mine),
+                candidate_score=score(q.expected, q.names_dish, theirs),
+            )
+            for q, mine, theirs in zip(questions, active_answers, candidate_answers, strict=True)
+        )
+    )
+
+
+def score(expected: str, names_dish: str | None, answer: str) -> float:
+    """How well ``answer`` matches: for a correction (``names_dish``), 1 when the answer names
+    the dish (after normalising case, width and punctuation), else 0; for an approved answer,
+    the character-level similarity of the two (0..1), which works for Chinese and English."""
+    said = comparison_key(answer)
+    if names_dish is not None:
+        return 1.0 if comparison_key(names_dish) in said else 0.0
+    return difflib.SequenceMatcher(None, comparison_key(expected), said, autojunk=False).ratio()
+
+
+def decide(evaluation: Evaluation, training: TrainingSettings, *, force: bool = False) -> Decision:
+    """The promotion rule (written in the README).
+
+    The candidate must beat the active model by ``promote_margin`` on held-out questions, or
+    on taught and kept together when there are fewer than ``min_eval_samples`` held out, and
+    must not agree less with the approved (kept) answers than the active model does by more
+    than ``kept_tolerance``. ``force`` promotes whatever the scores.
+    """
+    if force:
+        return Decision(True, "promoted by force, whatever the scores")
+    held_out = evaluation.count("held_out")
+    if held_out >= training.min_eval_samples:
+        basis, active, candidate = "held out", *_means(evaluation, ("held_out",))
+    else:
+        basis, active, candidate = "taught and kept", *_means(evaluation, ("taught", "kept"))
+    if active is None or candidate is None:
+        return Decision(False, "there was nothing to evaluate on")
+    kept_active, kept_candidate = (
+        evaluation.mean("kept", "active"),
+        evaluation.mean("kept", "candidate"),
+    )
+    if (
+        kept_active is not None
+        and kept_candidate is not None
+        and kept_candidate < kept_active - training.kept_tolerance
+    ):
+        return Decision(
+            False,
+            f"it forgot approved answers: kept {kept_candidate:.2f} vs {kept_active:.2f} "
+            f"(tolerance {training.kept_tolerance:g})",
+        )
+    gain = candidate - active
+    if gain < training.promote_margin:
+        return Decision(
+            False,
+            f"not better enough on {basis}: {candidate:.2f} vs {active:.2f} "
+            f"(needs +{training.promote_margin:g})",
+        )
+    return Decision(True, f"better on {basis}: {candidate:.2f} vs {active:.2f}")
+
+
+def _means(evaluation: Evaluation, sets: Sequence[SetName]) -> tuple[float | None, float | None]:
+    chosen = [s for s in evaluation.samples if s.set_name in sets]
+    if not chosen:
+        return None, None
+    return (
+        sum(s.active_score for s in chosen) / len(chosen),
+        sum(s.candidate_score for s in chosen) / len(chosen),
+    )
+
+
+async def _questions(export_dir: Path, store: Store, training: TrainingSettings) -> list[_Question]:
+    """The three sets' questions: every held-out record, every trained record whose target
+    is a correction, and an even sample of the trained records that are approved answers."""
+    held_out = [await _question(r, "held_out", store) for r in _records(export_dir / VAL_FILE)]
+    trained = [await _question(r, "taught", store) for r in _records(export_dir / TRAIN_FILE)]
+    taught = [q for q in trained if q is not None and q.names_dish is not None]
+    approved = [q for q in trained if q is not None and q.names_dish is None]
+    kept = [
+        _Question("kept", q.image, q.question, q.expected, None)
+        for q in _evenly(approved, training.kept_samples)
+    ]
+    return [q for q in held_out if q is not None] + taught + kept
+
+
+async def _question(record: dict[str, object], set_name: SetName, store: Store) -> _Question | None:
+    """The record's first question and the answer it trains, and whether that answer is a
+    correction (it differs from what the model said) naming a dish."""
+    conversations = record.get("conversations")
+    image = record.get("image")
+    if not isinstance(conversations, list) or len(conversations) < 2 or not isinstance(image, str):
+        return None
+    asked = str(conversations[0].get("value", ""))
+    question = asked.removeprefix(IMAGE_PLACEHOLDER).strip() or DEFAULT_QUESTION
+    expected = str(conversations[1].get("value", ""))
+    said = await _model_answer(record, store)
+    corrected = said is not None and clean_turn_text(said) != expected
+    names_dish = (dish_name(expected) or expected) if corrected else None
+    return _Question(set_name, image, question, expected, names_dish)
+
+
+async def _model_answer(record: dict[str, object], store: Store) -> str | None:
+    """What the model answered to the record's first question, from the store."""
+    record_id = str(record.get("id", ""))
+    last = record_id.removeprefix("exchange-")
+    if not last.isascii() or not last.isdigit():
+        return None
+    chain = await store.conversation(int(last))
+    return chain[0].answer if chain else None
+
+
+def _records(path: Path) -> list[dict[str, object]]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def _evenly(items: Sequence[_Question], count: int) -> list[_Question]:
+    """``count`` of ``items`` spread evenly over them (all when there are fewer)."""
+    if count >= len(items):
+        return list(items)
+    if count <= 0:
+        return []
+    step = len(items) / count
+    return [items[int(i * step)] for i in range(count)]
+
+
+async def _answers(
+    engine: Engine,
+    questions: Sequence[_Question],
+    export_dir: Path,
+    one_done: Callable[[], None],
+) -> list[str]:
+    """Each question asked of ``engine`` in turn (the queue's per-user limit holds for
+    evaluation too); a question the engine fails on scores as an empty answer."""
+    answers = []
+    for question in questions:
+        photo = await asyncio.to_thread((export_dir / IMAGES_DIR / question.image).read_bytes)
+        request = Request(
+            key=EVALUATION_KEY,
+            question=question.question,
+            images=(photo,),
+            params=GenerationParams(max_new_tokens=ANSWER_TOKENS, do_sample=False),
+        )
+        try:
+            answer = await (await engine.submit(request)).result()
+            answers.append(answer.text)
+        except EngineError as exc:
+            log.warning("evaluation: %s could not answer %r: %s", engine.model.name, question, exc)
+            answers.append("")
+        one_done()
+    return answers
