@@ -1,6 +1,6 @@
 """dishbot's SQL store and photo files."""
 
-from bot.store.models import CorrectionStatus, ExchangeStatus, TrainingStatus
+from bot.store.models import CorrectionStatus, ExchangeStatus, RunStage
 from bot.store.records import (
     CorrectionRecord,
     ExchangeRecord,
@@ -8,10 +8,11 @@ from bot.store.records import (
     ModelVersionRecord,
     PhotoRecord,
     RatingRecord,
+    ReportTarget,
     TrainingRunRecord,
     UserRecord,
 )
-from bot.store.store import Store
+from bot.store.store import NothingToRollBack, RunInProgress, Store
 
 __all__ = [
     "CorrectionRecord",
@@ -20,10 +21,13 @@ __all__ = [
     "ExchangeStatus",
     "ForgetReport",
     "ModelVersionRecord",
+    "NothingToRollBack",
     "PhotoRecord",
     "RatingRecord",
+    "ReportTarget",
+    "RunInProgress",
+    "RunStage",
     "Store",
     "TrainingRunRecord",
-    "TrainingStatus",
     "UserRecord",
 ]

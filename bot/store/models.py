@@ -92,12 +92,28 @@ class CorrectionStatus(enum.StrEnum):
     REJECTED = "rejected"
 
 
-class TrainingStatus(enum.StrEnum):
+class RunStage(enum.StrEnum):
+    """Where a training run is: the first seven are running, the last four are its end."""
+
     QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
+    EXPORTING = "exporting"
+    TRAINING = "training"
+    CONVERTING = "converting"
+    EVALUATING = "evaluating"
+    PROMOTING = "promoting"
+    DONE = "done"
+    REJECTED = "rejected"
     FAILED = "failed"
     CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        """Whether the run has ended (done, rejected, failed or cancelled)."""
+        return self in FINISHED_STAGES
+
+
+FINISHED_STAGES = frozenset({RunStage.DONE, RunStage.REJECTED, RunStage.FAILED, RunStage.CANCELLED})
+_RUNNING_SQL = ", ".join(f"'{stage.value}'" for stage in RunStage if stage not in FINISHED_STAGES)
 
 
 def _status_column(enum_cls: type[enum.StrEnum], name: str) -> Enum:
@@ -226,6 +242,8 @@ class CorrectionPrompt(Base):
 
 
 class ModelVersion(Base):
+    """A model the engine can serve, and how: the prompt and template it was trained with."""
+
     __tablename__ = "model_versions"
     __table_args__ = (
         # At most one active version, enforced by the database itself.
@@ -242,35 +260,89 @@ class ModelVersion(Base):
     name: Mapped[str] = mapped_column(String(128), unique=True)
     path: Mapped[str] = mapped_column(Text, doc="local path or hub id the engine loads")
     parent_id: Mapped[int | None] = mapped_column(
-        ForeignKey("model_versions.id", ondelete="SET NULL")
+        ForeignKey("model_versions.id", ondelete="SET NULL"), doc="the version it was trained from"
     )
+    trainer: Mapped[str | None] = mapped_column(String(32))
+    # The run that made it; no foreign key, so that a run and its version can be written in
+    # either order, and SQLite never has to rebuild this table.
+    run_id: Mapped[int | None] = mapped_column(Id)
+    system_prompt: Mapped[str | None] = mapped_column(Text, doc="None: dishbot's default")
+    template: Mapped[str | None] = mapped_column(String(32), doc="None: the tokenizer's own")
+    evaluation: Mapped[dict[str, Any] | None] = mapped_column()
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
     is_active: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     activated_at: Mapped[datetime | None] = mapped_column()
 
 
-class TrainingRun(Base):
-    """One retraining, from request to result; a worker claims queued runs."""
+class ModelActivation(Base):
+    """One activation of a version, in order: what a rollback goes back through.
 
-    __tablename__ = "training_runs"
+    A rollback marks the current activation ``rolled_back`` and reactivates the version of
+    the newest activation before it that is not, so rollbacks walk back one step each.
+    """
+
+    __tablename__ = "model_activations"
 
     id: Mapped[int] = mapped_column(Id, primary_key=True)
-    status: Mapped[TrainingStatus] = mapped_column(
-        _status_column(TrainingStatus, "training_status"),
-        default=TrainingStatus.QUEUED,
-        index=True,
+    model_version_id: Mapped[int] = mapped_column(
+        ForeignKey("model_versions.id", ondelete="CASCADE"), index=True
     )
+    reason: Mapped[str] = mapped_column(String(32), doc="activate, promote, base")
+    rolled_back: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    activated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class TrainingRun(Base):
+    """One retraining, from request to result, supervised by the process that started it."""
+
+    __tablename__ = "training_runs"
+    __table_args__ = (
+        # One run at a time, enforced by the database: only unfinished runs are running,
+        # and at most one row may be running.
+        Index(
+            "uq_training_runs_one_running",
+            "is_running",
+            unique=True,
+            sqlite_where=text("is_running"),
+            postgresql_where=text("is_running"),
+        ),
+        CheckConstraint(f"is_running = (stage IN ({_RUNNING_SQL}))", name="running_matches_stage"),
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    stage: Mapped[RunStage] = mapped_column(
+        _status_column(RunStage, "run_stage"), default=RunStage.QUEUED, index=True
+    )
+    is_running: Mapped[bool] = mapped_column(Boolean, default=True)
+    trainer: Mapped[str | None] = mapped_column(String(32))
+    force: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    dry_run: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
     requested_by: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    # Where to report: the chat adapters edit one progress message.
+    report_platform: Mapped[str | None] = mapped_column(String(16))
+    report_chat_id: Mapped[str | None] = mapped_column(PLATFORM_ID)
+    report_message_id: Mapped[str | None] = mapped_column(PLATFORM_ID)
     parameters: Mapped[dict[str, Any]] = mapped_column(default=dict)
-    dataset_path: Mapped[str | None] = mapped_column(Text)
+    progress: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # The supervising bot process, and the trainer subprocess's process group.
+    host: Mapped[str | None] = mapped_column(String(255))
+    pid: Mapped[int | None] = mapped_column(Integer)
+    trainer_pgid: Mapped[int | None] = mapped_column(Integer)
+    run_dir: Mapped[str | None] = mapped_column(Text)
+    log_path: Mapped[str | None] = mapped_column(Text)
     output_path: Mapped[str | None] = mapped_column(Text)
+    notes: Mapped[list[str]] = mapped_column(JSON, default=list)
+    evaluation: Mapped[dict[str, Any] | None] = mapped_column()
+    decision: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(Text)
+    base_version_id: Mapped[int | None] = mapped_column(
+        ForeignKey("model_versions.id", ondelete="SET NULL")
+    )
     model_version_id: Mapped[int | None] = mapped_column(
         ForeignKey("model_versions.id", ondelete="SET NULL")
     )
-    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
-    error: Mapped[str | None] = mapped_column(Text)
-    worker: Mapped[str | None] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column()
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, doc="the supervisor's heartbeat")
     finished_at: Mapped[datetime | None] = mapped_column()

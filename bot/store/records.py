@@ -6,7 +6,7 @@ from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any, TypeVar
 
-from bot.store.models import CorrectionStatus, ExchangeStatus, TrainingStatus
+from bot.store.models import CorrectionStatus, ExchangeStatus, RunStage
 
 R = TypeVar("R")
 
@@ -79,10 +79,17 @@ class CorrectionRecord:
 
 @dataclass(frozen=True, slots=True)
 class ModelVersionRecord:
+    """A model version: what to load, how to serve it, where it came from, how it scored."""
+
     id: int
     name: str
     path: str
-    parent_id: int | None
+    parent_id: int | None  # the version it was trained from
+    trainer: str | None
+    run_id: int | None
+    system_prompt: str | None  # None: dishbot's default prompt
+    template: str | None  # None: the tokenizer's own chat template
+    evaluation: dict[str, Any] | None
     metrics: dict[str, Any]
     is_active: bool
     created_at: datetime
@@ -90,20 +97,62 @@ class ModelVersionRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class ReportTarget:
+    """Where a run reports: the chat and the one progress message the adapter edits."""
+
+    platform: str
+    chat_id: str
+    message_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class TrainingRunRecord:
+    """A training run as it stands.
+
+    ``progress`` holds ``stage``, ``iteration``, ``total``, ``loss`` (or None) and ``eta_s``
+    (or None) of the step under way; ``notes`` are remarks worth keeping ("retried with
+    batch 1"); ``evaluation`` is the gate's result with per-set means under ``summary``.
+    """
+
     id: int
-    status: TrainingStatus
+    stage: RunStage
+    trainer: str | None
+    force: bool
+    dry_run: bool
     requested_by: int | None
+    report_platform: str | None
+    report_chat_id: str | None
+    report_message_id: str | None
     parameters: dict[str, Any]
-    dataset_path: str | None
+    progress: dict[str, Any]
+    host: str | None
+    pid: int | None
+    trainer_pgid: int | None
+    run_dir: str | None
+    log_path: str | None
     output_path: str | None
-    model_version_id: int | None
-    metrics: dict[str, Any]
+    notes: list[str]
+    evaluation: dict[str, Any] | None
+    decision: str | None
     error: str | None
-    worker: str | None
+    base_version_id: int | None
+    model_version_id: int | None
     created_at: datetime
     started_at: datetime | None
+    updated_at: datetime
     finished_at: datetime | None
+
+    @property
+    def finished(self) -> bool:
+        """Whether the run has ended."""
+        return self.stage.finished
+
+    @property
+    def report_to(self) -> ReportTarget | None:
+        """Where the run reports, if anywhere."""
+        if self.report_platform is None or self.report_chat_id is None:
+            return None
+        return ReportTarget(self.report_platform, self.report_chat_id, self.report_message_id)
 
 
 @dataclass(frozen=True, slots=True)

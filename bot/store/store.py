@@ -15,7 +15,7 @@ from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from bot.errors import AlreadyAnswered, AlreadyAsked, NotFound
+from bot.errors import AlreadyAnswered, AlreadyAsked, DishbotError, NotFound
 from bot.store.database import open_engine
 from bot.store.models import (
     Correction,
@@ -23,11 +23,12 @@ from bot.store.models import (
     CorrectionStatus,
     Exchange,
     ExchangeStatus,
+    ModelActivation,
     ModelVersion,
     Photo,
     Rating,
+    RunStage,
     TrainingRun,
-    TrainingStatus,
     User,
     utcnow,
 )
@@ -39,6 +40,7 @@ from bot.store.records import (
     ModelVersionRecord,
     PhotoRecord,
     RatingRecord,
+    ReportTarget,
     TrainingRunRecord,
     UserRecord,
     snapshot,
@@ -49,7 +51,35 @@ _ACTIVATION_LOCK = 0x646973680001  # pg_advisory_xact_lock key for model activat
 MAX_CONVERSATION_TURNS = 50
 # A ✏️ prompt nobody answered is dropped after this long (the answer itself stays).
 CORRECTION_PROMPT_KEPT = timedelta(days=7)
-_FINISHED_TRAINING = (TrainingStatus.SUCCEEDED, TrainingStatus.FAILED, TrainingStatus.CANCELLED)
+
+
+class RunInProgress(DishbotError):
+    """A run was asked for while another holds the one training slot; ``run`` is that one."""
+
+    def __init__(self, run: TrainingRunRecord) -> None:
+        self.run = run
+        super().__init__(f"training run {run.id} is already {run.stage}{_progress_words(run)}")
+
+
+class RunEnded(DishbotError):
+    """A finished run was to be moved on (it was cancelled or failed meanwhile)."""
+
+    def __init__(self, run: TrainingRunRecord) -> None:
+        self.run = run
+        super().__init__(f"training run {run.id} has ended: {run.stage}")
+
+
+class NothingToRollBack(DishbotError):
+    """A rollback was asked for, but no earlier model version was ever active."""
+
+
+def _progress_words(run: TrainingRunRecord) -> str:
+    total = run.progress.get("total") or 0
+    if not total:
+        return ""
+    words = f", {run.progress.get('iteration', 0)}/{total}"
+    eta = run.progress.get("eta_s")
+    return words + (f", about {round(eta / 60)} min left" if eta is not None else "")
 
 
 def _exchange_asked_in(platform: str, chat_id: str, question_message_id: str) -> Select[int]:
@@ -623,14 +653,29 @@ class Store:
         path: str,
         *,
         parent_id: int | None = None,
+        trainer: str | None = None,
+        run_id: int | None = None,
+        system_prompt: str | None = None,
+        template: str | None = None,
+        evaluation: dict[str, Any] | None = None,
         metrics: dict[str, Any] | None = None,
     ) -> ModelVersionRecord:
-        """Register a model the engine can load; it is not active until `activate_model_version`."""
+        """Register a model the engine can load; it is not active until `activate_model_version`.
+
+        ``parent_id`` is the version it was trained from, ``system_prompt`` and ``template``
+        how it must be served (None: dishbot's default prompt, the tokenizer's own template).
+        Raises `ValueError` when the name is taken.
+        """
         async with self._write() as session:
             version = ModelVersion(
                 name=name,
                 path=path,
                 parent_id=parent_id,
+                trainer=trainer,
+                run_id=run_id,
+                system_prompt=system_prompt,
+                template=template,
+                evaluation=evaluation,
                 metrics=metrics or {},
                 created_at=utcnow(),
             )
@@ -641,26 +686,51 @@ class Store:
                 raise ValueError(f"a model version named {name!r} already exists") from None
             return snapshot(ModelVersionRecord, version)
 
-    async def activate_model_version(self, name: str) -> ModelVersionRecord:
-        """Make ``name`` the one active model version (the previous one is deactivated)."""
+    async def get_model_version(self, name: str) -> ModelVersionRecord | None:
+        """The model version called ``name``, or None."""
+        async with self._read() as session:
+            version = await session.scalar(select(ModelVersion).where(ModelVersion.name == name))
+            return snapshot(ModelVersionRecord, version) if version else None
+
+    async def activate_model_version(
+        self, name: str, *, reason: str = "activate"
+    ) -> ModelVersionRecord:
+        """Make ``name`` the one active model version (the previous one is deactivated).
+
+        The activation is remembered (with ``reason``: "activate", "promote", "base") for
+        `rollback_model_version`; activating the active version again changes nothing.
+        Raises `NotFound` for an unknown name.
+        """
         async with self._write() as session:
-            if self._dialect == "postgresql":
-                # Two activations at once would each see the other's row as inactive and
-                # collide on the one-active index; take turns instead.
-                await session.execute(select(func.pg_advisory_xact_lock(_ACTIVATION_LOCK)))
+            await self._take_activation_turn(session)
             version = await session.scalar(select(ModelVersion).where(ModelVersion.name == name))
             if version is None:
                 raise NotFound(f"model version {name!r} does not exist")
-            await session.execute(
-                update(ModelVersion)
-                .where(ModelVersion.is_active, ModelVersion.id != version.id)
-                .values(is_active=False)
+            if version.is_active:
+                return snapshot(ModelVersionRecord, version)
+            await self._make_active(session, version)
+            session.add(
+                ModelActivation(model_version_id=version.id, reason=reason, activated_at=utcnow())
             )
-            if not version.is_active:
-                version.is_active = True
-                version.activated_at = utcnow()
             await session.flush()
             return snapshot(ModelVersionRecord, version)
+
+    async def _take_activation_turn(self, session: AsyncSession) -> None:
+        if self._dialect == "postgresql":
+            # Two activations at once would each see the other's row as inactive and
+            # collide on the one-active index; take turns instead.
+            await session.execute(select(func.pg_advisory_xact_lock(_ACTIVATION_LOCK)))
+
+    @staticmethod
+    async def _make_active(session: AsyncSession, version: ModelVersion) -> None:
+        await session.execute(
+            update(ModelVersion)
+            .where(ModelVersion.is_active, ModelVersion.id != version.id)
+            .values(is_active=False)
+        )
+        await session.flush()
+        version.is_active = True
+        version.activated_at = utcnow()
 
     async def active_model_version(self) -> ModelVersionRecord | None:
         """The model version that should be served, or None before any was activated."""
@@ -674,73 +744,202 @@ class Store:
             rows = await session.scalars(select(ModelVersion).order_by(ModelVersion.id))
             return [snapshot(ModelVersionRecord, row) for row in rows]
 
+    async def previous_model_version(self) -> ModelVersionRecord | None:
+        """The version `rollback_model_version` would bring back, or None if there is none."""
+        async with self._read() as session:
+            found = await self._rollback_target(session)
+            return snapshot(ModelVersionRecord, found[1]) if found else None
+
+    async def rollback_model_version(self) -> ModelVersionRecord:
+        """Reactivate the version that was active before the current one, and return it.
+
+        Each rollback goes one activation further back; activating anything afterwards starts
+        a new history from there. Raises `NothingToRollBack` when no earlier version exists.
+        """
+        async with self._write() as session:
+            await self._take_activation_turn(session)
+            found = await self._rollback_target(session)
+            if found is None:
+                raise NothingToRollBack("there is no earlier model version to go back to")
+            previous_activation, version = found
+            await session.execute(
+                update(ModelActivation)
+                .where(ModelActivation.id > previous_activation.id)
+                .values(rolled_back=True)
+            )
+            await self._make_active(session, version)
+            await session.flush()
+            return snapshot(ModelVersionRecord, version)
+
+    @staticmethod
+    async def _rollback_target(
+        session: AsyncSession,
+    ) -> tuple[ModelActivation, ModelVersion] | None:
+        standing = select(ModelActivation).where(~ModelActivation.rolled_back)
+        current = await session.scalar(standing.order_by(ModelActivation.id.desc()).limit(1))
+        if current is None:
+            return None
+        previous = await session.scalar(
+            standing.where(
+                ModelActivation.id < current.id,
+                ModelActivation.model_version_id != current.model_version_id,
+            )
+            .order_by(ModelActivation.id.desc())
+            .limit(1)
+        )
+        if previous is None:
+            return None
+        version = await session.get(ModelVersion, previous.model_version_id)
+        assert version is not None  # activations cascade with their version
+        return previous, version
+
     # -- training runs ------------------------------------------------------------------
 
-    async def request_training_run(
-        self, *, requested_by: int | None, parameters: dict[str, Any]
+    async def create_training_run(
+        self,
+        *,
+        requested_by: int | None = None,
+        report_to: ReportTarget | None = None,
+        trainer: str | None = None,
+        force: bool = False,
+        dry_run: bool = False,
+        host: str | None = None,
+        pid: int | None = None,
+        parameters: dict[str, Any] | None = None,
+        base_version_id: int | None = None,
     ) -> TrainingRunRecord:
-        """Queue a retraining run for a worker to claim."""
-        async with self._write() as session:
+        """Claim the one training slot with a new run, queued, supervised by ``host``/``pid``.
+
+        Raises `RunInProgress` carrying the run that holds the slot: the database allows
+        one unfinished run at a time, whichever process asks.
+        """
+        for _attempt in range(3):
+            now = utcnow()
             run = TrainingRun(
+                stage=RunStage.QUEUED,
+                is_running=True,
+                trainer=trainer,
+                force=force,
+                dry_run=dry_run,
                 requested_by=requested_by,
-                parameters=parameters,
-                metrics={},
-                status=TrainingStatus.QUEUED,
-                created_at=utcnow(),
+                report_platform=report_to.platform if report_to else None,
+                report_chat_id=report_to.chat_id if report_to else None,
+                report_message_id=report_to.message_id if report_to else None,
+                parameters=parameters or {},
+                progress={},
+                host=host,
+                pid=pid,
+                notes=[],
+                base_version_id=base_version_id,
+                created_at=now,
+                started_at=now,
+                updated_at=now,
             )
-            session.add(run)
+            try:
+                async with self._write() as session:
+                    session.add(run)
+                    await session.flush()
+                    return snapshot(TrainingRunRecord, run)
+            except IntegrityError:
+                running = await self.running_training_run()
+                if running is not None:
+                    raise RunInProgress(running) from None
+                # The other run ended in between, or a reference is wrong: try again.
+        raise NotFound(f"user {requested_by} or model version {base_version_id} does not exist")
+
+    async def update_training_run(
+        self,
+        run_id: int,
+        *,
+        stage: RunStage | None = None,
+        progress: dict[str, Any] | None = None,
+        trainer: str | None = None,
+        trainer_pgid: int | None = None,
+        run_dir: str | None = None,
+        log_path: str | None = None,
+        output_path: str | None = None,
+        notes: Sequence[str] = (),
+    ) -> TrainingRunRecord:
+        """Move a running run on: its stage, progress, trainer process group, files, notes.
+
+        Arguments left None stay as they are; ``notes`` are appended. Every update is also
+        the supervisor's heartbeat (``updated_at``). Raises `RunEnded` when the run has
+        finished meanwhile (cancelled from another process, or failed by `recover`), so the
+        supervisor stops; `NotFound` for an unknown run.
+        """
+        if stage is not None and stage.finished:
+            raise ValueError(f"{stage} ends a run: use finish_training_run")
+        async with self._write() as session:
+            run = await session.get(TrainingRun, run_id, with_for_update=True)
+            if run is None:
+                raise NotFound(f"training run {run_id} does not exist")
+            if not run.is_running:
+                raise RunEnded(snapshot(TrainingRunRecord, run))
+            changes = {
+                "stage": stage,
+                "progress": progress,
+                "trainer": trainer,
+                "trainer_pgid": trainer_pgid,
+                "run_dir": run_dir,
+                "log_path": log_path,
+                "output_path": output_path,
+            }
+            for name, value in changes.items():
+                if value is not None:
+                    setattr(run, name, value)
+            if notes:
+                run.notes = [*run.notes, *notes]
+            run.updated_at = utcnow()
             await session.flush()
             return snapshot(TrainingRunRecord, run)
 
-    async def claim_training_run(self, worker: str) -> TrainingRunRecord | None:
-        """Take the oldest queued run for ``worker`` and mark it running; None if none waits.
-
-        Two workers never claim the same run.
-        """
-        oldest_queued = (
-            select(TrainingRun.id)
-            .where(TrainingRun.status == TrainingStatus.QUEUED)
-            .order_by(TrainingRun.id)
-            .limit(1)
-            .with_for_update(skip_locked=True)
-            .scalar_subquery()
-        )
+    async def set_run_report_message(self, run_id: int, message_id: str) -> None:
+        """Remember the platform message that shows a run's progress (the one to edit)."""
         async with self._write() as session:
-            run_id = await session.scalar(
+            result = await session.execute(
                 update(TrainingRun)
-                .where(TrainingRun.id == oldest_queued, TrainingRun.status == TrainingStatus.QUEUED)
-                .values(status=TrainingStatus.RUNNING, worker=worker, started_at=utcnow())
-                .returning(TrainingRun.id)
+                .where(TrainingRun.id == run_id)
+                .values(report_message_id=message_id)
             )
-            if run_id is None:
-                return None
-            run = await session.get(TrainingRun, run_id)
-            assert run is not None
-            return snapshot(TrainingRunRecord, run)
+            if result.rowcount == 0:  # type: ignore[attr-defined]
+                raise NotFound(f"training run {run_id} does not exist")
 
     async def finish_training_run(
         self,
         run_id: int,
+        stage: RunStage,
         *,
-        status: TrainingStatus,
-        metrics: dict[str, Any] | None = None,
         error: str | None = None,
-        output_path: str | None = None,
+        evaluation: dict[str, Any] | None = None,
+        decision: str | None = None,
+        notes: Sequence[str] = (),
         model_version_id: int | None = None,
     ) -> TrainingRunRecord:
-        """Record how a run ended: succeeded, failed or cancelled, with its results."""
-        if status not in _FINISHED_TRAINING:
-            raise ValueError(f"{status} is not an end state of a training run")
+        """End a run: done, rejected, failed or cancelled, with its error or results.
+
+        The first end wins: a run that has finished already is returned unchanged (compare
+        its ``stage``), so a cancel racing the run's own failure leaves one consistent story.
+        """
+        if not stage.finished:
+            raise ValueError(f"{stage} is not an end state of a training run")
         async with self._write() as session:
-            run = await session.get(TrainingRun, run_id)
+            run = await session.get(TrainingRun, run_id, with_for_update=True)
             if run is None:
                 raise NotFound(f"training run {run_id} does not exist")
-            run.status = status
-            run.metrics = metrics or run.metrics
+            if not run.is_running:
+                return snapshot(TrainingRunRecord, run)
+            run.stage = stage
+            run.is_running = False
             run.error = error
-            run.output_path = output_path or run.output_path
-            run.model_version_id = model_version_id or run.model_version_id
-            run.finished_at = utcnow()
+            if evaluation is not None:
+                run.evaluation = evaluation
+            if decision is not None:
+                run.decision = decision
+            if notes:
+                run.notes = [*run.notes, *notes]
+            if model_version_id is not None:
+                run.model_version_id = model_version_id
+            run.finished_at = run.updated_at = utcnow()
             await session.flush()
             return snapshot(TrainingRunRecord, run)
 
@@ -748,4 +947,18 @@ class Store:
         """The training run with this id, or None."""
         async with self._read() as session:
             run = await session.get(TrainingRun, run_id)
+            return snapshot(TrainingRunRecord, run) if run else None
+
+    async def training_runs(self, *, limit: int = 20) -> list[TrainingRunRecord]:
+        """The newest ``limit`` training runs, newest first."""
+        async with self._read() as session:
+            rows = await session.scalars(
+                select(TrainingRun).order_by(TrainingRun.id.desc()).limit(limit)
+            )
+            return [snapshot(TrainingRunRecord, row) for row in rows]
+
+    async def running_training_run(self) -> TrainingRunRecord | None:
+        """The run holding the training slot (not finished), or None when it is free."""
+        async with self._read() as session:
+            run = await session.scalar(select(TrainingRun).where(TrainingRun.is_running))
             return snapshot(TrainingRunRecord, run) if run else None
