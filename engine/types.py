@@ -30,15 +30,19 @@ class Turn:
 
 @dataclass(frozen=True, slots=True)
 class ModelSpec:
-    """A model to serve: where it is, what to call it, and the system prompt it was trained with.
+    """A model to serve: where it is, what to call it, and the prompt it was trained with.
 
     ``system_prompt`` None means dishbot's default prompt (see `engine.prompts`); a model
-    fine-tuned with XTuner must be served with the prompt it was trained with.
+    fine-tuned with XTuner must be served with the prompt it was trained with. ``template``
+    is how the prompt is laid out: None or ``"chatml"``, the tokenizer's own chat template;
+    ``"xtuner-internlm2"``, XTuner's InternLM2 layout (no newline between one turn's
+    ``<|im_end|>`` and the next ``<|im_start|>``), which only the lmdeploy backend serves.
     """
 
     path: str
     name: str
     system_prompt: str | None = None
+    template: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
