@@ -22,6 +22,11 @@ It keeps lmdeploy's contract as read from its sources, and records every call:
   text switches to the old placeholder layout, which drops the image items. The prompts
   are recorded (``stream_calls[n]["rendered"]``): lmdeploy's tokenizer reads any special
   token in them as that token.
+* ``stream_infer(..., do_preprocess=False)`` renders with lmdeploy's ``BaseChatTemplate()``
+  instead (``serve/processors/multimodal.py``): the messages' contents concatenated and
+  nothing added, each image item still written as ``<img><IMG_CONTEXT></img>\\n`` where it
+  stands; a conversation with no image takes the text-only path, which joins a message's
+  text items with a newline.
 
 Replies are scripted per question (the text of the last user message) with `Reply`.
 """
@@ -63,6 +68,29 @@ def render_prompt(messages: list[dict[str, Any]]) -> str:
             )
         parts.append(f"<|im_start|>{message['role']}\n{text}<|im_end|>\n")
     return "".join(parts) + "<|im_start|>assistant\n"
+
+
+def render_raw_prompt(messages: list[dict[str, Any]]) -> str:
+    """The prompt lmdeploy makes with ``do_preprocess=False``: no template, contents as they are."""
+    if not count_images(messages):  # _get_text_prompt_input: merge_message_content
+        return "".join(
+            content if isinstance(content, str) else "\n".join(_text_items(content))
+            for content in (message["content"] for message in messages)
+        )
+    # InternVL's proc_messages, then BaseChatTemplate().messages2prompt
+    return "".join(
+        message["content"]
+        if isinstance(message["content"], str) or message["role"] != "user"
+        else "".join(
+            item["text"] if item["type"] == "text" else f"<img>{IMAGE_CONTEXT_TOKEN}</img>\n"
+            for item in message["content"]
+        )
+        for message in messages
+    )
+
+
+def _text_items(content: list[dict[str, Any]]) -> list[str]:
+    return [item.get("text", "") for item in content if item.get("type") == "text"]
 
 
 def count_images(messages: list[dict[str, Any]]) -> int:
@@ -192,12 +220,14 @@ class FakePipeline:
         assert all(isinstance(prompt, list) for prompt in prompts)
         assert len(sessions) == len(prompts) == len(gen_config)
         # What lmdeploy tokenizes for each conversation; its tokenizer reads special tokens.
-        rendered = [render_prompt(prompt) for prompt in prompts]
+        render = render_prompt if do_preprocess else render_raw_prompt
+        rendered = [render(prompt) for prompt in prompts]
         self.stream_calls.append(
             {
                 "prompts": prompts,
                 "sessions": sessions,
                 "gen_config": gen_config,
+                "do_preprocess": do_preprocess,
                 "rendered": rendered,
                 **kwargs,
             }

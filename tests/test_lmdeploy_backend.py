@@ -37,6 +37,12 @@ BASE_MODEL = ModelSpec(path="/models/InternVL2-8B", name="internvl2-8b")
 TUNED_MODEL = ModelSpec(
     path="/models/dishbot-v2", name="dishbot-v2", system_prompt=XTUNER_INTERNLM2_SYSTEM_PROMPT
 )
+XTUNER_MODEL = ModelSpec(
+    path="/models/dishbot-v3",
+    name="dishbot-v3",
+    system_prompt=XTUNER_INTERNLM2_SYSTEM_PROMPT,
+    template="xtuner-internlm2",
+)
 
 
 @pytest.fixture
@@ -305,6 +311,109 @@ async def test_the_models_own_added_tokens_in_user_text_reach_lmdeploy_as_text(
     (prompt,) = lmdeploy.pipelines[0].stream_calls[0]["rendered"]
     assert "<dish>" not in prompt
     assert "Is <\u200bdish> char siu?" in prompt
+
+
+# -- a model fine-tuned with XTuner --------------------------------------------------------
+
+
+@pytest.fixture
+async def xtuner_backend(lmdeploy: FakeLMDeploy) -> AsyncIterator[LMDeployBackend]:
+    backend = LMDeployBackend()
+    await backend.load(XTUNER_MODEL)
+    yield backend
+    await backend.close()
+
+
+async def test_a_model_xtuner_trained_is_prompted_exactly_as_xtuner_trained_it(
+    lmdeploy: FakeLMDeploy, xtuner_backend: LMDeployBackend
+) -> None:
+    red = photo("red")
+    history = [Turn("What dish is this? ", "叉烧 (char siu).\n"), Turn("Is it sweet?", "Yes.")]
+    request = job(
+        "How is it made?",
+        images=[red],
+        history=history,
+        system_prompt=XTUNER_INTERNLM2_SYSTEM_PROMPT,
+        max_tiles=6,
+    )
+
+    final = endings(await collect(xtuner_backend.generate([request])))
+
+    assert isinstance(final[0], JobFinished)
+    call = lmdeploy.pipelines[0].stream_calls[0]
+    assert call["do_preprocess"] is False  # lmdeploy must not template it again
+    # XTuner 0.2.0's InternVL_V1_5_Dataset for InternLM2: SYSTEM
+    # "<|im_start|>system\n{system}<|im_end|>", INSTRUCTION
+    # "<|im_start|>user\n{input}<|im_end|><|im_start|>assistant\n", SUFFIX "<|im_end|>"; the
+    # image ("<img>" + <IMG_CONTEXT> x 256 per tile + "</img>") and a newline before the
+    # first question; questions and answers stripped.
+    assert call["rendered"] == [
+        "<|im_start|>system\nYou are an AI assistant whose name is InternLM (书生·浦语).<|im_end|>"
+        "<|im_start|>user\n<img><IMG_CONTEXT></img>\nWhat dish is this?<|im_end|>"
+        "<|im_start|>assistant\n叉烧 (char siu).<|im_end|>"
+        "<|im_start|>user\nIs it sweet?<|im_end|>"
+        "<|im_start|>assistant\nYes.<|im_end|>"
+        "<|im_start|>user\nHow is it made?<|im_end|>"
+        "<|im_start|>assistant\n"
+    ]
+    (messages,) = call["prompts"]
+    images = [item for item in messages[0]["content"] if item["type"] == "image_data"]
+    assert images == [
+        {"type": "image_data", "image_data": {"data": red.image, "max_dynamic_patch": 6}}
+    ]
+
+
+async def test_user_text_is_neutralised_in_the_xtuner_layout_too(
+    lmdeploy: FakeLMDeploy, xtuner_backend: LMDeployBackend
+) -> None:
+    history = [Turn("<IMAGE_TOKEN> and <image>?", "It is <|im_end|> char siu <quad>.")]
+    jobs = [
+        job(HOSTILE_QUESTION, system_prompt=XTUNER_INTERNLM2_SYSTEM_PROMPT),
+        job("辣不辣？<IMG_CONTEXT>", history=history, images=[photo("red"), photo("blue")]),
+    ]
+
+    final = endings(await collect(xtuner_backend.generate(jobs)))
+
+    assert all(isinstance(final[index], JobFinished) for index in range(len(jobs))), final
+    rendered = lmdeploy.pipelines[0].stream_calls[0]["rendered"]
+    for prompt, turns, photos in zip(rendered, [2, 4], [1, 2], strict=True):
+        assert template_tokens(prompt, INTERNVL2_TOKENS) == {
+            "<|im_start|>": turns + 1,
+            "<|im_end|>": turns,
+            "<img>": photos,
+            "</img>": photos,
+            "<IMG_CONTEXT>": photos,
+            "<quad>": 0,
+        }
+    assert HOSTILE_QUESTION.strip() in rendered[0].replace("\u200b", "")
+    assert "<IMAGE_TOKEN>" not in rendered[1]
+
+
+@pytest.mark.parametrize("template", [None, "chatml"])
+async def test_other_models_keep_lmdeploys_template(
+    lmdeploy: FakeLMDeploy, template: str | None
+) -> None:
+    backend = LMDeployBackend()
+    await backend.load(ModelSpec(path="/models/InternVL2-2B", name="base", template=template))
+    try:
+        await collect(backend.generate([job()]))
+    finally:
+        await backend.close()
+
+    call = lmdeploy.pipelines[0].stream_calls[0]
+    assert call["do_preprocess"] is True
+    assert call["prompts"][0][0] == {"role": "system", "content": DISHBOT_SYSTEM_PROMPT}
+
+
+async def test_a_template_the_backend_does_not_know_is_refused_at_load(
+    lmdeploy: FakeLMDeploy,
+) -> None:
+    backend = LMDeployBackend()
+
+    with pytest.raises(ModelLoadFailed, match="llama3"):
+        await backend.load(ModelSpec(path="/models/x", name="x", template="llama3"))
+
+    assert lmdeploy.pipeline_calls == []
 
 
 # -- streaming ----------------------------------------------------------------------------

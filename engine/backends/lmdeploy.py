@@ -7,8 +7,16 @@ What it promises:
 
 * The model is loaded with lmdeploy's own chat template for it (no template name is passed;
   the old ``internvl2-internlm2`` name no longer exists) and the job's system prompt is sent
-  as a system message, so dishbot's prompt, or XTuner's for a fine-tuned model, is what the
-  model sees instead of lmdeploy's default.
+  as a system message, so dishbot's prompt is what the model sees instead of lmdeploy's
+  default.
+* A model fine-tuned with XTuner (``ModelSpec.template == "xtuner-internlm2"``) is served in
+  exactly the layout XTuner trained it in (``xtuner/dataset/internvl_dataset.py``): its
+  system prompt, no newline between one turn's ``<|im_end|>`` and the next
+  ``<|im_start|>``, the photos' ``<img>...</img>`` and a newline before the first question,
+  questions and answers stripped. lmdeploy would apply the tokenizer's own template (and
+  ignores ``ChatTemplateConfig(model_name='hf', meta_instruction=...)``), so dishbot renders
+  this prompt itself and sends it with ``do_preprocess=False``, which lmdeploy copies as it
+  is, putting each image where its item stands (`xtuner_internlm2_messages`).
 * Photos go in as PIL images, not re-encoded, each limited to ``job.max_tiles`` tiles.
 * User text reaches lmdeploy with its control tokens broken (`engine.prompts`): lmdeploy
   copies message text into the prompt verbatim, cuts the prompt at every ``<IMG_CONTEXT>``
@@ -67,6 +75,13 @@ AsyncEngine refactor of early 2026. Recheck them against 0.18 on a GPU host.
 * ``lmdeploy/model.py``: with no ``chat_template_config`` the template is matched from the
   model path; no built-in template matches InternVL2, so the ``hf`` template (the model's
   own tokenizer chat template, ChatML with no default system prompt) is used.
+  ``BaseChatTemplate()`` (every part empty) ``messages2prompt`` concatenates the messages'
+  contents and nothing else.
+* ``lmdeploy/serve/processors/multimodal.py`` ``get_prompt_input``: with
+  ``do_preprocess=False`` both the text-only path (``_get_text_prompt_input``, which joins a
+  message's text items with ``\\n``) and the multimodal path
+  (``_get_multimodal_prompt_input``, then the vision model's ``to_pytorch`` /
+  ``to_turbomind``) render with ``BaseChatTemplate()`` instead of the model's template.
 * ``lmdeploy/vl/model/internvl.py`` ``proc_messages`` writes each image item as
   ``<img><IMG_CONTEXT></img>\\n`` and copies text verbatim (``<IMAGE_TOKEN>`` in a user's
   text selects an older layout); ``vl/model/base.py`` ``to_pytorch_aux`` /
@@ -92,7 +107,7 @@ from types import ModuleType
 from typing import Any, Literal
 
 from engine.errors import Cancelled, GenerationFailed, ModelLoadFailed
-from engine.prompts import build_messages
+from engine.prompts import ChatMessage, build_messages
 from engine.types import (
     BackendEvent,
     GenerationJob,
@@ -109,6 +124,10 @@ INSTALL_HINT = "lmdeploy is not installed; pip install 'dishbot[gpu]' on a CUDA 
 
 # How long `close` lets aborted requests wind down before the engine under them is stopped.
 CLOSE_GRACE_S = 10.0
+
+# ModelSpec.template values: the tokenizer's own chat template, or XTuner's InternLM2 layout.
+CHATML_TEMPLATES = (None, "chatml")
+XTUNER_INTERNLM2 = "xtuner-internlm2"
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +187,47 @@ def lmdeploy_messages(
     return messages
 
 
+def xtuner_internlm2_messages(
+    job: GenerationJob, model_tokens: Sequence[str] = ()
+) -> list[dict[str, object]]:
+    """The job as one prompt in XTuner's InternLM2 layout, for ``do_preprocess=False``.
+
+    One user message holds the whole rendered prompt as text items, with the photos' image
+    items where lmdeploy must put them (it writes ``<img><IMG_CONTEXT></img>\\n`` for each,
+    as XTuner's dataset does before the first question). Control tokens in the questions and
+    answers are broken, as for `lmdeploy_messages`.
+    """
+    conversation = build_messages(
+        job.system_prompt, job.history, job.question, len(job.images), model_tokens
+    )
+    content: list[dict[str, object]] = []
+    text = ""
+    for message in conversation:
+        if message.role != "user":
+            text += _xtuner_turn_end(message)
+            continue
+        text += "<|im_start|>user\n"
+        if message.images:
+            content.append({"type": "text", "text": text})
+            content += [
+                {
+                    "type": "image_data",
+                    "image_data": {"data": image.image, "max_dynamic_patch": job.max_tiles},
+                }
+                for image in job.images[: message.images]
+            ]
+            text = ""
+        text += message.text.strip() + "<|im_end|><|im_start|>assistant\n"
+    content.append({"type": "text", "text": text})
+    return [{"role": "user", "content": content}]
+
+
+def _xtuner_turn_end(message: ChatMessage) -> str:
+    if message.role == "system":
+        return f"<|im_start|>system\n{message.text}<|im_end|>"
+    return message.text.strip() + "<|im_end|>"  # an answer, after its question's assistant tag
+
+
 def generation_config_kwargs(params: GenerationParams) -> dict[str, object]:
     """Keyword arguments for lmdeploy's ``GenerationConfig``; ``do_sample`` always explicit."""
     return {
@@ -213,6 +273,11 @@ class LMDeployBackend:
         Raises `ModelLoadFailed` when lmdeploy is not installed or cannot load the model.
         """
         lmdeploy = _import_lmdeploy()
+        if model.template not in (*CHATML_TEMPLATES, XTUNER_INTERNLM2):
+            raise ModelLoadFailed(
+                f"{model.name!r} needs the prompt template {model.template!r}, which the "
+                "lmdeploy backend does not know"
+            )
         await self.close()
         model_tokens = await asyncio.to_thread(tokenizer_control_tokens, model.path)
         backend_config = self._backend_config(lmdeploy)
@@ -248,11 +313,14 @@ class LMDeployBackend:
                 yield JobFailed(index, GenerationFailed("no model is loaded"))
             return
         stream = _Stream(jobs, asyncio.get_running_loop())
+        # A model XTuner trained gets its prompt rendered here, for lmdeploy to take as it is.
+        rendered = self._model is not None and self._model.template == XTUNER_INTERNLM2
+        to_messages = xtuner_internlm2_messages if rendered else lmdeploy_messages
         requests = []
         for index, job in enumerate(jobs):
             try:
                 gen_config = lmdeploy.GenerationConfig(**generation_config_kwargs(job.params))
-                requests.append((index, lmdeploy_messages(job, self._model_tokens), gen_config))
+                requests.append((index, to_messages(job, self._model_tokens), gen_config))
             except Exception as error:  # bad parameters fail this job, not its neighbours
                 yield stream.fail(index, GenerationFailed(f"lmdeploy refused the job: {error}"))
         if not requests:
@@ -264,7 +332,9 @@ class LMDeployBackend:
         ]
         self._streams.add(stream)
         try:
-            stream.start(pipeline, requests, on_done=self._streams.discard)
+            stream.start(
+                pipeline, requests, do_preprocess=not rendered, on_done=self._streams.discard
+            )
             while not stream.over:
                 for event in stream.take(await stream.inbox.get()):
                     yield event
@@ -348,6 +418,8 @@ class _Stream:
         self,
         pipeline: Any,
         requests: list[tuple[int, list[dict[str, object]], Any]],
+        *,
+        do_preprocess: bool,
         on_done: Callable[[_Stream], None],
     ) -> None:
         loop = self.loop
@@ -368,7 +440,10 @@ class _Stream:
             error: BaseException | None = None
             try:
                 for response in pipeline.stream_infer(
-                    prompts=prompts, sessions=sessions, gen_config=gen_configs
+                    prompts=prompts,
+                    sessions=sessions,
+                    gen_config=gen_configs,
+                    do_preprocess=do_preprocess,
                 ):
                     post(response)
             except BaseException as exc:
