@@ -68,7 +68,7 @@ def test_export_writes_the_dataset_reports_progress_and_prints_the_summary(
     captured = capsys.readouterr()
     assert captured.out.startswith("Exported 4 samples (")
     assert "Held back: 1 unrated." in captured.out
-    assert f"Train: cd {out} && xtuner train xtuner_config.py" in captured.out
+    assert f"Train: cd {out} && python -m xtuner.tools.train xtuner_config.py" in captured.out
     progress = captured.err.splitlines()
     assert progress[0] == "export: 0% (0/5 exchanges)"
     assert progress[-1] == "export: 100% (5/5 exchanges)"

@@ -458,10 +458,17 @@ async def test_the_dataset_card_gives_counts_ratings_dishes_versions_and_command
     assert "| 叉烧 | 3 |" in card
     assert "| 肠粉 | 1 |" in card
     assert "| internvl2-2b | 4 |" in card
-    assert "xtuner train xtuner_config.py --deepspeed deepspeed_zero2" in card
+    assert (
+        "export RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29500\n"
+        "python -m xtuner.tools.train xtuner_config.py --work-dir work_dirs/xtuner_config "
+        "--deepspeed deepspeed_zero2\n"
+    ) in card
     # 4 samples, batches of 4 x 2 accumulated, 10 epochs: 20 iterations on one GPU.
-    assert "xtuner_config.py work_dirs/xtuner_config/iter_20.pth" in card
-    assert "configs/internvl/v1_5/convert_to_official.py" in card
+    assert (
+        "python -m xtuner.configs.internvl.v1_5.convert_to_official xtuner_config.py "
+        "work_dirs/xtuner_config/iter_20.pth ./fine-tuned-model\n"
+    ) in card
+    assert "xtuner train" not in card  # the wrapper exits 0 even when training failed
     assert XTUNER_INTERNLM2_SYSTEM_PROMPT in card
 
 

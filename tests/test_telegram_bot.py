@@ -1377,4 +1377,4 @@ async def test_an_admin_exports_the_feedback_from_the_chat_and_others_may_not(
         for line in (export_dir / name).read_text().splitlines()
     ]
     assert len(records) == 1
-    assert "xtuner train xtuner_config.py" in summary.params["text"]
+    assert "python -m xtuner.tools.train xtuner_config.py" in summary.params["text"]

@@ -11,11 +11,14 @@ from bot.training.export.summary import ExportSummary
 from bot.training.export.xtuner_config import CONFIG_NAME, iterations_per_run
 
 TOP_DISHES_LISTED = 20
-# XTuner ships its configs inside the package; this finds the conversion script there.
-CONVERT_SCRIPT = (
-    "\"$(python -c 'import os, xtuner; print(os.path.dirname(xtuner.__file__))')"
-    '/configs/internvl/v1_5/convert_to_official.py"'
-)
+# XTuner's modules, run with the environment's own python: the `xtuner train` wrapper runs
+# whatever `python` is first on PATH and exits 0 even when training failed.
+TRAIN_MODULE = "xtuner.tools.train"
+CONVERT_MODULE = "xtuner.configs.internvl.v1_5.convert_to_official"
+# Where XTuner puts checkpoints when run in the export's directory (its own default name).
+WORK_DIR = "work_dirs/" + CONFIG_NAME.removesuffix(".py")
+# On one GPU DeepSpeed looks for MPI unless the process says which rank it is.
+ONE_GPU_ENVIRONMENT = "RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29500"
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,17 +36,13 @@ class CardContext:
 
 def train_command(deepspeed: str) -> str:
     """The command that trains on an export, run inside its directory."""
-    return f"xtuner train {CONFIG_NAME} --deepspeed {deepspeed}"
+    return f"python -m {TRAIN_MODULE} {CONFIG_NAME} --work-dir {WORK_DIR} --deepspeed {deepspeed}"
 
 
 def convert_command(train_samples: int, training: TrainingSettings) -> str:
     """The command that turns the last checkpoint into a model dishbot can serve."""
     last = iterations_per_run(train_samples, training)
-    work_dir = CONFIG_NAME.removesuffix(".py")
-    return (
-        f"python {CONVERT_SCRIPT} {CONFIG_NAME} work_dirs/{work_dir}/iter_{last}.pth "
-        "./fine-tuned-model"
-    )
+    return f"python -m {CONVERT_MODULE} {CONFIG_NAME} {WORK_DIR}/iter_{last}.pth ./fine-tuned-model"
 
 
 def render_dataset_card(
@@ -160,14 +159,21 @@ def _selection(training: TrainingSettings, context: CardContext) -> str:
 def _how_to_train(summary: ExportSummary, training: TrainingSettings, context: CardContext) -> str:
     return (
         "## Train and convert\n\n"
-        "In this directory, with XTuner installed (`pip install -U 'xtuner[deepspeed]'`):\n\n"
+        "In this directory, with the python of XTuner's environment (dishbot's README, "
+        '"The XTuner environment"), on one GPU:\n\n'
         "```sh\n"
+        f"export {ONE_GPU_ENVIRONMENT}\n"
         f"{train_command(training.deepspeed)}\n"
         f"{convert_command(summary.train_samples, training)}\n"
         "```\n\n"
-        "The last checkpoint's number is for one GPU; take the newest "
-        "`work_dirs/xtuner_config/iter_*.pth` if you trained on more. Serve the converted "
-        "model with the system prompt above, as dishbot does for XTuner-trained versions."
+        f"Training succeeded when it exited with status 0 and `{WORK_DIR}/last_checkpoint` "
+        "names the last checkpoint. Its number above is for one GPU; on more, start the "
+        f"training with `python -m torch.distributed.run --nproc_per_node N -m {TRAIN_MODULE} "
+        "... --launcher pytorch` and convert the checkpoint `last_checkpoint` names. "
+        "The conversion leaves out the model's own code under transformers 4.48: copy every "
+        f"`*.py` of `{training.base_model}`, and its `generation_config.json`, into "
+        "`./fine-tuned-model`. Serve the converted model with the system prompt above and "
+        "XTuner's prompt layout, as dishbot does for XTuner-trained versions."
     )
 
 
