@@ -490,7 +490,7 @@ def _load_model(path: str, config: TransformersConfig) -> _LoadedModel:
         image_context_token=image_context_token,
         pad_token_id=pad_token_id,
         stop_token_ids=frozenset({end_of_turn, pad_token_id}),
-        control_tokens=tuple({*tokenizer.all_special_tokens, *tokenizer.get_added_vocab()}),
+        control_tokens=control_tokens(tokenizer),
     )
 
 
@@ -529,10 +529,8 @@ def _prepare_job(loaded: _LoadedModel, index: int, job: GenerationJob) -> _Prepa
     ]
 
     def image_text(image_index: int) -> str:
-        # <img> and </img> frame the image as in training; a tokenizer without them as
-        # special tokens just reads them as text, which only the context tokens matter for.
         tokens = loaded.image_tokens_per_tile * len(tiles[image_index])
-        return START_IMAGE_TOKEN + loaded.image_context_token * tokens + END_IMAGE_TOKEN
+        return image_prompt_text(loaded.image_context_token, tokens)
 
     messages = build_messages(
         job.system_prompt, job.history, job.question, len(job.images), loaded.control_tokens
@@ -541,9 +539,27 @@ def _prepare_job(loaded: _LoadedModel, index: int, job: GenerationJob) -> _Prepa
     return _PreparedJob(index, job, prompt, _joined(tiles) if tiles else None)
 
 
-def _prompt_ids(tokenizer: Any, prompt: list[PromptPart]) -> list[int]:
-    """The prompt's token ids: the template's markup with its control tokens, the messages'
-    texts as plain text, in which no string can become a special token."""
+def control_tokens(tokenizer: Any) -> tuple[str, ...]:
+    """The tokenizer's special and added tokens, which user text must never spell."""
+    return tuple({*tokenizer.all_special_tokens, *tokenizer.get_added_vocab()})
+
+
+def image_prompt_text(image_context_token: str, tokens: int) -> str:
+    """The text standing for one image in a prompt: ``tokens`` context tokens in <img>...</img>.
+
+    dishbot's trainer builds its prompts with this too, so what is trained is what is served.
+    """
+    # <img> and </img> frame the image as in training; a tokenizer without them as special
+    # tokens just reads them as text, which only the context tokens matter for.
+    return START_IMAGE_TOKEN + image_context_token * tokens + END_IMAGE_TOKEN
+
+
+def prompt_part_ids(tokenizer: Any, prompt: Sequence[PromptPart]) -> list[list[int]]:
+    """Each part's token ids: the template's markup with its control tokens, the messages'
+    texts as plain text, in which no string can become a special token.
+
+    dishbot's trainer tokenizes with this too, so what is trained is what is served.
+    """
     # Two tokenizer calls per prompt, not one per part; the parts keep their order.
     markup_texts = [part.text for part in prompt if part.markup]
     plain_texts = [part.text for part in prompt if not part.markup]
@@ -551,10 +567,12 @@ def _prompt_ids(tokenizer: Any, prompt: list[PromptPart]) -> list[int]:
     plain = iter(
         tokenizer(plain_texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     )
-    ids: list[int] = []
-    for part in prompt:
-        ids.extend(next(markup if part.markup else plain))
-    return ids
+    return [list(next(markup if part.markup else plain)) for part in prompt]
+
+
+def _prompt_ids(tokenizer: Any, prompt: list[PromptPart]) -> list[int]:
+    """The prompt's token ids (see `prompt_part_ids`), one list."""
+    return [token for ids in prompt_part_ids(tokenizer, prompt) for token in ids]
 
 
 def _left_padded(prompts: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
