@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Select, delete, exists, func, select, update
+from sqlalchemy import Select, delete, exists, false, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import IntegrityError
@@ -720,6 +720,15 @@ class Store:
             # Two activations at once would each see the other's row as inactive and
             # collide on the one-active index; take turns instead.
             await session.execute(select(func.pg_advisory_xact_lock(_ACTIVATION_LOCK)))
+        await self._write_first(session, ModelVersion)
+
+    async def _write_first(self, session: AsyncSession, model: type[Any]) -> None:
+        """On SQLite, take the write lock before reading: another process (the CLI, a second
+        bot) may write in between, and a transaction that read first cannot wait for the
+        lock, it fails at once with "database is locked"."""
+        if self._dialect == "sqlite":
+            # A write statement takes the lock even when it changes no row.
+            await session.execute(update(model).where(false()).values(id=model.id))
 
     @staticmethod
     async def _make_active(session: AsyncSession, version: ModelVersion) -> None:
@@ -870,6 +879,7 @@ class Store:
         if stage is not None and stage.finished:
             raise ValueError(f"{stage} ends a run: use finish_training_run")
         async with self._write() as session:
+            await self._write_first(session, TrainingRun)
             run = await session.get(TrainingRun, run_id, with_for_update=True)
             if run is None:
                 raise NotFound(f"training run {run_id} does not exist")
@@ -923,6 +933,7 @@ class Store:
         if not stage.finished:
             raise ValueError(f"{stage} is not an end state of a training run")
         async with self._write() as session:
+            await self._write_first(session, TrainingRun)
             run = await session.get(TrainingRun, run_id, with_for_update=True)
             if run is None:
                 raise NotFound(f"training run {run_id} does not exist")
