@@ -65,6 +65,8 @@ from engine.types import ModelSpec
 __all__ = [
     "RunInProgress",
     "RunSupervisor",
+    "evaluation_from_json",
+    "evaluation_json",
     "run_directory",
 ]
 
@@ -100,6 +102,11 @@ def evaluation_json(evaluation: gate.Evaluation) -> dict[str, Any]:
     }
     samples = [dataclasses.asdict(sample) for sample in evaluation.samples]
     return {"summary": summary, "samples": samples}
+
+
+def evaluation_from_json(stored: dict[str, Any]) -> gate.Evaluation:
+    """The `Evaluation` stored with a run or version (`evaluation_json`), to show its table."""
+    return gate.Evaluation(tuple(gate.SampleResult(**sample) for sample in stored["samples"]))
 
 
 @dataclass
