@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer, InternVLForConditionalGeneration
 
 from bot.settings import Settings, TrainingSettings
 from bot.store import Store
@@ -356,3 +356,35 @@ async def test_training_sees_each_turn_exactly_as_the_backend_serves_it(
     assert tiles == 3
     assert served[0].pixel_values is not None
     assert torch.equal(trained_pixels["pixel_values"], served[0].pixel_values)
+
+
+def tied_copy(model: Path, directory: Path) -> Path:
+    """``model`` saved again with its output head tied to its input embeddings, as in
+    InternVL3-1B-hf (Qwen2.5-0.5B ties them)."""
+    tied = InternVLForConditionalGeneration.from_pretrained(model)
+    tied.config.tie_word_embeddings = True
+    tied.config.text_config.tie_word_embeddings = True
+    tied.tie_weights()
+    tied.save_pretrained(directory)
+    AutoTokenizer.from_pretrained(model).save_pretrained(directory)
+    return directory
+
+
+async def test_a_model_whose_head_is_its_embeddings_learns_without_changing_its_embeddings(
+    tiny_internvl: Path, tmp_path: Path
+) -> None:
+    base = tied_copy(tiny_internvl, tmp_path / "tied")
+    photos = {
+        f"{dish}.jpg": (jpeg_bytes(colour), answer_for(dish)) for colour, dish in DISHES.items()
+    }
+    write_export(tmp_path / "export", photos)
+    job = training_job(tmp_path, tmp_path / "export", base)
+
+    model = await TransformersTrainer().train(job, lambda progress: None)
+
+    assert await ask_each_photo(model.path) == {dish: answer_for(dish) for dish in DISHES.values()}
+    before = InternVLForConditionalGeneration.from_pretrained(base)
+    after = InternVLForConditionalGeneration.from_pretrained(model.path)
+    # The adapters merged into the head alone: what the model reads is read as before.
+    assert torch.equal(after.get_input_embeddings().weight, before.get_input_embeddings().weight)
+    assert not torch.equal(after.lm_head.weight, after.get_input_embeddings().weight)
