@@ -10,12 +10,16 @@ from typing import Protocol
 
 from bot.core.admin import Admin
 from bot.core.dialog import Dialog, DialogConfig
+from bot.core.port import ChatPort
 from bot.engine_setup import build_engine
 from bot.errors import DishbotError
 from bot.settings import Settings
 from bot.store import Store
 from bot.store.database import async_url, database_errors, is_sqlite
 from bot.store.schema import ensure_schema
+from bot.training.runs import RunSupervisor
+from bot.training.trainers import trainer_for
+from bot.training.versions import VersionFollower, ensure_base_version, model_spec
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +28,9 @@ TOKEN_VARIABLES = {"telegram": "DISHBOT_TELEGRAM__TOKEN", "discord": "DISHBOT_DI
 
 class Adapter(Protocol):
     """A chat platform's bot, started and stopped by the app."""
+
+    @property
+    def port(self) -> ChatPort: ...
 
     async def start(self) -> None: ...
 
@@ -92,20 +99,42 @@ class App:
         stop = stop or _stop_on_signals()
         store = await self.open_store()
         try:
-            async with build_engine(self.settings) as engine:
-                dialog = Dialog(
-                    store, engine, self.dialog_config(), admin=Admin(self.settings, store, engine)
-                )
-                await self._serve(self.build_adapters(dialog), stop)
+            # The model served is the active version in the database, which every process
+            # follows; on a fresh install that is the configured engine.model.
+            active = await ensure_base_version(store, self.settings)
+            async with build_engine(self.settings, model_spec(active)) as engine:
+                interval = self.settings.training.follow_interval_s
+                async with VersionFollower(store, engine, interval) as follower:
+                    admin = Admin(self.settings, store, engine)
+                    runs = RunSupervisor(
+                        store,
+                        self.settings,
+                        engine,
+                        trainer_for,
+                        notify=admin.report_run,
+                        follower=follower,
+                    )
+                    admin.runs = runs
+                    dialog = Dialog(store, engine, self.dialog_config(), admin=admin)
+                    adapters = self.build_adapters(dialog)
+                    try:
+                        await self._serve(adapters, stop, admin, runs)
+                    finally:
+                        await runs.close()
         finally:
             await store.close()
 
-    async def _serve(self, adapters: list[Adapter], stop: asyncio.Event) -> None:
+    async def _serve(
+        self, adapters: list[Adapter], stop: asyncio.Event, admin: Admin, runs: RunSupervisor
+    ) -> None:
         started: list[Adapter] = []
         try:
             for adapter in adapters:
                 await adapter.start()
                 started.append(adapter)
+                admin.attach(adapter.port)
+            # A run the previous process left behind is ended, and its admin told.
+            await runs.recover()
             log.info("dishbot is running; stop it with Ctrl-C")
             await stop.wait()
         finally:

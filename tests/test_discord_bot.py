@@ -628,6 +628,9 @@ async def test_the_dish_command_is_acknowledged_at_once_and_answered(
         "forget",
         "stats",
         "export",
+        "retrain",
+        "models",
+        "rollback",
     }
     [deferral] = emulator.interaction_responses(interaction["id"])
     assert deferral["type"] == DEFERRED_WITH_THINKING
@@ -658,6 +661,9 @@ async def test_slash_commands_go_to_the_configured_servers_at_once_and_help_answ
         "forget",
         "stats",
         "export",
+        "retrain",
+        "models",
+        "rollback",
     }
     assert acknowledged_in_time(emulator, interaction)
     assert help_text.json["content"].startswith("How to use dishbot:")

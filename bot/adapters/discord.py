@@ -62,7 +62,10 @@ COMMANDS = {
     # Listed for everyone; core refuses them to anyone not named in DISHBOT_ADMINS.
     "stats": "Admins: the engine's queue, load and latency",
     "export": "Admins: export the feedback as XTuner training data",
+    "models": "Admins: the model versions and their evaluation",
+    "rollback": "Admins: serve the previous model version again",
 }
+RETRAIN_ACTIONS = ("force", "cancel")
 # An answer notifies the person it replies to; nothing in an answer's text pings anyone.
 ALLOWED_MENTIONS = discord.AllowedMentions(
     everyone=False, users=False, roles=False, replied_user=True
@@ -340,6 +343,15 @@ class DiscordAdapter:
         async def command(interaction: discord.Interaction[Any]) -> None:
             await self._on_command(interaction)
 
+        @app_commands.describe(
+            action="force: promote whatever the evaluation says; cancel: stop the run going"
+        )
+        @app_commands.choices(
+            action=[app_commands.Choice(name=name, value=name) for name in RETRAIN_ACTIONS]
+        )
+        async def retrain(interaction: discord.Interaction[Any], action: str | None = None) -> None:
+            await self._on_command(interaction, action or "")
+
         tree.add_command(
             app_commands.Command(name="dish", description="Ask about a dish photo", callback=dish)
         )
@@ -347,6 +359,13 @@ class DiscordAdapter:
             tree.add_command(
                 app_commands.Command(name=name, description=description, callback=command)
             )
+        tree.add_command(
+            app_commands.Command(
+                name="retrain",
+                description="Admins: retrain the model on the feedback, evaluate, promote",
+                callback=retrain,
+            )
+        )
         client.add_dynamic_items(DishbotButton)  # button presses: `_on_press`
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -484,7 +503,7 @@ class DiscordAdapter:
         )
         await self._hand_over(event)
 
-    async def _on_command(self, interaction: discord.Interaction[Any]) -> None:
+    async def _on_command(self, interaction: discord.Interaction[Any], argument: str = "") -> None:
         if interaction.command is None:
             return
         # Admin replies (and their refusals) are for the one who asked: an export's summary
@@ -498,6 +517,7 @@ class DiscordAdapter:
                 who=_interaction_person(interaction),
                 where=_interaction_place(interaction, reply),
                 name=interaction.command.name,
+                argument=argument,
                 message_id=str(interaction.id),
             )
         )

@@ -173,6 +173,37 @@ MESSAGES: Final[dict[str, dict[Language, str]]] = {
         "zh": "我不认识这个命令。/help 可以查看所有命令。",
     },
     "admin_only": {"en": "That command is for admins.", "zh": "这个命令只有管理员可以用。"},
+    "retrain_unavailable": {
+        "en": "Retraining is not set up in this process.",
+        "zh": "这个进程没有启用重新训练。",
+    },
+    "retrain_nothing_running": {
+        "en": "No retraining is running.",
+        "zh": "现在没有在进行的训练。",
+    },
+    "retrain_cancelling": {"en": "Cancelling run {id} …", "zh": "正在取消训练 #{id} …"},
+    "retrain_usage": {
+        "en": "/retrain starts a run; /retrain force promotes it whatever the evaluation says; "
+        "/retrain cancel stops the one running.",
+        "zh": "/retrain 开始训练；/retrain force 无论评估结果都上线；"
+        "/retrain cancel 停止当前训练。",
+    },
+    "retrain_busy": {
+        "en": "A retraining run is already going; one at a time:",
+        "zh": "已经有一个训练在进行中，一次只能进行一个：",
+    },
+    "retrain_failed_to_start": {
+        "en": "Retraining could not start: {reason}",
+        "zh": "无法开始训练：{reason}",
+    },
+    "rollback_done": {
+        "en": "Rolled back: {name} is answering again.",
+        "zh": "已回滚：现在由 {name} 回答。",
+    },
+    "rollback_nothing": {
+        "en": "There is no earlier version to roll back to.",
+        "zh": "没有可以回滚到的更早版本。",
+    },
     "admin_in_private": {
         "en": "Admin commands are answered in a private chat with me, not in a group.",
         "zh": "管理命令请在与我的私聊中使用，不要在群组里用。",

@@ -7,9 +7,10 @@ taught and kept) and the decision. English or Chinese, as the admin writes.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from bot.training.evaluation import SET_NAMES, Evaluation, SetName
+from bot.store import TrainingRunRecord
+from bot.training.evaluation import SET_NAMES, Evaluation, SampleResult, SetName
 
 Language = Literal["en", "zh"]
 
@@ -40,6 +41,7 @@ _WORDS: dict[str, dict[Language, str]] = {
     "active": {"en": "active", "zh": "当前"},
     "candidate": {"en": "candidate", "zh": "候选"},
     "decision": {"en": "Decision", "zh": "结论"},
+    "version": {"en": "now answering: {name}", "zh": "当前模型：{name}"},
 }
 
 
@@ -104,3 +106,44 @@ def decision_line(reason: str, language: Language = "en") -> str:
 
 def _score(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f}"
+
+
+def render_run(
+    run: TrainingRunRecord, language: Language = "en", version: str | None = None
+) -> str:
+    """Everything the admin needs to know about ``run`` now, as one message.
+
+    While it runs: the stage and its progress. At the end: how it ended, the notes, the
+    evaluation table and the decision, or the error (with the trainer's log tail).
+    ``version`` names the version now answering, when the run promoted one.
+    """
+    lines = [f"{run_title(run.id, language)}: {stage_name(run.stage.value, language)}"]
+    progress = run.progress or {}
+    if not run.finished and progress.get("total"):
+        total = int(progress["total"])
+        fraction = min(1.0, int(progress.get("iteration") or 0) / total) if total else 0.0
+        line = progress_line(
+            fraction=fraction,
+            loss=_number(progress.get("loss")),
+            eta_s=_number(progress.get("eta_s")),
+            language=language,
+        )
+        lines.append(f"{stage_name(str(progress.get('stage', run.stage.value)), language)} {line}")
+    lines.extend(f"• {note}" for note in run.notes)
+    if run.evaluation and run.evaluation.get("samples"):
+        lines += ["", evaluation_table(_evaluation(run.evaluation), language)]
+    if run.decision:
+        lines.append(decision_line(run.decision, language))
+    if version is not None:
+        lines.append(_WORDS["version"][language].format(name=version))
+    if run.error:
+        lines += ["", run.error]
+    return "\n".join(lines)
+
+
+def _evaluation(stored: dict[str, Any]) -> Evaluation:
+    return Evaluation(tuple(SampleResult(**sample) for sample in stored["samples"]))
+
+
+def _number(value: object) -> float | None:
+    return float(value) if isinstance(value, int | float) else None

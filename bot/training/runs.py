@@ -358,9 +358,11 @@ class RunSupervisor:
         await asyncio.to_thread(run_dir.mkdir, parents=True, exist_ok=True)
         await self._advance(live, RunStage.EXPORTING, run_dir=str(run_dir), log_path=str(log_path))
 
+        # The export's XTuner config names the model to fine-tune: the one serving now.
+        training = self.settings.training.model_copy(update={"base_model": base.path})
         summary = await export_dataset(
             self.store,
-            self.settings,
+            self.settings.model_copy(update={"training": training}),
             export_dir,
             ExportOptions(),
             progress=lambda done, total: self._progress(live, "exporting", done, total),
