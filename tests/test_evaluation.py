@@ -31,6 +31,7 @@ def test_an_approved_answer_scores_by_character_similarity_in_any_language() -> 
     far = score("这是叉烧，甜的。", None, "Mapo tofu is spicy.")
     assert 0.5 < close < 1.0
     assert far < 0.2
+    assert score("这是叉烧。", None, "这是叉烧。\ufffd") == 1.0, "an answer cut mid-character"
 
 
 def _evaluation(**scores: list[tuple[float, float]]) -> Evaluation:

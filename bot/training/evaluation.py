@@ -146,10 +146,16 @@ def score(expected: str, names_dish: str | None, answer: str) -> float:
     """How well ``answer`` matches: for a correction (``names_dish``), 1 when the answer names
     the dish (after normalising case, width and punctuation), else 0; for an approved answer,
     the character-level similarity of the two (0..1), which works for Chinese and English."""
-    said = comparison_key(answer)
+    said = _comparable(answer)
     if names_dish is not None:
-        return 1.0 if comparison_key(names_dish) in said else 0.0
-    return difflib.SequenceMatcher(None, comparison_key(expected), said, autojunk=False).ratio()
+        return 1.0 if _comparable(names_dish) in said else 0.0
+    return difflib.SequenceMatcher(None, _comparable(expected), said, autojunk=False).ratio()
+
+
+def _comparable(text: str) -> str:
+    # U+FFFD stands for bytes a tokenizer could not decode (an answer cut mid-character):
+    # no content to compare.
+    return comparison_key(text.replace("\ufffd", ""))
 
 
 def decide(evaluation: Evaluation, training: TrainingSettings, *, force: bool = False) -> Decision:
