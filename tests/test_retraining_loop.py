@@ -114,7 +114,7 @@ async def dishbot_running(settings: Settings, telegram: TelegramEmulator) -> Asy
         await asyncio.wait_for(app, GUARD_S)
 
 
-async def until(condition: Callable[[], bool], timeout: float = GUARD_S) -> None:
+async def until(condition: Callable[[], bool], timeout: float = GUARD_S) -> None:  # noqa: ASYNC109
     async def poll() -> None:
         while not condition():  # noqa: ASYNC110 - the emulator's state, polled
             await asyncio.sleep(0.05)
