@@ -437,6 +437,16 @@ async def test_a_missing_model_directory_fails_to_load(tmp_path: Path) -> None:
     assert isinstance(final[0].error, GenerationFailed)
 
 
+async def test_a_model_xtuner_trained_is_refused_with_the_backend_that_serves_it(
+    tiny_internvl: Path,
+) -> None:
+    backend = TransformersBackend(TransformersConfig(device="cpu"))
+    spec = ModelSpec(str(tiny_internvl), "run-3", template="xtuner-internlm2")
+
+    with pytest.raises(ModelLoadFailed, match="serve it with the lmdeploy backend"):
+        await backend.load(spec)
+
+
 async def test_a_checkpoint_that_is_not_internvl_fails_to_load(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text('{"model_type": "qwen2"}')
     backend = TransformersBackend(TransformersConfig(device="cpu"))

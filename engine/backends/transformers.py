@@ -156,6 +156,12 @@ class TransformersBackend:
         The old model is released before the new one loads, so that two never need memory at
         once; after a failed load no model is loaded. Waits for a running batch to end.
         """
+        if model.template not in (None, "chatml"):
+            # XTuner's layout is served by the lmdeploy backend only (see engine/prompts.py).
+            raise ModelLoadFailed(
+                f"{model.name} was trained for the {model.template} prompt layout, which the "
+                "transformers backend does not serve: serve it with the lmdeploy backend"
+            )
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._worker(), self._load_blocking, model.path)
 
