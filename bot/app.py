@@ -116,11 +116,7 @@ class App:
                     )
                     admin.runs = runs
                     dialog = Dialog(store, engine, self.dialog_config(), admin=admin)
-                    adapters = self.build_adapters(dialog)
-                    try:
-                        await self._serve(adapters, stop, admin, runs)
-                    finally:
-                        await runs.close()
+                    await self._serve(self.build_adapters(dialog), stop, admin, runs)
         finally:
             await store.close()
 
@@ -138,6 +134,9 @@ class App:
             log.info("dishbot is running; stop it with Ctrl-C")
             await stop.wait()
         finally:
+            # A run this process supervises ends with it, and its admin is told while the
+            # chat adapters can still say so.
+            await runs.close()
             for adapter in reversed(started):
                 try:
                     await adapter.stop()

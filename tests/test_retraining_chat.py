@@ -271,11 +271,6 @@ async def test_a_second_retrain_while_one_trains_is_refused_with_the_running_one
     assert run.error == "the bot shut down during the run"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="App.run stops the chat adapters before RunSupervisor.close ends the run, so the "
-    "run's last report has no adapter to go through (bot/app.py)",
-)
 async def test_a_bot_stopped_during_a_run_tells_the_admin_the_run_ended(
     tiny_internvl: Path, tmp_path: Path, telegram: TelegramEmulator
 ) -> None:
