@@ -34,6 +34,9 @@ from bot.errors import ConfigError
 from bot.settings import DiscordSettings, Settings, TelegramSettings
 from bot.store import Store
 from bot.store.models import Correction, Exchange, ExchangeStatus, Photo, Rating
+from bot.training.runs import RunSupervisor
+from bot.training.trainers import trainer_for
+from bot.training.versions import ensure_base_version
 from engine.engine import Engine, EngineConfig
 from engine.types import ModelSpec
 from tests.discord_emulator import (
@@ -196,7 +199,16 @@ async def running_bot(
             store,
             engine,
             dialog_config or DialogConfig(edit_interval_s=0.05, questions_per_minute=60),
-            admin=Admin(admin_settings, store, engine) if admin_settings else None,
+            admin=(
+                Admin(
+                    admin_settings,
+                    store,
+                    engine,
+                    RunSupervisor(store, admin_settings, engine, trainer_for),
+                )
+                if admin_settings
+                else None
+            ),
         )
         adapter = DiscordAdapter(
             discord_settings(emulator, guild_ids),
@@ -821,6 +833,32 @@ async def test_admin_replies_and_their_refusals_are_seen_only_by_who_asked(
     assert any(m["content"].startswith("Exporting to /") for m in admin_replies)
     assert admin_replies
     assert all(m["flags"] & EPHEMERAL for m in admin_replies)
+
+
+async def test_retraining_commands_take_their_action_and_answer_only_the_admin(
+    emulator: DiscordEmulator, server: Server, store: Store, tmp_path: Path
+) -> None:
+    settings = Settings(data_dir=tmp_path / "admin-data", admins=[f"discord:{server.ada['id']}"])
+    await ensure_base_version(store, settings)
+    async with running_bot(emulator, store, admin_settings=settings):
+        replies = {}
+        for name, options in (
+            ("retrain", {"action": "cancel"}),
+            ("models", {}),
+            ("rollback", {}),
+        ):
+            interaction = emulator.slash_command(name, options, server.ada, server.channel_id)
+            call = await emulator.wait_for(
+                "POST /webhooks/{application_id}/{token}",
+                lambda c, token=interaction["token"]: token in c.path,
+            )
+            replies[name] = call.json
+            [deferral] = emulator.interaction_responses(interaction["id"])
+            assert deferral["data"]["flags"] & EPHEMERAL, name
+
+    assert replies["retrain"]["content"] == "No retraining is running."
+    assert "▶ base" in replies["models"]["content"]
+    assert replies["rollback"]["content"] == "There is no earlier version to roll back to."
 
 
 async def test_a_message_delivered_again_is_not_asked_again_and_keeps_its_rating(
