@@ -80,6 +80,29 @@ class TrainingFailed(DishbotError):
 ProgressCallback = Callable[[Progress], None]
 
 
+class ProgressReporter:
+    """Polls a trainer's progress file (wherever ``locate`` finds it, None: not yet) and
+    tells ``callback`` when the progress changed."""
+
+    def __init__(
+        self, locate: Callable[[], Path | None], total: int, callback: ProgressCallback
+    ) -> None:
+        self._locate = locate
+        self._total = total
+        self._callback = callback
+        self._last: Progress | None = None
+
+    def poll(self) -> None:
+        """Read the file once; call back if anything moved."""
+        path = self._locate()
+        if path is None:
+            return
+        current = read_progress(path, "training", self._total)
+        if current != self._last:
+            self._last = current
+            self._callback(current)
+
+
 class Trainer(Protocol):
     """Fine-tunes a model on an export (see the module docstring)."""
 

@@ -21,12 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from bot.training.trainers.base import (
-    Progress,
     ProgressCallback,
+    ProgressReporter,
     TrainedModel,
     TrainingFailed,
     TrainingJob,
-    read_progress,
 )
 from bot.training.trainers.process import log_tail, run_logged
 
@@ -130,7 +129,8 @@ class TransformersTrainer:
         job_file.write_text(LoraJob.of(job).to_json(), encoding="utf-8")
         # A retried run's old progress would show as this one's until the first new line.
         (job.work_dir / PROGRESS_FILE).unlink(missing_ok=True)
-        reporter = _ProgressReporter(job.work_dir / PROGRESS_FILE, job.total_iterations, progress)
+        progress_file = job.work_dir / PROGRESS_FILE
+        reporter = ProgressReporter(lambda: progress_file, job.total_iterations, progress)
         status = await run_logged(
             [self._python, "-m", ENTRY_MODULE, str(job_file)],
             log_path=job.log_path,
@@ -181,22 +181,6 @@ def model_dir_problem(path: Path) -> str | None:
     if not any(any(path.glob(pattern)) for pattern in _WEIGHT_PATTERNS):
         return "it has no weights"
     return None
-
-
-class _ProgressReporter:
-    """Reads the progress file and tells the callback when something changed."""
-
-    def __init__(self, path: Path, total: int, callback: ProgressCallback) -> None:
-        self._path = path
-        self._total = total
-        self._callback = callback
-        self._last: Progress | None = None
-
-    def poll(self) -> None:
-        current = read_progress(self._path, "training", self._total)
-        if current != self._last:
-            self._last = current
-            self._callback(current)
 
 
 def _absolute_if_local(model: str) -> str:

@@ -41,10 +41,10 @@ from bot.training.export.xtuner_config import CONFIG_NAME
 from bot.training.trainers.base import (
     Progress,
     ProgressCallback,
+    ProgressReporter,
     TrainedModel,
     TrainingFailed,
     TrainingJob,
-    read_progress,
 )
 from bot.training.trainers.process import log_tail, run_logged
 from engine.prompts import XTUNER_INTERNLM2_SYSTEM_PROMPT
@@ -196,7 +196,10 @@ async def _train_once(
         shutil.rmtree(attempt.work_dir)  # a fresh work dir: no stale checkpoint can count
     attempt.work_dir.mkdir(parents=True)
     log_start = _log_size(job.log_path)
-    reporter = _ProgressReporter(attempt.work_dir, attempt.total_iterations, progress)
+    work_dir = attempt.work_dir
+    reporter = ProgressReporter(
+        lambda: newest_scalars(work_dir), attempt.total_iterations, progress
+    )
     status = await run_logged(
         _train_command(job, config, attempt),
         log_path=job.log_path,
@@ -274,25 +277,6 @@ def free_port() -> int:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
         return port
-
-
-class _ProgressReporter:
-    """Reads the newest ``<work_dir>/<timestamp>/vis_data/scalars.json`` into the callback."""
-
-    def __init__(self, work_dir: Path, total: int, callback: ProgressCallback) -> None:
-        self.work_dir = work_dir
-        self.total = total
-        self.callback = callback
-        self.last: Progress | None = None
-
-    def poll(self) -> None:
-        scalars = newest_scalars(self.work_dir)
-        if scalars is None:
-            return
-        current = read_progress(scalars, "training", self.total)
-        if current != self.last:
-            self.last = current
-            self.callback(current)
 
 
 def newest_scalars(work_dir: Path) -> Path | None:
