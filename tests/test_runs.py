@@ -489,3 +489,28 @@ async def test_a_run_whose_supervisor_went_quiet_is_recovered_when_a_new_run_is_
     assert ended.stage is RunStage.FAILED
     assert "another-host" in (ended.error or "")
     await bench.supervisor.wait(run_id)
+
+
+async def test_a_cancel_while_promoting_lets_the_promotion_finish_so_all_agree(
+    store: Store, data_dir: Path
+) -> None:
+    settings = settings_for(data_dir)
+    await add_feedback(store)
+    admin = await add_user(store, ADMIN)
+    told: list[TrainingRunRecord] = []
+    # Loading a model takes a while here, so the cancel lands during the swap.
+    async with Engine(ScriptedBackend(load_s=0.5), ModelSpec(BASE_PATH, "base")) as engine:
+        supervisor = make_supervisor(store, settings, engine, FakeTrainer(), told)
+        try:
+            run_id = await supervisor.start(admin.id, ReportTarget("telegram", ADMIN, "77"))
+            bench = Bench(store, settings, engine, FakeTrainer(), told, supervisor, admin.id)
+            await bench.until(lambda r: r.stage is RunStage.PROMOTING, run_id)
+            run = await supervisor.cancel(run_id)
+        finally:
+            await supervisor.close()
+        active = await store.active_model_version()
+
+        assert run.stage is RunStage.DONE, "too late to cancel: the promotion went through"
+        assert active is not None
+        assert active.name == f"run-{run_id}"
+        assert engine.model.name == active.name, "the engine serves what the database says"

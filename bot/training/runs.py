@@ -230,6 +230,8 @@ class RunSupervisor:
         run = await self._get(run_id)
         if run.finished:
             return run
+        if run.stage is RunStage.PROMOTING and not self._supervisor_gone(run):
+            return await self.wait(run_id)  # too late: the new version is being activated
         ended = await self.store.finish_training_run(
             run_id, RunStage.CANCELLED, error="cancelled by an admin"
         )
@@ -406,7 +408,16 @@ class RunSupervisor:
             return await self._end(
                 live, RunStage.REJECTED, evaluation=stored, decision=decision.reason
             )
-        version = await self._promote(live, name, trainer, trained, base, stored)
+        # Once the new version is active, the run must see the promotion through: a cancel
+        # or a shutdown now would leave the database and the engines disagreeing.
+        promotion = asyncio.ensure_future(
+            self._promote(live, name, trainer, trained, base, stored)
+        )
+        try:
+            version = await asyncio.shield(promotion)
+        except asyncio.CancelledError:
+            version = await promotion
+            log.warning("training run %d: cancelled while promoting; promoted first", live.run.id)
         return await self._end(
             live,
             RunStage.DONE,

@@ -133,7 +133,9 @@ class VersionFollower:
             )
             try:
                 await self.engine.swap_model(wanted)
-            except BaseException:
+            except EngineError:
+                # It would not load: wait for the active row to change rather than retry.
+                # (A swap cut short by cancellation is tried again on the next check.)
                 self._failed = wanted
                 raise
             self._failed = None
