@@ -34,14 +34,22 @@ def test_an_approved_answer_scores_by_character_similarity_in_any_language() -> 
     assert score("这是叉烧。", None, "这是叉烧。\ufffd") == 1.0, "an answer cut mid-character"
 
 
+def test_a_correction_with_no_dish_name_left_names_nothing() -> None:
+    assert score("？？", "？？", "这是叉烧。") == 0.0
+
+
 def _evaluation(**scores: list[tuple[float, float]]) -> Evaluation:
-    return Evaluation(
-        tuple(
-            SampleResult(name, "p.jpg", "?", "x", "a", "c", active, candidate)  # type: ignore[arg-type]
-            for name, pairs in scores.items()
+    """Held-out and taught samples are corrections, kept ones approved answers; held-out
+    approved answers are given as ``held_out_approved``."""
+    samples = []
+    for name, pairs in scores.items():
+        set_name = "held_out" if name == "held_out_approved" else name
+        corrected = name in ("held_out", "taught")
+        samples += [
+            SampleResult(set_name, "p.jpg", "?", "x", "a", "c", active, candidate, corrected)  # type: ignore[arg-type]
             for active, candidate in pairs
-        )
-    )
+        ]
+    return Evaluation(tuple(samples))
 
 
 def test_the_gate_promotes_a_candidate_better_by_the_margin_on_held_out() -> None:
@@ -51,7 +59,7 @@ def test_the_gate_promotes_a_candidate_better_by_the_margin_on_held_out() -> Non
     barely = decide(_evaluation(held_out=[(0.5, 0.55), (0.5, 0.55)]), training)
 
     assert better.promote
-    assert "held out" in better.reason
+    assert "held-out corrections" in better.reason
     assert not barely.promote
     assert "needs +0.1" in barely.reason
 
@@ -66,6 +74,26 @@ def test_with_few_held_out_questions_taught_and_kept_decide() -> None:
 
     assert decision.promote, decision.reason
     assert "taught and kept" in decision.reason
+
+
+def test_one_correction_learnt_outweighs_many_kept_answers_it_keeps() -> None:
+    # The origin lesson: one correction, ten approved answers the candidate still gives.
+    decision = decide(_evaluation(taught=[(0.0, 1.0)], kept=[(1.0, 1.0)] * 10), TrainingSettings())
+
+    assert decision.promote, decision.reason
+    assert decision.reason == "better on taught and kept: 1.00 vs 0.50"
+
+
+def test_held_out_approved_answers_do_not_block_but_must_not_be_forgotten() -> None:
+    training = TrainingSettings(min_eval_samples=2, promote_margin=0.1, kept_tolerance=0.1)
+    corrections = [(0.0, 1.0), (0.0, 1.0)]
+
+    kept = decide(_evaluation(held_out=corrections, held_out_approved=[(1.0, 1.0)] * 8), training)
+    forgot = decide(_evaluation(held_out=corrections, held_out_approved=[(1.0, 0.5)] * 8), training)
+
+    assert kept.promote, kept.reason
+    assert not forgot.promote
+    assert "forgot approved answers" in forgot.reason
 
 
 def test_a_candidate_that_forgets_approved_answers_is_rejected_however_much_it_learnt() -> None:

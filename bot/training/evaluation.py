@@ -56,6 +56,7 @@ class SampleResult:
     candidate_answer: str
     active_score: float
     candidate_score: float
+    corrected: bool = False  # the expected answer is a correction (else an approved answer)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +137,7 @@ async def evaluate(
                 candidate_answer=theirs,
                 active_score=score(q.expected, q.names_dish, mine),
                 candidate_score=score(q.expected, q.names_dish, theirs),
+                corrected=q.names_dish is not None,
             )
             for q, mine, theirs in zip(questions, active_answers, candidate_answers, strict=True)
         )
@@ -148,7 +150,8 @@ def score(expected: str, names_dish: str | None, answer: str) -> float:
     the character-level similarity of the two (0..1), which works for Chinese and English."""
     said = _comparable(answer)
     if names_dish is not None:
-        return 1.0 if _comparable(names_dish) in said else 0.0
+        dish = _comparable(names_dish)
+        return 1.0 if dish and dish in said else 0.0
     return difflib.SequenceMatcher(None, _comparable(expected), said, autojunk=False).ratio()
 
 
@@ -161,24 +164,25 @@ def _comparable(text: str) -> str:
 def decide(evaluation: Evaluation, training: TrainingSettings, *, force: bool = False) -> Decision:
     """The promotion rule (written in the README).
 
-    The candidate must beat the active model by ``promote_margin`` on held-out questions, or
-    on taught and kept together when there are fewer than ``min_eval_samples`` held out, and
-    must not agree less with the approved (kept) answers than the active model does by more
-    than ``kept_tolerance``. ``force`` promotes whatever the scores.
+    Only a correction can show a model got better (the active model already agrees with its
+    own approved answers), so the candidate must beat the active model by
+    ``promote_margin`` on the held-out corrections, or, with fewer than
+    ``min_eval_samples`` of those, on taught and kept (the mean of the two sets' means); and
+    on every approved answer asked (kept, and held out) it must not fall more than
+    ``kept_tolerance`` below the active model. ``force`` promotes whatever the scores.
     """
     if force:
         return Decision(True, "promoted by force, whatever the scores")
-    held_out = evaluation.count("held_out")
-    if held_out >= training.min_eval_samples:
-        basis, active, candidate = "held out", *_means(evaluation, ("held_out",))
+    held_out = [s for s in evaluation.samples if s.set_name == "held_out" and s.corrected]
+    if len(held_out) >= training.min_eval_samples:
+        basis, (active, candidate) = "held-out corrections", _mean_scores(held_out)
     else:
-        basis, active, candidate = "taught and kept", *_means(evaluation, ("taught", "kept"))
+        basis = "taught and kept"
+        active, candidate = _mean_of_sets(evaluation, ("taught", "kept"))
     if active is None or candidate is None:
         return Decision(False, "there was nothing to evaluate on")
-    kept_active, kept_candidate = (
-        evaluation.mean("kept", "active"),
-        evaluation.mean("kept", "candidate"),
-    )
+    approved = [s for s in evaluation.samples if not s.corrected]
+    kept_active, kept_candidate = _mean_scores(approved)
     if (
         kept_active is not None
         and kept_candidate is not None
@@ -186,7 +190,7 @@ def decide(evaluation: Evaluation, training: TrainingSettings, *, force: bool = 
     ):
         return Decision(
             False,
-            f"it forgot approved answers: kept {kept_candidate:.2f} vs {kept_active:.2f} "
+            f"it forgot approved answers: {kept_candidate:.2f} vs {kept_active:.2f} "
             f"(tolerance {training.kept_tolerance:g})",
         )
     gain = candidate - active
@@ -199,13 +203,26 @@ def decide(evaluation: Evaluation, training: TrainingSettings, *, force: bool = 
     return Decision(True, f"better on {basis}: {candidate:.2f} vs {active:.2f}")
 
 
-def _means(evaluation: Evaluation, sets: Sequence[SetName]) -> tuple[float | None, float | None]:
-    chosen = [s for s in evaluation.samples if s.set_name in sets]
-    if not chosen:
+def _mean_scores(samples: Sequence[SampleResult]) -> tuple[float | None, float | None]:
+    if not samples:
         return None, None
     return (
-        sum(s.active_score for s in chosen) / len(chosen),
-        sum(s.candidate_score for s in chosen) / len(chosen),
+        sum(s.active_score for s in samples) / len(samples),
+        sum(s.candidate_score for s in samples) / len(samples),
+    )
+
+
+def _mean_of_sets(
+    evaluation: Evaluation, sets: Sequence[SetName]
+) -> tuple[float | None, float | None]:
+    """Each set's mean, then their mean: one correction weighs as much as many kept answers."""
+    means = [_mean_scores([s for s in evaluation.samples if s.set_name == name]) for name in sets]
+    present = [(a, c) for a, c in means if a is not None and c is not None]
+    if not present:
+        return None, None
+    return (
+        sum(a for a, _ in present) / len(present),
+        sum(c for _, c in present) / len(present),
     )
 
 
