@@ -514,3 +514,21 @@ async def test_a_cancel_while_promoting_lets_the_promotion_finish_so_all_agree(
         assert active is not None
         assert active.name == f"run-{run_id}"
         assert engine.model.name == active.name, "the engine serves what the database says"
+
+
+async def test_a_run_is_not_promoted_over_a_version_activated_while_it_trained(
+    bench: Bench,
+) -> None:
+    bench.trainer.step_s = 0.2
+    await bench.store.add_model_version("hand-picked", BASE_PATH)
+    run_id = await bench.start()
+    await bench.until(lambda r: r.stage is RunStage.TRAINING, run_id)
+
+    await bench.store.activate_model_version("hand-picked")
+    run = await bench.supervisor.wait(run_id)
+
+    assert run.stage is RunStage.REJECTED
+    assert run.decision == (
+        "the active model changed to hand-picked during the run; retrain from it"
+    )
+    assert (await bench.store.active_model_version()).name == "hand-picked"  # type: ignore[union-attr]

@@ -404,6 +404,13 @@ class RunSupervisor:
         await self._advance(live, RunStage.PROMOTING)
         decision = self._decider(evaluation, self.settings.training, force=live.run.force)
         stored = evaluation_json(evaluation)
+        active = await self.store.active_model_version()
+        if active is None or active.id != base.id:
+            # Trained from, and compared with, a model that no longer answers (an activate
+            # or a rollback meanwhile): promoting it would silently replace that choice.
+            changed = active.name if active is not None else "none"
+            reason = f"the active model changed to {changed} during the run; retrain from it"
+            return await self._end(live, RunStage.REJECTED, evaluation=stored, decision=reason)
         if not decision.promote:
             return await self._end(
                 live, RunStage.REJECTED, evaluation=stored, decision=decision.reason
