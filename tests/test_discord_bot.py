@@ -32,7 +32,7 @@ from bot.core.dialog import MAX_QUESTION_LENGTH, Dialog, DialogConfig
 from bot.core.limits import DISCORD_ACK_SECONDS, DISCORD_MESSAGE_LENGTH
 from bot.errors import ConfigError
 from bot.settings import DiscordSettings, Settings, TelegramSettings
-from bot.store import Store
+from bot.store import ReportTarget, RunStage, Store
 from bot.store.models import Correction, Exchange, ExchangeStatus, Photo, Rating
 from bot.training.runs import RunSupervisor
 from bot.training.trainers import trainer_for
@@ -859,6 +859,28 @@ async def test_retraining_commands_take_their_action_and_answer_only_the_admin(
     assert replies["retrain"]["content"] == "No retraining is running."
     assert "▶ base" in replies["models"]["content"]
     assert replies["rollback"]["content"] == "There is no earlier version to roll back to."
+
+
+async def test_a_run_that_ended_before_a_restart_is_not_reported_in_the_channel(
+    bot: Bot, server: Server, tmp_path: Path
+) -> None:
+    settings = Settings(data_dir=tmp_path / "admin-data", admins=[f"discord:{server.ada['id']}"])
+    admin = Admin(settings, bot.store, bot.engine)
+    admin.attach(bot.adapter.port)
+    run = await bot.store.create_training_run(
+        report_to=ReportTarget("discord", str(server.channel_id))
+    )
+    ended = await bot.store.finish_training_run(
+        run.id, RunStage.FAILED, error="the bot restarted during the run\n/srv/dishbot/runs/1"
+    )
+
+    await admin.report_run(ended)
+
+    assert emulator_texts(bot.emulator, server.channel_id) == [], "not for the whole channel"
+
+
+def emulator_texts(emulator: DiscordEmulator, channel_id: int) -> list[str]:
+    return [m["content"] for m in emulator.messages_in(channel_id)]
 
 
 async def test_a_message_delivered_again_is_not_asked_again_and_keeps_its_rating(

@@ -167,6 +167,18 @@ class Admin:
         port = self._ports.get(target.platform) if target is not None else None
         if target is None or port is None or not run.finished:
             return
+        if port.answers_admin_commands_privately:
+            # Private there only through the interaction that asked, gone after a restart:
+            # a report in the channel would show everyone the error and the server's paths.
+            log.warning(
+                "training run %d ended %s; its admin is not told in the %s channel "
+                "(`dishbot runs show %d` has it)",
+                run.id,
+                run.stage.value,
+                target.platform,
+                run.id,
+            )
+            return
         language: Language = "en"
         if run.requested_by is not None:
             asker = await self.store.get_user(run.requested_by)
