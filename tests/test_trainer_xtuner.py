@@ -264,6 +264,18 @@ async def test_out_of_gpu_memory_retries_once_with_half_the_batch_and_twice_the_
     assert model.path == job.output_dir
 
 
+async def test_a_training_that_finishes_despite_an_oom_in_its_log_is_not_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XTUNER_STANDIN_FAIL", "oom_caught")
+    job = _job(tmp_path)
+
+    model, _ = await _train(job)
+
+    assert model.notes == ()
+    assert sorted(p.name for p in job.work_dir.iterdir()) == ["attempt-1"]
+
+
 async def test_out_of_gpu_memory_twice_fails(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

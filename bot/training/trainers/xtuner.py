@@ -207,7 +207,9 @@ async def _train_once(
         cwd=attempt.work_dir,
         poll=reporter.poll,
     )
-    if _ran_out_of_memory(job.log_path, log_start):
+    # A training that ran to its end is done, whatever its log says (a dataloader worker's
+    # caught OOM, say); only a failed one is retried for memory.
+    if status != 0 and _ran_out_of_memory(job.log_path, log_start):
         raise _OutOfGpuMemory
     if status != 0:
         raise TrainingFailed(f"XTuner training exited with status {status}", log_tail(job.log_path))

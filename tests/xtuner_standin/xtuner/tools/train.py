@@ -116,6 +116,8 @@ def main() -> None:
         hang(work_dir)
     if failure == "oom_always" or (failure == "oom" and batch > 1):
         out_of_memory()
+    if failure == "oom_caught":  # a worker's OOM that was caught: training goes on
+        print(f"Warning: caught {OOM_MESSAGE}", file=sys.stderr, flush=True)
 
     with open(settings["data_path"], encoding="utf-8") as data:
         samples = sum(1 for line in data if line.strip())
