@@ -417,9 +417,7 @@ class RunSupervisor:
             )
         # Once the new version is active, the run must see the promotion through: a cancel
         # or a shutdown now would leave the database and the engines disagreeing.
-        promotion = asyncio.ensure_future(
-            self._promote(live, name, trainer, trained, base, stored)
-        )
+        promotion = asyncio.ensure_future(self._promote(live, name, trainer, trained, base, stored))
         try:
             version = await asyncio.shield(promotion)
         except asyncio.CancelledError:
