@@ -69,6 +69,7 @@ class FakeTrainer:
     exit_status: int = 0
     name: str = "fake"
     jobs: list[TrainingJob] = field(default_factory=list)
+    pids: list[int] = field(default_factory=list)  # of the training subprocesses started
 
     async def train(self, job: TrainingJob, progress: ProgressCallback) -> TrainedModel:
         self.jobs.append(job)
@@ -87,6 +88,7 @@ class FakeTrainer:
         status = await run_logged(
             command,
             log_path=job.log_path,
+            on_start=lambda pid: self._started(pid, job),
             poll=lambda: progress(read_progress(scalars, "training", job.total_iterations)),
             poll_interval_s=0.05,
         )
@@ -95,6 +97,11 @@ class FakeTrainer:
         progress(Progress("converting", 0, 1))
         progress(Progress("converting", 1, 1))
         return TrainedModel(job.output_dir, job.system_prompt, "chatml", notes=("fake trainer",))
+
+    def _started(self, pid: int, job: TrainingJob) -> None:
+        self.pids.append(pid)
+        if job.on_process is not None:
+            job.on_process(pid)
 
 
 def scores(candidate: float, active: float) -> Evaluation:
@@ -532,3 +539,20 @@ async def test_a_run_is_not_promoted_over_a_version_activated_while_it_trained(
         "the active model changed to hand-picked during the run; retrain from it"
     )
     assert (await bench.store.active_model_version()).name == "hand-picked"  # type: ignore[union-attr]
+
+
+async def test_the_trainers_process_group_is_recorded_as_it_starts_even_without_proc(
+    bench: Bench, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As on a system without /proc: only the trainer's own word says which group it runs.
+    monkeypatch.setattr("bot.training.runs._child_group_leaders", lambda parent: [])
+    bench.trainer.step_s = 0.3
+    run_id = await bench.start()
+    try:
+        running = await bench.until(lambda r: r.trainer_pgid is not None, run_id, timeout_s=5)
+    finally:
+        await bench.supervisor.cancel(run_id)
+
+    assert bench.trainer.pids
+    assert running.trainer_pgid == bench.trainer.pids[0]
+    assert not group_alive(bench.trainer.pids[0]), "and cancelling stopped it"

@@ -119,6 +119,7 @@ class _Live:
     written_at: float = 0.0
     # The supervisor and its reporter write the row in turns, so a stage never goes back.
     writing: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
+    trainer_group: int | None = None  # as the trainer reported it (`TrainingJob.on_process`)
 
 
 class RunSupervisor:
@@ -159,6 +160,7 @@ class RunSupervisor:
         self.host = socket.gethostname()
         self.pid = os.getpid()
         self._tasks: dict[int, asyncio.Task[TrainingRunRecord]] = {}
+        self._writes: set[asyncio.Future[None]] = set()
         self._closing = False
 
     # -- the public API -------------------------------------------------------------------
@@ -391,6 +393,7 @@ class RunSupervisor:
             total_iterations=total,
             max_tiles=self.engine.config.max_tiles,
             training=self.settings.training,
+            on_process=lambda group: self._trainer_started(live, group),
         )
         trained = await trainer.train(job, lambda progress: self._trainer_progress(live, progress))
         if live.stage is RunStage.CONVERTING and live.run.stage is RunStage.TRAINING:
@@ -528,6 +531,20 @@ class RunSupervisor:
             except Exception:
                 log.exception("could not record the progress of training run %d", live.run.id)
 
+    def _trainer_started(self, live: _Live, group: int) -> None:
+        """Record the trainer's process group at once: a supervisor killed a moment later
+        must leave behind what the next one needs to stop it."""
+        live.trainer_group = group
+        write = asyncio.ensure_future(self._record_trainer_group(live))
+        self._writes.add(write)
+        write.add_done_callback(self._writes.discard)
+
+    async def _record_trainer_group(self, live: _Live) -> None:
+        try:
+            await self._report_once(live)
+        except Exception:  # the reporter writes it on its next turn, or the run has ended
+            log.debug("training run %d: trainer group not recorded yet", live.run.id, exc_info=True)
+
     async def _report_once(self, live: _Live) -> None:
         async with live.writing:
             told = await self._write_progress(live)
@@ -542,7 +559,9 @@ class RunSupervisor:
             live.stage if live.stage is not None and live.run.stage is RunStage.TRAINING else None
         )
         pgid = (
-            _new_trainer_group(live.run.trainer_pgid) if live.run.stage in _TRAINER_STAGES else None
+            _reported_or_new_group(live.trainer_group, live.run.trainer_pgid)
+            if live.run.stage in _TRAINER_STAGES
+            else None
         )
         heartbeat_due = time.monotonic() - live.written_at >= HEARTBEAT_S
         if progress is None and stage is None and pgid is None and not heartbeat_due:
@@ -615,13 +634,20 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+def _reported_or_new_group(reported: int | None, known: int | None) -> int | None:
+    """The trainer's process group if it is not the one recorded yet, else None."""
+    if reported is not None:
+        return reported if reported != known else None
+    return _new_trainer_group(known)
+
+
 def _new_trainer_group(known: int | None) -> int | None:
     """A process group this process started since ``known`` (the trainer's), or None.
 
-    Trainers run their subprocesses as the leaders of new sessions (`run_logged`); the
-    trainer interface does not hand the id out, so it is read from /proc: a child of this
-    process that leads its own group. Where there is no /proc nothing is found, and a
-    restart can then not stop a trainer left behind.
+    For a trainer that does not report its subprocesses (`TrainingJob.on_process`): they
+    run as the leaders of new sessions (`run_logged`), so the group is read from /proc, a
+    child of this process that leads its own group. Where there is no /proc nothing is
+    found, and a restart can then not stop a trainer left behind.
     """
     groups = _child_group_leaders(os.getpid())
     fresh = [group for group in groups if group != known]

@@ -41,6 +41,9 @@ class TrainingJob:
     total_iterations: int  # epochs × iterations per epoch, as the export computed them
     max_tiles: int  # photos are tiled as the engine serves them
     training: TrainingSettings
+    # Called with each subprocess's process-group id as soon as it runs, so a supervisor can
+    # record it and stop the group after a restart (`process.run_logged`'s ``on_start``).
+    on_process: Callable[[int], None] | None = None
 
 
 @dataclass(frozen=True, slots=True)

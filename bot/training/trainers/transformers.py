@@ -136,6 +136,7 @@ class TransformersTrainer:
             log_path=job.log_path,
             env=training_environment(job.training.threads),
             cwd=job.work_dir,
+            on_start=job.on_process,
             poll=reporter.poll,
         )
         if status != 0:

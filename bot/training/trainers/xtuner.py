@@ -205,6 +205,7 @@ async def _train_once(
         log_path=job.log_path,
         env=_train_environment(job),
         cwd=attempt.work_dir,
+        on_start=job.on_process,
         poll=reporter.poll,
     )
     # A training that ran to its end is done, whatever its log says (a dataloader worker's
@@ -335,7 +336,9 @@ async def _convert(
         shutil.rmtree(output)
     progress(Progress("converting", 0, 1))
     command = [job.training.python, "-m", CONVERT_MODULE, str(config), str(checkpoint), str(output)]
-    status = await run_logged(command, log_path=job.log_path, cwd=checkpoint.parent)
+    status = await run_logged(
+        command, log_path=job.log_path, cwd=checkpoint.parent, on_start=job.on_process
+    )
     if status != 0:
         raise TrainingFailed(
             f"XTuner's conversion exited with status {status}", log_tail(job.log_path)
