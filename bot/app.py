@@ -23,6 +23,9 @@ from bot.training.versions import VersionFollower, ensure_base_version, model_sp
 
 log = logging.getLogger(__name__)
 
+# How often a serving process looks for a run whose supervisor is gone (on another host, or
+# a `dishbot retrain` that was killed), besides at start.
+RECOVER_INTERVAL_S = 30.0
 TOKEN_VARIABLES = {"telegram": "DISHBOT_TELEGRAM__TOKEN", "discord": "DISHBOT_DISCORD__TOKEN"}
 
 
@@ -131,8 +134,12 @@ class App:
                 admin.attach(adapter.port)
             # A run the previous process left behind is ended, and its admin told.
             await runs.recover()
+            watching = asyncio.create_task(_recover_forever(runs), name="recover-runs")
             log.info("dishbot is running; stop it with Ctrl-C")
-            await stop.wait()
+            try:
+                await stop.wait()
+            finally:
+                watching.cancel()
         finally:
             # A run this process supervises ends with it, and its admin is told while the
             # chat adapters can still say so.
@@ -142,6 +149,16 @@ class App:
                     await adapter.stop()
                 except Exception:
                     log.exception("stopping %s failed", type(adapter).__name__)
+
+
+async def _recover_forever(runs: RunSupervisor) -> None:
+    """Every `RECOVER_INTERVAL_S`, end a run whose supervising process is gone."""
+    while True:
+        await asyncio.sleep(RECOVER_INTERVAL_S)
+        try:
+            await runs.recover()
+        except Exception:
+            log.exception("could not check for a training run left behind; will try again")
 
 
 def _stop_on_signals() -> asyncio.Event:

@@ -16,11 +16,14 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 from pydantic import SecretStr
+from sqlalchemy import update
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.app import App
 from bot.settings import (
@@ -30,7 +33,8 @@ from bot.settings import (
     TelegramSettings,
     TrainingSettings,
 )
-from bot.store import RunStage, Store, TrainingRunRecord
+from bot.store import ReportTarget, RunStage, Store, TrainingRunRecord
+from bot.store.models import TrainingRun, utcnow
 from bot.training.trainers.process import group_alive
 from bot.training.versions import ensure_base_version
 from tests.telegram_emulator import TelegramEmulator
@@ -473,3 +477,41 @@ async def test_a_bot_killed_mid_training_ends_the_run_on_restart_and_tells_the_a
     assert message.startswith("Retraining run 1: failed"), message
     assert accepted.startswith("Retraining run 2:"), accepted
     assert [run.id for run in runs] == [2, 1]
+
+
+async def test_a_run_whose_supervisor_on_another_host_went_quiet_is_ended_while_the_bot_serves(
+    tiny_internvl: Path, tmp_path: Path, telegram: TelegramEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("bot.app.RECOVER_INTERVAL_S", 0.2)
+    settings = chat_settings(tiny_internvl, tmp_path, telegram, RECIPE)
+    telegram.add_chat(ADMIN.private_chat)  # the admin has talked to the bot before
+
+    async with dishbot_running(settings, telegram):
+        # A `dishbot retrain` on a training host started run 1, then that host went away.
+        async def orphan(store: Store) -> TrainingRunRecord:
+            admin = await store.upsert_user("telegram", str(ADMIN.id))
+            run = await store.create_training_run(
+                requested_by=admin.id,
+                report_to=ReportTarget("telegram", str(ADMIN.id)),
+                host="gpu-host-that-is-gone",
+                pid=4242,
+            )
+            await store.update_training_run(run.id, stage=RunStage.TRAINING)
+            async with AsyncSession(store.engine) as session, session.begin():
+                stale = utcnow() - timedelta(minutes=5)
+                await session.execute(
+                    update(TrainingRun).where(TrainingRun.id == run.id).values(updated_at=stale)
+                )
+            return run
+
+        run = await with_store(settings, orphan)
+        await until(
+            lambda: any(
+                t.startswith(f"Retraining run {run.id}: failed") for t in admin_texts(telegram)
+            ),
+            GUARD_S,
+        )
+
+    ended = await with_store(settings, lambda store: store.get_training_run(run.id))
+    assert ended is not None
+    assert ended.stage is RunStage.FAILED
