@@ -510,8 +510,16 @@ async def test_a_cancel_while_promoting_lets_the_promotion_finish_so_all_agree(
         supervisor = make_supervisor(store, settings, engine, FakeTrainer(), told)
         try:
             run_id = await supervisor.start(admin.id, ReportTarget("telegram", ADMIN, "77"))
-            bench = Bench(store, settings, engine, FakeTrainer(), told, supervisor, admin.id)
-            await bench.until(lambda r: r.stage is RunStage.PROMOTING, run_id)
+
+            # Cancel once the new version is active in the database, while the engine swaps.
+            async def activated() -> None:
+                while True:
+                    active = await store.active_model_version()
+                    if active is not None and active.name == f"run-{run_id}":
+                        return
+                    await asyncio.sleep(0.01)
+
+            await asyncio.wait_for(activated(), 20)
             run = await supervisor.cancel(run_id)
         finally:
             await supervisor.close()
