@@ -27,6 +27,7 @@ from bot.training.trainers.base import (
     TrainingFailed,
     TrainingJob,
 )
+from bot.training.trainers.model_dir import loading_problem
 from bot.training.trainers.process import log_tail, run_logged
 
 ENTRY_MODULE = "bot.training.trainers.lora_train"
@@ -37,10 +38,6 @@ THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"
 # A seed for everything random in a training (adapter initialisation, order, dropout), so
 # the same export trains the same model.
 TRAINING_SEED = 0
-
-_CONFIG_FILE = "config.json"
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
-_WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +140,7 @@ class TransformersTrainer:
             raise TrainingFailed(
                 f"dishbot's trainer {_exit_description(status)}", log_tail(job.log_path)
             )
-        problem = model_dir_problem(job.output_dir)
+        problem = loading_problem(job.output_dir, model_type="internvl")
         if problem is not None:
             raise TrainingFailed(
                 f"the trained model in {job.output_dir} cannot be served: {problem}",
@@ -160,28 +157,6 @@ def training_environment(threads: int) -> dict[str, str]:
     env["TOKENIZERS_PARALLELISM"] = "false"
     env["PYTHONUNBUFFERED"] = "1"  # log lines reach the log as they are written
     return env
-
-
-def model_dir_problem(path: Path) -> str | None:
-    """Why ``path`` is not a model directory the transformers backend can load, or None.
-
-    Checks what a load needs without loading it: an InternVL config, a tokenizer, weights.
-    """
-    if not path.is_dir():
-        return "the directory does not exist"
-    try:
-        config = json.loads((path / _CONFIG_FILE).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return f"it has no {_CONFIG_FILE}"
-    except (OSError, ValueError) as error:
-        return f"its {_CONFIG_FILE} cannot be read: {error}"
-    if not isinstance(config, dict) or config.get("model_type") != "internvl":
-        return f"its {_CONFIG_FILE} is not an HF-native InternVL model's"
-    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
-        return "it has no tokenizer"
-    if not any(any(path.glob(pattern)) for pattern in _WEIGHT_PATTERNS):
-        return "it has no weights"
-    return None
 
 
 def _absolute_if_local(model: str) -> str:
