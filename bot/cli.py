@@ -33,7 +33,7 @@ from bot.store.database import database_errors, missing_sqlite_file, open_engine
 from bot.store.models import utcnow
 from bot.store.schema import current_revision, ensure_schema, head_revision, upgrade
 from bot.training import ExportError, ExportOptions, ExportSummary, export_dataset, parse_moment
-from bot.training.evaluation import SET_NAMES
+from bot.training.evaluation import SET_NAMES, candidate_means
 from bot.training.export.progress import TerminalProgress
 from bot.training.report import (
     SET_LABELS,
@@ -42,6 +42,7 @@ from bot.training.report import (
     render_run,
     run_title,
     stage_name,
+    stage_progress,
 )
 from bot.training.runs import RunSupervisor
 from bot.training.trainers import trainer_for
@@ -349,21 +350,12 @@ class RunProgress:
 
 def _progress_text(run: TrainingRunRecord) -> tuple[str, str, float]:
     """``run``'s one progress line, the stage it is about and how far that stage is (0..1)."""
-    progress = run.progress or {}
-    stage = str(progress.get("stage") or "")
-    total = int(progress.get("total") or 0)
-    # The row keeps the last stage's progress until the next stage reports its own.
-    if not total or stage not in (run.stage.value, RunStage.CONVERTING.value):
+    progress = stage_progress(run)
+    if progress is None:
         return f"run {run.id}: {stage_name(run.stage.value)}", run.stage.value, 0.0
-    fraction = min(1.0, int(progress.get("iteration") or 0) / total)
-    line = progress_line(
-        fraction=fraction, loss=_number(progress.get("loss")), eta_s=_number(progress.get("eta_s"))
-    )
+    stage, fraction, loss, eta_s = progress
+    line = progress_line(fraction=fraction, loss=loss, eta_s=eta_s)
     return f"run {run.id}: {stage_name(stage)} {line}", stage, fraction
-
-
-def _number(value: object) -> float | None:
-    return float(value) if isinstance(value, int | float) else None
 
 
 def cmd_retrain(settings: Settings, args: argparse.Namespace) -> int:
@@ -568,12 +560,8 @@ def cmd_models(settings: Settings, args: argparse.Namespace) -> int:
 
 def _candidate_scores(version: ModelVersionRecord) -> list[str]:
     """The mean score per set (held out, taught, kept) its evaluation gave it; – for none."""
-    summary = (version.evaluation or {}).get("summary") or {}
-    scores = []
-    for name in SET_NAMES:
-        mean = _number((summary.get(name) or {}).get("candidate"))
-        scores.append("–" if mean is None else f"{mean:.2f}")
-    return scores
+    means = candidate_means(version.evaluation)
+    return ["–" if means[name] is None else f"{means[name]:.2f}" for name in SET_NAMES]
 
 
 def cmd_models_activate(settings: Settings, args: argparse.Namespace) -> int:

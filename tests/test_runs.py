@@ -24,7 +24,7 @@ import pytest
 from bot.settings import EngineSettings, Settings, TrainingSettings
 from bot.store import ReportTarget, RunInProgress, RunStage, Store, TrainingRunRecord
 from bot.training.evaluation import Evaluation, SampleResult
-from bot.training.runs import RunSupervisor, evaluation_from_json, run_directory
+from bot.training.runs import RunSupervisor, run_directory
 from bot.training.trainers.base import (
     Progress,
     ProgressCallback,
@@ -236,7 +236,7 @@ async def test_a_run_exports_trains_evaluates_and_promotes_and_the_engine_serves
     assert version.parent_id == (await bench.store.get_model_version("base")).id  # type: ignore[union-attr]
     assert version.evaluation["summary"]["taught"] == {"count": 1, "active": 0.0, "candidate": 1.0}  # type: ignore[index]
     assert run.evaluation == version.evaluation
-    assert evaluation_from_json(run.evaluation) == scores(candidate=1.0, active=0.0)  # type: ignore[arg-type]
+    assert Evaluation.from_json(run.evaluation) == scores(candidate=1.0, active=0.0)  # type: ignore[arg-type]
     assert run.decision
     # the engine swapped, and new answers come from the new version
     assert bench.engine.model.name == version.name

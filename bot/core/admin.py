@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from bot.core.events import Command, Place
 from bot.core.i18n import Language, language_of, say
@@ -22,6 +23,7 @@ from bot.settings import Settings
 from bot.store import NothingToRollBack, ReportTarget, RunInProgress, Store, TrainingRunRecord
 from bot.store.records import UserRecord
 from bot.training import ExportError, ExportOptions, export_dataset
+from bot.training.evaluation import candidate_means
 from bot.training.report import render_run
 from bot.training.runs import RunSupervisor
 from bot.training.versions import rollback
@@ -259,13 +261,11 @@ class Admin:
         )
 
 
-def _scores(evaluation: dict[str, object] | None) -> str:
+def _scores(evaluation: dict[str, Any] | None) -> str:
     """A version's evaluation in one line: the candidate's mean per set."""
-    summary = evaluation.get("summary") if evaluation else None
-    if not isinstance(summary, dict):
-        return ""
-    parts = []
-    for name, figures in summary.items():
-        if isinstance(figures, dict) and figures.get("candidate") is not None:
-            parts.append(f"{name.replace('_', ' ')} {figures['candidate']:.2f}")
+    parts = [
+        f"{name.replace('_', ' ')} {mean:.2f}"
+        for name, mean in candidate_means(evaluation).items()
+        if mean is not None
+    ]
     return f"  ({', '.join(parts)})" if parts else ""

@@ -15,14 +15,16 @@ Chinese and English alike. Both models answer greedily, each with the prompt it 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import difflib
 import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+from bot.core.i18n import say
 from bot.settings import TrainingSettings
 from bot.store import Store
 from bot.training.export.export_dir import IMAGES_DIR
@@ -38,7 +40,8 @@ log = logging.getLogger(__name__)
 
 EVALUATION_KEY = "training:evaluation"  # the fairness key evaluation questions queue under
 ANSWER_TOKENS = 128  # a dish name and a sentence or two are enough to judge
-DEFAULT_QUESTION = "What dish is this?"  # what the bot asks for a photo sent without a caption
+# What the bot asks for a photo sent without a caption.
+DEFAULT_QUESTION = say("default_question", "en")
 
 SetName = Literal["held_out", "taught", "kept"]
 SET_NAMES: tuple[SetName, ...] = ("held_out", "taught", "kept")
@@ -77,6 +80,33 @@ class Evaluation:
     def count(self, set_name: SetName) -> int:
         """How many samples ``set_name`` has."""
         return sum(1 for s in self.samples if s.set_name == set_name)
+
+    def to_json(self) -> dict[str, Any]:
+        """As stored with a run and its version: per-set counts and means, and the samples."""
+        summary = {
+            name: {
+                "count": self.count(name),
+                "active": self.mean(name, "active"),
+                "candidate": self.mean(name, "candidate"),
+            }
+            for name in SET_NAMES
+        }
+        return {"summary": summary, "samples": [dataclasses.asdict(s) for s in self.samples]}
+
+    @classmethod
+    def from_json(cls, stored: dict[str, Any]) -> Evaluation:
+        """The evaluation `to_json` stored."""
+        return cls(tuple(SampleResult(**sample) for sample in stored["samples"]))
+
+
+def candidate_means(stored: dict[str, Any] | None) -> dict[SetName, float | None]:
+    """Per set, the mean score a stored evaluation gave the candidate (None: no samples)."""
+    summary = (stored or {}).get("summary") or {}
+    means: dict[SetName, float | None] = {}
+    for name in SET_NAMES:
+        value = (summary.get(name) or {}).get("candidate")
+        means[name] = float(value) if isinstance(value, int | float) else None
+    return means
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,10 +7,10 @@ taught and kept) and the decision. English or Chinese, as the admin writes.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from bot.store import TrainingRunRecord
-from bot.training.evaluation import SET_NAMES, Evaluation, SampleResult, SetName
+from bot.training.evaluation import SET_NAMES, Evaluation, SetName
 
 Language = Literal["en", "zh"]
 
@@ -118,20 +118,14 @@ def render_run(
     ``version`` names the version now answering, when the run promoted one.
     """
     lines = [f"{run_title(run.id, language)}: {stage_name(run.stage.value, language)}"]
-    progress = run.progress or {}
-    if not run.finished and progress.get("total"):
-        total = int(progress["total"])
-        fraction = min(1.0, int(progress.get("iteration") or 0) / total) if total else 0.0
-        line = progress_line(
-            fraction=fraction,
-            loss=_number(progress.get("loss")),
-            eta_s=_number(progress.get("eta_s")),
-            language=language,
-        )
-        lines.append(f"{stage_name(str(progress.get('stage', run.stage.value)), language)} {line}")
+    progress = stage_progress(run)
+    if not run.finished and progress is not None:
+        stage, fraction, loss, eta_s = progress
+        line = progress_line(fraction=fraction, loss=loss, eta_s=eta_s, language=language)
+        lines.append(f"{stage_name(stage, language)} {line}")
     lines.extend(f"• {note}" for note in run.notes)
     if run.evaluation and run.evaluation.get("samples"):
-        lines += ["", evaluation_table(_evaluation(run.evaluation), language)]
+        lines += ["", evaluation_table(Evaluation.from_json(run.evaluation), language)]
     if run.decision:
         lines.append(decision_line(run.decision, language))
     if version is not None:
@@ -141,8 +135,17 @@ def render_run(
     return "\n".join(lines)
 
 
-def _evaluation(stored: dict[str, Any]) -> Evaluation:
-    return Evaluation(tuple(SampleResult(**sample) for sample in stored["samples"]))
+def stage_progress(run: TrainingRunRecord) -> tuple[str, float, float | None, float | None] | None:
+    """The stage under way with how far it is (0..1), its loss and time left; None when the
+    row holds no progress of the stage the run is in (it keeps the last stage's until the
+    next one reports; the trainer's converting is reported while the run still trains)."""
+    progress = run.progress or {}
+    stage = str(progress.get("stage") or "")
+    total = int(progress.get("total") or 0)
+    if not total or stage not in (run.stage.value, "converting"):
+        return None
+    fraction = min(1.0, int(progress.get("iteration") or 0) / total)
+    return stage, fraction, _number(progress.get("loss")), _number(progress.get("eta_s"))
 
 
 def _number(value: object) -> float | None:

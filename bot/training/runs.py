@@ -65,8 +65,6 @@ from engine.types import ModelSpec
 __all__ = [
     "RunInProgress",
     "RunSupervisor",
-    "evaluation_from_json",
-    "evaluation_json",
     "run_directory",
 ]
 
@@ -88,25 +86,6 @@ CandidateEngine = Callable[[ModelSpec], Engine]
 def run_directory(settings: Settings, run_id: int) -> Path:
     """Where a run keeps its files: ``<training.work_dir>/runs/<id>``."""
     return settings.training_dir / "runs" / str(run_id)
-
-
-def evaluation_json(evaluation: gate.Evaluation) -> dict[str, Any]:
-    """The gate's result as stored with a run and its version: per-set means and samples."""
-    summary = {
-        name: {
-            "count": evaluation.count(name),
-            "active": evaluation.mean(name, "active"),
-            "candidate": evaluation.mean(name, "candidate"),
-        }
-        for name in gate.SET_NAMES
-    }
-    samples = [dataclasses.asdict(sample) for sample in evaluation.samples]
-    return {"summary": summary, "samples": samples}
-
-
-def evaluation_from_json(stored: dict[str, Any]) -> gate.Evaluation:
-    """The `Evaluation` stored with a run or version (`evaluation_json`), to show its table."""
-    return gate.Evaluation(tuple(gate.SampleResult(**sample) for sample in stored["samples"]))
 
 
 @dataclass
@@ -406,7 +385,7 @@ class RunSupervisor:
         evaluation = await self._evaluate(live, _candidate_version(name, trained), export_dir)
         await self._advance(live, RunStage.PROMOTING)
         decision = self._decider(evaluation, self.settings.training, force=live.run.force)
-        stored = evaluation_json(evaluation)
+        stored = evaluation.to_json()
         active = await self.store.active_model_version()
         if active is None or active.id != base.id:
             # Trained from, and compared with, a model that no longer answers (an activate
