@@ -21,17 +21,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from pydantic import SecretStr
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.app import App
 from bot.settings import (
-    EngineSettings,
-    LimitSettings,
     Settings,
-    TelegramSettings,
-    TrainingSettings,
 )
 from bot.store import ReportTarget, RunStage, Store, TrainingRunRecord
 from bot.store.models import TrainingRun, utcnow
@@ -49,6 +44,7 @@ from tests.test_retraining_loop import (
     Group,
     admin_texts,
     dishbot_running,
+    loop_settings,
     stored_exchanges,
     until,
 )
@@ -69,30 +65,6 @@ PROCESS_GUARD_S = 90.0  # `dishbot run` imports torch and loads the model before
 async def telegram() -> AsyncIterator[TelegramEmulator]:
     async with TelegramEmulator() as emulator:
         yield emulator
-
-
-def chat_settings(
-    tiny_internvl: Path, tmp_path: Path, telegram: TelegramEmulator, training: dict[str, Any]
-) -> Settings:
-    """The loop test's settings, with ``training`` as the test needs it."""
-    return Settings(
-        data_dir=tmp_path / "data",
-        admins=[f"telegram:{ADMIN.id}"],
-        telegram=TelegramSettings(
-            token=SecretStr(telegram.token),
-            base_url=telegram.base_url,
-            base_file_url=telegram.base_file_url,
-        ),
-        engine=EngineSettings(
-            backend="transformers",
-            model=str(tiny_internvl),
-            device="cpu",
-            max_tiles=1,
-            max_new_tokens=8,
-        ),
-        training=TrainingSettings(**training),
-        limits=LimitSettings(questions_per_minute=60),
-    )
 
 
 async def with_store(settings: Settings, read: Callable[[Store], Awaitable[T]]) -> T:
@@ -186,7 +158,7 @@ def kill_group(group: int | None) -> None:
 async def test_a_trainer_that_fails_is_reported_with_its_log_and_the_active_model_stays(
     tiny_internvl: Path, tmp_path: Path, telegram: TelegramEmulator
 ) -> None:
-    settings = chat_settings(tiny_internvl, tmp_path, telegram, DIVERGING)
+    settings = loop_settings(tiny_internvl, tmp_path, telegram, DIVERGING)
     group = Group(telegram)
 
     async with dishbot_running(settings, telegram):
@@ -214,7 +186,7 @@ async def test_a_trainer_that_fails_is_reported_with_its_log_and_the_active_mode
 async def test_retrain_cancel_stops_the_trainers_whole_process_group_within_seconds(
     tiny_internvl: Path, tmp_path: Path, telegram: TelegramEmulator
 ) -> None:
-    settings = chat_settings(tiny_internvl, tmp_path, telegram, ENDLESS)
+    settings = loop_settings(tiny_internvl, tmp_path, telegram, ENDLESS)
     group = Group(telegram)
     trainer: int | None = None
     try:
@@ -247,7 +219,7 @@ async def test_retrain_cancel_stops_the_trainers_whole_process_group_within_seco
 async def test_a_second_retrain_while_one_trains_is_refused_with_the_running_ones_progress(
     tiny_internvl: Path, tmp_path: Path, telegram: TelegramEmulator
 ) -> None:
-    settings = chat_settings(tiny_internvl, tmp_path, telegram, ENDLESS)
+    settings = loop_settings(tiny_internvl, tmp_path, telegram, ENDLESS)
     group = Group(telegram)
     trainer: int | None = None
     try:
@@ -278,7 +250,7 @@ async def test_a_second_retrain_while_one_trains_is_refused_with_the_running_one
 async def test_a_bot_stopped_during_a_run_tells_the_admin_the_run_ended(
     tiny_internvl: Path, tmp_path: Path, telegram: TelegramEmulator
 ) -> None:
-    settings = chat_settings(tiny_internvl, tmp_path, telegram, ENDLESS)
+    settings = loop_settings(tiny_internvl, tmp_path, telegram, ENDLESS)
     group = Group(telegram)
 
     async with dishbot_running(settings, telegram):
@@ -319,7 +291,7 @@ async def promoted_run_one(settings: Settings) -> None:
 async def test_non_admins_are_refused_every_retraining_command_and_nothing_changes(
     tiny_internvl: Path, tmp_path: Path, telegram: TelegramEmulator
 ) -> None:
-    settings = chat_settings(tiny_internvl, tmp_path, telegram, ENDLESS)
+    settings = loop_settings(tiny_internvl, tmp_path, telegram, ENDLESS)
     await promoted_run_one(settings)
     group = Group(telegram)
 
@@ -344,7 +316,7 @@ async def test_non_admins_are_refused_every_retraining_command_and_nothing_chang
 async def test_models_marks_the_active_version_and_a_rollback_moves_the_mark(
     tiny_internvl: Path, tmp_path: Path, telegram: TelegramEmulator
 ) -> None:
-    settings = chat_settings(tiny_internvl, tmp_path, telegram, RECIPE)
+    settings = loop_settings(tiny_internvl, tmp_path, telegram, RECIPE)
     await promoted_run_one(settings)
     group = Group(telegram)
 
@@ -483,7 +455,7 @@ async def test_a_run_whose_supervisor_on_another_host_went_quiet_is_ended_while_
     tiny_internvl: Path, tmp_path: Path, telegram: TelegramEmulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("bot.app.RECOVER_INTERVAL_S", 0.2)
-    settings = chat_settings(tiny_internvl, tmp_path, telegram, RECIPE)
+    settings = loop_settings(tiny_internvl, tmp_path, telegram, RECIPE)
     telegram.add_chat(ADMIN.private_chat)  # the admin has talked to the bot before
 
     async with dishbot_running(settings, telegram):

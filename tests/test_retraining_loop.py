@@ -79,8 +79,14 @@ async def telegram() -> AsyncIterator[TelegramEmulator]:
         yield emulator
 
 
-@pytest.fixture
-def settings(tiny_internvl: Path, tmp_path: Path, telegram: TelegramEmulator) -> Settings:
+def loop_settings(
+    tiny_internvl: Path,
+    tmp_path: Path,
+    telegram: TelegramEmulator,
+    training: dict[str, Any] = RECIPE,
+) -> Settings:
+    """`dishbot run` as these tests configure it: the emulator, the tiny model on the
+    transformers backend, one admin, and ``training`` (the tiny model's recipe)."""
     return Settings(
         data_dir=tmp_path / "data",
         admins=[f"telegram:{ADMIN.id}"],
@@ -96,9 +102,14 @@ def settings(tiny_internvl: Path, tmp_path: Path, telegram: TelegramEmulator) ->
             max_tiles=1,
             max_new_tokens=8,
         ),
-        training=TrainingSettings(**RECIPE),
+        training=TrainingSettings(**training),
         limits=LimitSettings(questions_per_minute=60),
     )
+
+
+@pytest.fixture
+def settings(tiny_internvl: Path, tmp_path: Path, telegram: TelegramEmulator) -> Settings:
+    return loop_settings(tiny_internvl, tmp_path, telegram)
 
 
 @contextlib.asynccontextmanager
