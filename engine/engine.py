@@ -7,9 +7,15 @@ Use it as an async context manager::
         async for event in handle:      # Queued(ahead), TextDelta(text), then Answer
             ...
 
-Errors reach the caller as typed exceptions: `BadImage`, `QueueFull` and `TooManyPending`
-from `submit`; `DeadlineExceeded`, `Cancelled`, `GenerationFailed` or `EngineClosed` from
-iterating the handle. Every accepted request ends exactly once.
+Errors reach the caller as typed exceptions: `BadImage`, `QueueFull`, `TooManyPending`,
+`PromptTooLong` and `ModelUnavailable` from `submit`; `DeadlineExceeded`, `Cancelled`,
+`GenerationFailed`, `ModelUnavailable` or `EngineClosed` from iterating the handle. Every
+accepted request ends exactly once.
+
+A circuit breaker (`engine.circuit`) watches the backend: after ``circuit_failures`` backend
+faults in a row, new questions are refused with `ModelUnavailable` and those waiting in the
+queue end with it at once; after ``circuit_reset_s`` one question probes the backend, and its
+answer reopens the service.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 
 from engine.backends.base import Backend
+from engine.circuit import CircuitBreaker
 from engine.errors import (
     BadImage,
     Cancelled,
@@ -33,7 +40,10 @@ from engine.errors import (
     EngineClosed,
     EngineError,
     GenerationFailed,
+    GenerationStalled,
     ModelLoadFailed,
+    ModelUnavailable,
+    RequestRefused,
 )
 from engine.images import DECODE_TIME_BUDGET_S, DecodedImage, keep_image_memory, load_image
 from engine.prompts import system_prompt_for
@@ -67,6 +77,8 @@ class EngineConfig:
     max_images_per_request: int = 4
     max_concurrent_decodes: int = 2
     decode_time_budget_s: float = DECODE_TIME_BUDGET_S
+    circuit_failures: int = 5  # backend faults in a row that open the circuit
+    circuit_reset_s: float = 30.0  # how long it stays open before a probe may pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +146,7 @@ class EngineStats:
     wait_p95_s: float | None
     service_p50_s: float | None
     service_p95_s: float | None
+    circuit: str  # "closed", "open" (questions refused) or "half_open" (probing)
 
 
 class RequestHandle:
@@ -185,6 +198,7 @@ class _Work:
     text: list[str] = field(default_factory=list)
     last_position: int | None = None
     deadline_timer: asyncio.TimerHandle | None = None
+    probe: bool = False  # admitted as the half-open circuit's probe
 
 
 def _percentile(values: Sequence[float], fraction: float) -> float | None:
@@ -231,6 +245,11 @@ class Engine:
         self._counts = {"completed": 0, "failed": 0, "timed_out": 0, "cancelled": 0}
         self._waits: deque[float] = deque(maxlen=STATS_WINDOW)
         self._services: deque[float] = deque(maxlen=STATS_WINDOW)
+        self._circuit = CircuitBreaker(
+            failures_to_open=self.config.circuit_failures,
+            reset_s=self.config.circuit_reset_s,
+            clock=clock,
+        )
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -322,11 +341,14 @@ class Engine:
     async def submit(self, request: Request) -> RequestHandle:
         """Admit a request and return its handle.
 
-        Raises `EngineClosed`, `QueueFull` or `TooManyPending` when it is refused, and
+        Raises `EngineClosed`, `QueueFull` or `TooManyPending` when it is refused,
+        `ModelUnavailable` while the backend is failing (the circuit is open), and
         `BadImage` when a photo cannot be used (decoded off the event loop).
         """
         if self._closed:
             raise EngineClosed("the engine is not running")
+        if self._circuit.refusing():
+            raise ModelUnavailable(self._circuit.retry_after_s())
         if len(request.images) > self.config.max_images_per_request:
             raise BadImage(f"at most {self.config.max_images_per_request} photos per question")
         # Refuse before the costly decode, counting requests still decoding as pending.
@@ -345,11 +367,14 @@ class Engine:
                 self._decode_turns.pop(request.key, None)  # nobody holds or awaits it now
         if self._closed:
             raise EngineClosed("the engine is not running")
+        # Asked again: the circuit may have opened, or a probe left, while photos decoded.
+        if not self._circuit.allow():
+            raise ModelUnavailable(self._circuit.retry_after_s())
         handle = RequestHandle(self.cancel)
         handle.images = tuple(
             ImageInfo(image.source_format, *image.source_size) for image in images
         )
-        work = _Work(handle=handle, images=images, request=request)
+        work = _Work(handle=handle, images=images, request=request, probe=self._circuit.probing)
         timeout = self.config.request_timeout_s if request.timeout_s is None else request.timeout_s
         ticket = self._scheduler.admit(request.key, work, timeout_s=timeout)
         handle.id = ticket.id
@@ -396,6 +421,7 @@ class Engine:
             wait_p95_s=_percentile(waits, 0.95),
             service_p50_s=_percentile(services, 0.5),
             service_p95_s=_percentile(services, 0.95),
+            circuit=self._circuit.state.value,
         )
 
     # -- ending ---------------------------------------------------------------------------
@@ -417,7 +443,30 @@ class Engine:
             self._counts["cancelled"] += 1
         else:
             self._counts["failed"] += 1
+        self._watch_backend(work, outcome)
         return True
+
+    def _watch_backend(self, work: _Work, outcome: Answer | EngineError) -> None:
+        """Tell the circuit what this ending says about the backend's health."""
+        if isinstance(outcome, Answer):
+            self._circuit.succeeded()
+        elif _is_backend_fault(outcome):
+            if self._circuit.failed():
+                log.error(
+                    "the %s backend failed %d times in a row: refusing questions for %.0f s",
+                    self.backend.name,
+                    self._circuit.failures_to_open,
+                    self._circuit.reset_s,
+                )
+                self._fail_waiting()
+        elif work.probe:
+            self._circuit.probe_abandoned()
+
+    def _fail_waiting(self) -> None:
+        # They would only reach a failing backend, and fail slowly.
+        retry_after_s = self._circuit.retry_after_s()
+        for ticket in list(self._scheduler.waiting_tickets()):
+            self._end(ticket, ModelUnavailable(retry_after_s))
 
     # -- dispatch -------------------------------------------------------------------------
 
@@ -477,7 +526,10 @@ class Engine:
     def _deadline_passed(self, ticket: Ticket[_Work]) -> None:
         if ticket.payload.job is not None:
             ticket.payload.job.cancelled.set()
-        self._end(ticket, DeadlineExceeded("no answer in time: generating took too long"))
+        if ticket.payload.text:
+            self._end(ticket, DeadlineExceeded("no answer in time: generating took too long"))
+        else:
+            self._end(ticket, GenerationStalled("no answer in time: the model said nothing"))
 
     def _batch_finished(self, task: asyncio.Task[None]) -> None:
         self._batches.discard(task)
@@ -548,3 +600,10 @@ class Engine:
             if work.last_position != ahead:
                 work.last_position = ahead
                 work.handle._put(Queued(ahead))
+
+
+def _is_backend_fault(outcome: EngineError) -> bool:
+    """Whether an ending says the backend is failing, not the user, the photo or the queue."""
+    if isinstance(outcome, GenerationStalled):
+        return True
+    return isinstance(outcome, GenerationFailed) and not isinstance(outcome, RequestRefused)

@@ -35,7 +35,7 @@ class Cancelled(EngineError):
 
 
 class GenerationFailed(EngineError):
-    """The backend failed while generating an answer."""
+    """The backend failed while generating an answer (it counts as a backend fault)."""
 
 
 class ModelLoadFailed(EngineError):
@@ -44,3 +44,29 @@ class ModelLoadFailed(EngineError):
 
 class EngineClosed(EngineError):
     """The engine is stopped (or stopping) and takes no more requests."""
+
+
+class RequestRefused(GenerationFailed):
+    """The backend refused this one request (e.g. HTTP 400: the prompt is too long).
+
+    The request's fault, not the backend's: it does not count towards opening the circuit.
+    """
+
+
+class GenerationStalled(DeadlineExceeded):
+    """The model said nothing at all before the request's deadline: a hung backend."""
+
+
+class ModelUnavailable(EngineError):
+    """The backend keeps failing, so questions are refused for a while (the circuit is open).
+
+    ``retry_after_s`` is when a question may be tried again, at the earliest.
+    """
+
+    def __init__(self, retry_after_s: float) -> None:
+        super().__init__(f"the model is unavailable; try again in {retry_after_s:.0f} s")
+        self.retry_after_s = retry_after_s
+
+
+class PromptTooLong(EngineError):
+    """The question and its photos alone do not fit in the model's context."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncGenerator, Sequence
 
-from engine.errors import Cancelled, GenerationFailed, ModelLoadFailed
+from engine.errors import Cancelled, GenerationFailed, ModelLoadFailed, RequestRefused
 from engine.types import BackendEvent, GenerationJob, JobDelta, JobFailed, JobFinished, ModelSpec
 
 LONG_ANSWER = "\n\n".join(
@@ -23,7 +23,9 @@ class ScriptedBackend:
 
     Questions starting with "fail" fail that job; "crash" raises out of the batch;
     "slow" takes 100 steps; "long" answers with `LONG_ANSWER` (over 9000 characters,
-    in paragraphs).
+    in paragraphs); "refuse" fails with `RequestRefused` (the request's fault); "hang"
+    never says a word until cancelled. Set ``down`` to make every batch raise, as an
+    in-process backend whose GPU has failed does.
     """
 
     name = "scripted"
@@ -46,6 +48,7 @@ class ScriptedBackend:
         self.max_in_flight = 0
         self.jobs: list[GenerationJob] = []
         self.answered_by: dict[str, str] = {}
+        self.down = False
 
     @property
     def capacity(self) -> int:
@@ -73,6 +76,9 @@ class ScriptedBackend:
         self.in_flight += len(jobs)
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         self.jobs.extend(jobs)
+        if self.down:
+            self.in_flight -= len(jobs)
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
         async def run(index: int, job: GenerationJob) -> None:
             try:
@@ -101,6 +107,13 @@ class ScriptedBackend:
     ) -> None:
         if job.question.startswith("crash"):
             raise RuntimeError("the GPU caught fire")
+        if job.question.startswith("refuse"):
+            queue.put_nowait(JobFailed(index, RequestRefused("the prompt is too long")))
+            return
+        if job.question.startswith("hang"):
+            await job.cancelled.wait()
+            queue.put_nowait(JobFailed(index, Cancelled("cancelled")))
+            return
         if job.question.startswith("fail"):
             queue.put_nowait(JobFailed(index, GenerationFailed("out of memory")))
             return
