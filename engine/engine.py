@@ -16,6 +16,9 @@ A circuit breaker (`engine.circuit`) watches the backend: after ``circuit_failur
 faults in a row, new questions are refused with `ModelUnavailable` and those waiting in the
 queue end with it at once; after ``circuit_reset_s`` one question probes the backend, and its
 answer reopens the service.
+
+A conversation longer than the model's context (``context_tokens``) is trimmed oldest turns
+first (`engine.context`); the handle's ``turns_left_out`` says how many were left out.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from types import TracebackType
 
 from engine.backends.base import Backend
 from engine.circuit import CircuitBreaker
+from engine.context import fit_history
 from engine.errors import (
     BadImage,
     Cancelled,
@@ -79,6 +83,9 @@ class EngineConfig:
     decode_time_budget_s: float = DECODE_TIME_BUDGET_S
     circuit_failures: int = 5  # backend faults in a row that open the circuit
     circuit_reset_s: float = 30.0  # how long it stays open before a probe may pass
+    # Prompt plus answer, in tokens: the conversation is trimmed to fit (`engine.context`).
+    # lmdeploy's session_len; a remote server's --session-len or --max-model-len.
+    context_tokens: int = 8192
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +162,8 @@ class RequestHandle:
     def __init__(self, cancel: Callable[[int], bool]) -> None:
         self.id = 0  # set when the engine admits the request
         self.images: tuple[ImageInfo, ...] = ()  # the submitted photos, as decoded
+        # The oldest turns of the history left out so the conversation fits the context.
+        self.turns_left_out = 0
         self._events: asyncio.Queue[Event | EngineError] = asyncio.Queue()
         self._cancel = cancel
         self._done = False
@@ -343,7 +352,9 @@ class Engine:
 
         Raises `EngineClosed`, `QueueFull` or `TooManyPending` when it is refused,
         `ModelUnavailable` while the backend is failing (the circuit is open), and
-        `BadImage` when a photo cannot be used (decoded off the event loop).
+        `BadImage` when a photo cannot be used (decoded off the event loop), and
+        `PromptTooLong` when the question and photos alone do not fit the model's context.
+        The history is trimmed to fit, oldest turns first (see ``handle.turns_left_out``).
         """
         if self._closed:
             raise EngineClosed("the engine is not running")
@@ -367,6 +378,7 @@ class Engine:
                 self._decode_turns.pop(request.key, None)  # nobody holds or awaits it now
         if self._closed:
             raise EngineClosed("the engine is not running")
+        history = self._fit_history(request, images)
         # Asked again: the circuit may have opened, or a probe left, while photos decoded.
         if not self._circuit.allow():
             raise ModelUnavailable(self._circuit.retry_after_s())
@@ -374,6 +386,8 @@ class Engine:
         handle.images = tuple(
             ImageInfo(image.source_format, *image.source_size) for image in images
         )
+        handle.turns_left_out = len(request.history) - len(history)
+        request = dataclasses.replace(request, history=history)
         work = _Work(handle=handle, images=images, request=request, probe=self._circuit.probing)
         timeout = self.config.request_timeout_s if request.timeout_s is None else request.timeout_s
         ticket = self._scheduler.admit(request.key, work, timeout_s=timeout)
@@ -381,6 +395,26 @@ class Engine:
         self._tickets[ticket.id] = ticket
         self._wakeup.set()
         return handle
+
+    def _fit_history(self, request: Request, images: Sequence[DecodedImage]) -> tuple[Turn, ...]:
+        """The newest turns of the request's history that fit the model's context."""
+        history = fit_history(
+            request.history,
+            context_tokens=self.config.context_tokens,
+            system_prompt=system_prompt_for(self._model),
+            question=request.question,
+            images=images,
+            max_tiles=self.config.max_tiles,
+            max_new_tokens=min(request.params.max_new_tokens, self.config.max_new_tokens),
+        )
+        if len(history) < len(request.history):
+            log.info(
+                "left out the %d oldest of %d turns to fit %d tokens",
+                len(request.history) - len(history),
+                len(request.history),
+                self.config.context_tokens,
+            )
+        return history
 
     async def _decode(self, key: str, data: bytes) -> DecodedImage:
         # Decoding runs in worker threads; a bound keeps a burst of photos from taking
