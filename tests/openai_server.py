@@ -10,6 +10,10 @@ and vLLM. Each request is recorded (body and headers) and answered as scripted:
 
 Scripted replies are used in order, then ``default_reply``; set ``respond`` to choose a
 reply from the request instead (for example to answer each question differently).
+
+Faults: a reply with ``stall_before_headers`` or ``stall_after_chunks`` is a server that
+hangs; `go_down` stops listening (connections are refused) and `come_back` listens again on
+the same port, as a restarted server would.
 """
 
 from __future__ import annotations
@@ -180,7 +184,8 @@ class FakeOpenAIServer:
             )
 
     async def start(self) -> None:
-        """Listen on a random port of 127.0.0.1."""
+        """Listen on a random port of 127.0.0.1 (the same one again after `go_down`)."""
+        self._stopping = asyncio.Event()
         app = web.Application()
         app.router.add_get("/v1/models", self._list_models)
         app.router.add_post("/v1/chat/completions", self._chat)
@@ -188,9 +193,18 @@ class FakeOpenAIServer:
         # lmdeploy's and vLLM's servers do; a short shutdown keeps stalled handlers brief.
         self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=1.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", self._port)
         await site.start()
         self._port = self._runner.addresses[0][1]
+
+    async def go_down(self) -> None:
+        """Stop listening, as a crashed server: new connections are refused."""
+        await self.stop()
+        self._runner = None
+
+    async def come_back(self) -> None:
+        """Listen again on the same port, as the server restarted."""
+        await self.start()
 
     async def stop(self) -> None:
         """Release stalled answers and stop listening."""

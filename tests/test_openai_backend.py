@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from engine.backends.openai import OpenAIBackend, OpenAIConfig
-from engine.errors import Cancelled, GenerationFailed, ModelLoadFailed
+from engine.errors import Cancelled, GenerationFailed, ModelLoadFailed, RequestRefused
 from engine.images import DecodedImage
 from engine.prompts import DISHBOT_SYSTEM_PROMPT
 from engine.types import (
@@ -533,3 +533,61 @@ async def test_without_an_api_key_no_authorization_header_is_sent(
     await collect(backend, make_job())
 
     assert "Authorization" not in server.requests[0].headers
+
+
+# Backend down or hanging: fail fast, not after the request timeout
+
+
+@pytest.mark.parametrize(
+    "stall",
+    [Reply(stall_before_headers=True), Reply(stall_after_chunks=1)],
+    ids=["no-answer-at-all", "no-more-tokens"],
+)
+async def test_a_hanging_server_fails_the_question_at_the_stall_timeout_not_the_request_timeout(
+    server: FakeOpenAIServer, stall: Reply
+) -> None:
+    server.default_reply = stall
+    backend = OpenAIBackend(config(server, request_timeout_s=60.0, stall_timeout_s=0.3))
+    await backend.load(MODEL)
+
+    # The guard is far above the stall timeout and far below the request timeout.
+    async with asyncio.timeout(20):
+        events = await collect(backend, make_job())
+    await backend.close()
+
+    error = failure(events)
+    assert isinstance(error, GenerationFailed)
+    assert "stopped responding" in str(error)
+    assert "0.3 s" in str(error)
+    assert server.attempts == 1  # another attempt would only double the wait
+
+
+async def test_a_server_that_is_down_fails_the_question_at_once_without_waiting_to_retry(
+    server: FakeOpenAIServer,
+) -> None:
+    # Retrying would pause MAX_RETRY_DELAY_S (30 s) first: the guard below would fire.
+    backend = OpenAIBackend(config(server, retry_backoff_s=30.0))
+    await backend.load(MODEL)
+    await server.go_down()
+
+    async with asyncio.timeout(10):
+        events = await collect(backend, make_job())
+
+    error = failure(events)
+    assert isinstance(error, GenerationFailed)
+    assert "cannot reach" in str(error)
+
+    await server.come_back()
+    events = await collect(backend, make_job())
+    await backend.close()
+    assert answer_text(events) == Reply().text  # and it answers again once the server is back
+
+
+async def test_a_refused_request_is_the_requests_fault_not_a_sign_the_server_is_down(
+    server: FakeOpenAIServer, backend: OpenAIBackend
+) -> None:
+    server.default_reply = Reply(status=400, error="the prompt is longer than session_len")
+
+    events = await collect(backend, make_job())
+
+    assert isinstance(failure(events), RequestRefused)

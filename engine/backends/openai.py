@@ -12,14 +12,17 @@ What it promises:
   into its template verbatim and its tokenizer would read ``<|im_end|>`` or
   ``<IMG_CONTEXT>`` there as the real token. The server's tokenizer is unknown here, so the
   generic ChatML and InternVL tokens are the ones broken.
-* A request that fails before the user saw any text (connection refused or dropped, HTTP
-  5xx, 429) is retried with exponential backoff; once text has been streamed a failure fails
-  the job, because retrying would show the user a second, different beginning. Other 4xx
-  answers are never retried: the job fails with the server's own message.
-* Timeouts are per attempt. A connection that cannot be opened within ``connect_timeout_s``
-  counts as a connection error (retried); an attempt that has not finished streaming within
-  ``request_timeout_s`` fails the job with "... timed out" and is not retried, since another
-  attempt would only double the user's wait.
+* A request that fails before the user saw any text (connection dropped, HTTP 5xx, 429) is
+  retried with exponential backoff; once text has been streamed a failure fails the job,
+  because retrying would show the user a second, different beginning. Other 4xx answers are
+  never retried: the job fails with `RequestRefused` and the server's own message (the
+  request's fault, so the engine's circuit breaker does not count it).
+* A server that is down fails the job at once, without retries: a refused connection, or
+  one that cannot be opened within ``connect_timeout_s``. Waiting to retry would only make
+  the user wait for the same failure; the engine's circuit breaker decides when to try again.
+* A server that hangs fails the job after ``stall_timeout_s`` without a byte (no response
+  headers, or no further token), well before ``request_timeout_s``, the longest a whole
+  attempt may take. Neither is retried, since another attempt would only double the wait.
 * A job whose ``cancelled`` event is set has its response closed at once (the server sees
   the hang-up and stops generating), yields no more text and ends with
   ``JobFailed(index, Cancelled(...))``.
@@ -40,7 +43,7 @@ from dataclasses import dataclass, field
 import aiohttp
 from yarl import URL
 
-from engine.errors import Cancelled, GenerationFailed, ModelLoadFailed
+from engine.errors import Cancelled, GenerationFailed, ModelLoadFailed, RequestRefused
 from engine.images import DecodedImage, encode_jpeg
 from engine.prompts import build_messages, to_openai_messages
 from engine.types import (
@@ -74,6 +77,8 @@ class OpenAIConfig:
     * ``max_concurrency``: requests in flight at once (the backend's capacity).
     * ``request_timeout_s``: the longest one attempt may take, streaming included.
     * ``connect_timeout_s``: the longest opening a connection may take.
+    * ``stall_timeout_s``: the longest the server may send nothing (before its answer
+      starts, or between two pieces of it) before the job fails as stalled.
     * ``max_retries``: further attempts after a retryable failure (0: never retry).
     * ``retry_backoff_s``: the first pause before a retry; it doubles on each further one.
     """
@@ -84,6 +89,7 @@ class OpenAIConfig:
     max_concurrency: int = 16
     request_timeout_s: float = 120.0
     connect_timeout_s: float = 10.0
+    stall_timeout_s: float = 30.0
     max_retries: int = 3
     retry_backoff_s: float = 0.5
 
@@ -92,7 +98,7 @@ class OpenAIConfig:
             raise ValueError("base_url must name the server, e.g. http://localhost:23333/v1")
         if self.max_concurrency < 1:
             raise ValueError("max_concurrency must be at least 1")
-        if self.request_timeout_s <= 0 or self.connect_timeout_s <= 0:
+        if min(self.request_timeout_s, self.connect_timeout_s, self.stall_timeout_s) <= 0:
             raise ValueError("timeouts must be positive")
         if self.max_retries < 0 or self.retry_backoff_s < 0:
             raise ValueError("max_retries and retry_backoff_s must not be negative")
@@ -230,8 +236,11 @@ class OpenAIBackend:
         headers = {}
         if self._config.api_key:
             headers["Authorization"] = f"Bearer {self._config.api_key}"
+        # sock_read restarts with every byte received: it catches a server that hangs.
         timeout = aiohttp.ClientTimeout(
-            total=self._config.request_timeout_s, connect=self._config.connect_timeout_s
+            total=self._config.request_timeout_s,
+            connect=self._config.connect_timeout_s,
+            sock_read=self._config.stall_timeout_s,
         )
         # No pool limit: the scheduler already keeps requests within `capacity`, and a
         # limit here would make a model swap's GET /models queue behind long answers.
@@ -403,9 +412,14 @@ class OpenAIBackend:
                     response.close()
                     raise
         except aiohttp.ConnectionTimeoutError as error:
-            raise _RetryableError(
-                f"connecting to {self._shown_url} timed out after "
+            raise GenerationFailed(
+                f"cannot reach {self._shown_url}: connecting timed out after "
                 f"{self._config.connect_timeout_s:g} s"
+            ) from error
+        except aiohttp.SocketTimeoutError as error:
+            raise GenerationFailed(
+                f"the server at {self._shown_url} stopped responding: nothing for "
+                f"{self._config.stall_timeout_s:g} s"
             ) from error
         except TimeoutError as error:
             # The attempt's whole time budget is spent; another one would only double the wait.
@@ -413,6 +427,8 @@ class OpenAIBackend:
                 f"the server at {self._shown_url} timed out: no complete answer within "
                 f"{self._config.request_timeout_s:g} s"
             ) from error
+        except aiohttp.ClientConnectorError as error:
+            raise GenerationFailed(f"cannot reach {self._shown_url}: {error.os_error}") from error
         except aiohttp.ClientError as error:
             raise _RetryableError(
                 f"lost the connection to {self._shown_url}: {error or type(error).__name__}"
@@ -452,7 +468,7 @@ async def _status_error(response: aiohttp.ClientResponse) -> Exception:
     status = response.status
     if status == 429 or status >= 500:
         return _RetryableError(f"the server answered {status}: {message}", _retry_after_s(response))
-    return GenerationFailed(f"the server refused the request ({status}): {message}")
+    return RequestRefused(f"the server refused the request ({status}): {message}")
 
 
 async def _error_message(response: aiohttp.ClientResponse) -> str:
