@@ -40,7 +40,10 @@ def make_backend(engine: EngineSettings) -> Backend:
 
         return LMDeployBackend(
             LMDeployConfig(
-                engine=engine.lmdeploy_engine, max_batch_size=engine.max_batch_size, tp=engine.tp
+                engine=engine.lmdeploy_engine,
+                max_batch_size=engine.max_batch_size,
+                tp=engine.tp,
+                session_len=engine.context_tokens,
             )
         )
     if name == "openai":
@@ -54,6 +57,7 @@ def make_backend(engine: EngineSettings) -> Backend:
                 model=engine.openai.model,
                 max_concurrency=engine.max_batch_size,
                 request_timeout_s=engine.request_timeout_s,
+                stall_timeout_s=engine.openai.stall_timeout_s,
             )
         )
     from engine.backends.transformers import TransformersBackend, TransformersConfig
@@ -73,6 +77,9 @@ def engine_config(settings: Settings) -> EngineConfig:
         request_timeout_s=settings.engine.request_timeout_s,
         load_timeout_s=settings.engine.load_timeout_s,
         decode_time_budget_s=settings.engine.decode_time_budget_s,
+        circuit_failures=settings.engine.circuit_failures,
+        circuit_reset_s=settings.engine.circuit_reset_s,
+        context_tokens=settings.engine.context_tokens,
     )
 
 

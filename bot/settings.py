@@ -60,6 +60,11 @@ class OpenAISettings(_Section):
     model: str | None = Field(
         default=None, description="model name to request; the server's first model when unset"
     )
+    stall_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="a question fails when the server sends nothing for this long (it hangs)",
+    )
 
 
 class EngineSettings(_Section):
@@ -79,6 +84,18 @@ class EngineSettings(_Section):
     load_timeout_s: float = Field(default=600.0, gt=0, description="loading or swapping a model")
     decode_time_budget_s: float = Field(
         default=DECODE_TIME_BUDGET_S, gt=0, description="longest one photo may take to decode"
+    )
+    circuit_failures: int = Field(
+        default=5, ge=1, description="backend failures in a row that stop new questions"
+    )
+    circuit_reset_s: float = Field(
+        default=30.0, gt=0, description="how long questions are refused before a probe"
+    )
+    context_tokens: int = Field(
+        default=8192,
+        ge=1024,
+        description="prompt plus answer the model reads at once (lmdeploy's session_len); "
+        "longer conversations are trimmed, oldest turns first",
     )
     lmdeploy_engine: Literal["turbomind", "pytorch"] = Field(
         default="turbomind", description="lmdeploy's inference engine"
