@@ -43,6 +43,8 @@ from engine.errors import (
     DeadlineExceeded,
     EngineClosed,
     EngineError,
+    ModelUnavailable,
+    PromptTooLong,
     QueueFull,
     TooManyPending,
 )
@@ -374,6 +376,10 @@ class Dialog:
             return _Refusal(say("busy", language), "queue full")
         except EngineClosed:
             return _Refusal(say("unavailable", language), "engine not running")
+        except ModelUnavailable:
+            return _Refusal(say("model_unavailable", language), "model unavailable")
+        except PromptTooLong:
+            return _Refusal(say("prompt_too_long", language), "prompt too long")
         # From now on /cancel can reach it, even before it is stored.
         self._handles[request.key].add(handle)
         return handle
@@ -433,6 +439,7 @@ class Dialog:
             typing.cancel()
             self._untrack(key, handle)
         text = answer.text.strip() or say("empty_answer", language)
+        shown = _with_trim_note(text, handle.turns_left_out, language)
         # Stored before it is shown, so a button pressed the moment it appears finds it.
         try:
             await self.store.finish_exchange(
@@ -445,10 +452,10 @@ class Dialog:
             # Only a second handler of the same question gets here; its answer is shown
             # without buttons, as the first answer is the one rated.
             log.warning("exchange %s was answered already: this answer is not stored", exchange.id)
-            await reply.finish(text)
+            await reply.finish(shown)
             return
         try:
-            message_ids = await reply.finish(text, buttons.answer_buttons(exchange.id))
+            message_ids = await reply.finish(shown, buttons.answer_buttons(exchange.id))
         except Exception:
             # The platform would not take the answer: say so in the record rather than
             # let it look delivered.
@@ -490,6 +497,8 @@ class Dialog:
             words, reason = say("timed_out", language), "timed out"
         elif isinstance(error, EngineClosed):
             words, reason = say("unavailable", language), "engine stopped"
+        elif isinstance(error, ModelUnavailable):
+            words, reason = say("model_unavailable", language), "model unavailable"
         else:
             log.error("the engine failed on exchange %s: %s", exchange.id, error)
             words, reason = say("engine_failed", language), f"engine error: {error}"
@@ -841,6 +850,16 @@ class Dialog:
         for handle in handles:
             handle.cancel()
         return len(handles)
+
+
+def _with_trim_note(text: str, turns_left_out: int, language: Language) -> str:
+    """The answer as shown: with a note when the engine left out old turns to fit the
+    model's context (the stored answer stays the model's own words)."""
+    if turns_left_out == 0:
+        return text
+    if turns_left_out == 1:
+        return f"{text}\n\n{say('turn_left_out', language)}"
+    return f"{text}\n\n{say('turns_left_out', language, count=turns_left_out)}"
 
 
 def _ms_since(started: float) -> int:

@@ -132,6 +132,23 @@ MESSAGES: Final[dict[str, dict[Language, str]]] = {
         "en": "Sorry, I'm not able to answer right now. Please try again later.",
         "zh": "抱歉，我现在无法回答。请稍后再试。",
     },
+    "model_unavailable": {
+        "en": "Sorry, the model is unavailable right now — please try again in a few minutes.",
+        "zh": "抱歉，模型暂时不可用——请过几分钟再试。",
+    },
+    "prompt_too_long": {
+        "en": "That is more than I can read at once: please ask a shorter question.",
+        "zh": "内容太多，我一次读不完：请把问题问得短一些。",
+    },
+    "turns_left_out": {
+        "en": "(I left out the {count} oldest turns of this conversation to fit what I can "
+        "read at once.)",
+        "zh": "（为了一次读得完，我略去了这段对话最早的 {count} 轮。）",
+    },
+    "turn_left_out": {
+        "en": "(I left out the oldest turn of this conversation to fit what I can read at once.)",
+        "zh": "（为了一次读得完，我略去了这段对话最早的一轮。）",
+    },
     "cancelled": {"en": "Cancelled.", "zh": "已取消。"},
     "cancel_done": {
         "en": "Dropped {count} waiting question(s).",
