@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 
 from engine.backends.base import Backend
-from engine.circuit import CircuitBreaker
+from engine.circuit import CircuitBreaker, CircuitState
 from engine.context import fit_history
 from engine.errors import (
     BadImage,
@@ -351,9 +351,9 @@ class Engine:
         """Admit a request and return its handle.
 
         Raises `EngineClosed`, `QueueFull` or `TooManyPending` when it is refused,
-        `ModelUnavailable` while the backend is failing (the circuit is open), and
-        `BadImage` when a photo cannot be used (decoded off the event loop), and
-        `PromptTooLong` when the question and photos alone do not fit the model's context.
+        `ModelUnavailable` while the backend is failing (the circuit is open), `BadImage`
+        when a photo cannot be used (decoded off the event loop), and `PromptTooLong` when
+        the question and photos alone do not fit the model's context.
         The history is trimmed to fit, oldest turns first (see ``handle.turns_left_out``).
         """
         if self._closed:
@@ -483,13 +483,15 @@ class Engine:
     def _watch_backend(self, work: _Work, outcome: Answer | EngineError) -> None:
         """Tell the circuit what this ending says about the backend's health."""
         if isinstance(outcome, Answer):
+            if self._circuit.state is not CircuitState.CLOSED:
+                log.warning("the %s backend answers again: taking questions", self.backend.name)
             self._circuit.succeeded()
         elif _is_backend_fault(outcome):
             if self._circuit.failed():
                 log.error(
-                    "the %s backend failed %d times in a row: refusing questions for %.0f s",
+                    "the %s backend keeps failing (last: %s): refusing questions for %.0f s",
                     self.backend.name,
-                    self._circuit.failures_to_open,
+                    outcome,
                     self._circuit.reset_s,
                 )
                 self._fail_waiting()

@@ -188,7 +188,8 @@ async def test_a_trimmed_conversation_is_answered_with_a_note_that_is_not_stored
     telegram: TelegramEmulator, store: Store
 ) -> None:
     config = EngineConfig(context_tokens=budget_for_one_earlier_turn(), max_new_tokens=512)
-    async with running_bot(telegram, store, engine_config=config) as bot:
+    backend = ScriptedBackend(step_s=0.0005)  # long answers, streamed word by word
+    async with running_bot(telegram, store, backend, engine_config=config) as bot:
         chat = ADA.private_chat
         first = await bot.answer_to(ADA, chat, send_photo(telegram, ADA, chat, LONG_QUESTION))
         second = await bot.answer_to(
