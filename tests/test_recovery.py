@@ -16,29 +16,40 @@ import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
+import discord
 import pytest
+import yarl
+from discord.gateway import DiscordWebSocket
 from pydantic import SecretStr
 from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from bot.adapters.discord import DiscordAdapter
 from bot.app import App
-from bot.core.dialog import DialogConfig
+from bot.core.dialog import Dialog, DialogConfig
 from bot.core.events import Person, PhotoFile, PhotoQuestion, Place
 from bot.core.i18n import say
 from bot.core.recovery import Recovery
 from bot.settings import EngineSettings, LimitSettings, OpenAISettings, Settings, TelegramSettings
 from bot.store import ExchangeOwner, ExchangeRecord, ExchangeStatus, Store
 from bot.store.models import Correction, Exchange, Rating
+from engine.engine import Engine, EngineConfig
+from engine.types import ModelSpec
+from tests.discord_emulator import DiscordEmulator
 from tests.factories import jpeg_bytes
 from tests.openai_server import FakeOpenAIServer, RecordedRequest, Reply
 from tests.scripted_backend import ScriptedBackend
 from tests.telegram_emulator import TelegramEmulator
 from tests.telegram_emulator import User as TelegramUser
+from tests.test_discord_bot import answer_to as discord_answer_to
+from tests.test_discord_bot import discord_settings
+from tests.test_discord_bot import send_photo as discord_photo
 from tests.test_retraining_loop import dishbot_running, until
 from tests.test_telegram_bot import MODEL, Bot, button_data, buttons_of, running_bot
 
@@ -50,6 +61,15 @@ PROCESS_GUARD_S = 30.0  # a `dishbot run` subprocess starting
 QUESTION = "what is it?"
 ANSWER = Reply(chunks=["This is char siu ", "(叉烧), ", "Cantonese barbecued pork."])
 T = TypeVar("T")
+
+
+@pytest.fixture
+async def discord_emulator(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[DiscordEmulator]:
+    async with DiscordEmulator() as emulator:
+        # discord.py reads its endpoints from class attributes; monkeypatch puts them back.
+        monkeypatch.setattr(discord.http.Route, "BASE", emulator.api_base)
+        monkeypatch.setattr(DiscordWebSocket, "DEFAULT_GATEWAY", yarl.URL(emulator.gateway_url))
+        yield emulator
 
 
 @pytest.fixture
@@ -327,6 +347,65 @@ async def test_a_bot_stopped_mid_answer_leaves_the_question_for_the_next_start_t
 
     assert answer["text"] == f"{MODEL} says: slow: what is it?"
     assert exchange.status is ExchangeStatus.ANSWERED
+
+
+async def test_a_discord_answer_cut_short_by_a_stop_is_given_once_by_the_next_start(
+    discord_emulator: DiscordEmulator,
+    store: Store,
+    database_url: str,
+    data_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("bot.adapters.discord.STOP_GRACE_S", 0.1)  # stopping cuts it short
+    emulator = discord_emulator
+    guild = emulator.add_guild("Foodies")
+    channel = emulator.add_channel(guild, "dishes")
+    ada = emulator.add_user("ada", global_name="Ada")
+    asked = discord_photo(emulator, channel, ada, "slow: what is it?", mentions_bot=True)
+    backend = ScriptedBackend(step_s=0.2)  # 20 s for a "slow" question
+    async with discord_bot(emulator, store, backend):
+        await emulator.wait_until(
+            lambda: any("says" in m["content"] for m in emulator.messages_in(channel)), GUARD_S
+        )
+
+    restarted = Store.open(database_url, data_dir)  # the next start: another run of dishbot
+    try:
+        [left] = await restarted.orphaned_exchanges(stale_after=timedelta(minutes=3))
+        assert left.status is ExchangeStatus.PENDING
+        async with discord_bot(emulator, restarted, ScriptedBackend()) as adapter:
+            recovery = Recovery(
+                restarted, adapter.dialog, {"discord": adapter.port}, request_timeout_s=120
+            )
+            assert await recovery.sweep() == [left.id]
+            answer = await discord_answer_to(emulator, channel, asked)
+            await until(lambda: not recovery.busy, GUARD_S)  # its reply id is stored too
+            await recovery.close()
+        exchange = await status_of(restarted, left.id)
+    finally:
+        await restarted.close()
+
+    assert answer["content"] == f"{MODEL} says: slow: what is it?"
+    assert answer["message_reference"]["message_id"] == asked["id"]
+    finals = [m for m in emulator.messages_in(channel) if m["components"]]
+    assert finals == [answer]
+    assert exchange.status is ExchangeStatus.ANSWERED
+    assert exchange.reply_message_id == answer["id"]
+
+
+@contextlib.asynccontextmanager
+async def discord_bot(
+    emulator: DiscordEmulator, store: Store, backend: ScriptedBackend
+) -> AsyncIterator[DiscordAdapter]:
+    """The Discord bot, served by the scripted ``backend``, until the block ends."""
+    async with Engine(backend, ModelSpec("scripted", MODEL), EngineConfig()) as engine:
+        dialog = Dialog(store, engine, DialogConfig(edit_interval_s=0.05))
+        adapter = DiscordAdapter(discord_settings(emulator), dialog, guild_ready_timeout=0.05)
+        await adapter.start()
+        try:
+            yield adapter
+        finally:
+            await adapter.stop()
+            await emulator.wait_until(lambda: not emulator.connected, GUARD_S)
 
 
 def _bytes_of(data: bytes) -> Callable[[], Awaitable[bytes]]:

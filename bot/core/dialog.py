@@ -328,11 +328,14 @@ class Dialog:
             return
         user = await self.store.get_user(exchange.user_id)
         language = language_of(user.language if user else None, exchange.question)
-        await port.send(
-            _place_of(exchange),
-            say("restart_lost_answer", language),
-            reply_to=exchange.question_message_id,
-        )
+        try:
+            await port.send(
+                _place_of(exchange),
+                say("restart_lost_answer", language),
+                reply_to=exchange.question_message_id,
+            )
+        except Exception:
+            log.warning("could not apologise for exchange %s", exchange.id, exc_info=True)
 
     async def _resume(self, exchange: ExchangeRecord, port: ChatPort) -> None:
         user = await self.store.get_user(exchange.user_id)
@@ -528,9 +531,11 @@ class Dialog:
         except asyncio.CancelledError:
             # The bot is stopping: the question stays pending for the next start to answer.
             handle.cancel()
+            await reply.abandon()
             raise
         except BaseException:
             handle.cancel()
+            await reply.abandon()
             with contextlib.suppress(Exception):
                 await self.store.fail_exchange(
                     exchange.id, error="interrupted", latency_ms=_ms_since(started)
@@ -565,7 +570,8 @@ class Dialog:
             )
             raise
         try:
-            await self.store.set_reply_message(exchange.id, message_ids[-1])
+            # Shielded: a stop now must not leave a delivered answer without its message id.
+            await asyncio.shield(self.store.set_reply_message(exchange.id, message_ids[-1]))
         except Exception as exc:
             if not store_unavailable(exc):
                 raise

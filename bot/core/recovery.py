@@ -62,6 +62,11 @@ class Recovery:
             if not taken:
                 return claimed
 
+    @property
+    def busy(self) -> bool:
+        """Whether questions it took are still being answered."""
+        return bool(self._resuming)
+
     async def close(self) -> None:
         """Stop answering: what is unfinished stays pending for the next start."""
         tasks = list(self._resuming.values())
