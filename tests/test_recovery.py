@@ -26,7 +26,7 @@ import pytest
 import yarl
 from discord.gateway import DiscordWebSocket
 from pydantic import SecretStr
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -35,10 +35,10 @@ from bot.app import App
 from bot.core.dialog import Dialog, DialogConfig
 from bot.core.events import Person, PhotoFile, PhotoQuestion, Place
 from bot.core.i18n import say
-from bot.core.recovery import Recovery
+from bot.core.recovery import RESUME_WITHIN, STALE_GRACE_S, Recovery
 from bot.settings import EngineSettings, LimitSettings, OpenAISettings, Settings, TelegramSettings
 from bot.store import ExchangeOwner, ExchangeRecord, ExchangeStatus, Store
-from bot.store.models import Correction, Exchange, Rating
+from bot.store.models import Correction, Exchange, Rating, utcnow
 from engine.engine import Engine, EngineConfig
 from engine.types import ModelSpec
 from tests.discord_emulator import DiscordEmulator
@@ -204,7 +204,17 @@ def served_settings(
     )
 
 
+@contextlib.asynccontextmanager
+async def dishbot_serving(settings: Settings, telegram: TelegramEmulator) -> AsyncIterator[None]:
+    """`dishbot run`, in this process, from its first poll until the block ends."""
+    polls = len(telegram.calls("getUpdates"))  # ours included: count only the bot's
+    async with dishbot_running(settings, telegram):
+        await until(lambda: len(telegram.calls("getUpdates")) > polls, GUARD_S)
+        yield
+
+
 async def with_store(settings: Settings, use: Callable[[Store], Awaitable[T]]) -> T:
+    """``use`` a store of our own on dishbot's database (migrated to head, if new)."""
     store = await App(settings).open_store()
     try:
         return await use(store)
@@ -221,7 +231,7 @@ async def test_a_question_a_killed_bot_left_pending_is_answered_once_when_dishbo
         settings = served_settings(tmp_path, telegram, model)
         left = await with_store(settings, lambda store: left_pending(store, question, QUESTION))
 
-        async with dishbot_running(settings, telegram):
+        async with dishbot_serving(settings, telegram):
             answer = await one_answer(telegram, question)
 
     assert answer["text"] == ANSWER.text
@@ -233,6 +243,40 @@ async def test_a_question_a_killed_bot_left_pending_is_answered_once_when_dishbo
     assert exchange.status is ExchangeStatus.ANSWERED
     assert exchange.answer == ANSWER.text
     assert exchange.reply_message_id == str(answer["message_id"])
+
+
+async def test_a_question_left_by_a_bot_on_another_host_that_went_quiet_is_answered_meanwhile(
+    tmp_path: Path, telegram: TelegramEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("bot.app.RECOVER_INTERVAL_S", 0.2)
+    question = send_photo(telegram, QUESTION)
+    await fetched_by_a_bot_now_gone(telegram)
+    async with FakeOpenAIServer(default_reply=ANSWER) as model:
+        settings = served_settings(tmp_path, telegram, model)
+        async with dishbot_serving(settings, telegram):
+            # Another bot process, on a host that went away, had taken the question.
+            async def left_by_another_host(store: Store) -> ExchangeRecord:
+                far = ExchangeOwner("gpu-host-that-is-gone", 4242, "far")
+                left = await left_pending(store, question, QUESTION, owner=far)
+                async with store.engine.begin() as connection:
+                    quiet_since = utcnow() - timedelta(seconds=120 + STALE_GRACE_S + 1)
+                    await connection.execute(
+                        update(Exchange)
+                        .where(Exchange.id == left.id)
+                        .values(owned_since=quiet_since, created_at=quiet_since)
+                    )
+                return left
+
+            store = Store.open(settings.db_url, settings.data_dir)  # the bot migrated it
+            try:
+                left = await left_by_another_host(store)
+            finally:
+                await store.close()
+            answer = await one_answer(telegram, question)
+
+    assert answer["text"] == ANSWER.text
+    exchange = await with_store(settings, lambda store: status_of(store, left.id))
+    assert exchange.status is ExchangeStatus.ANSWERED
 
 
 # -- the recovery itself, with the scripted model ---------------------------------------------
@@ -287,6 +331,45 @@ async def test_a_question_whose_photo_is_gone_is_failed_with_an_apology(
     assert failed.status is ExchangeStatus.FAILED
     assert failed.error is not None
     assert "photo" in failed.error
+    assert await pending_count(store) == 0
+
+
+async def test_a_question_too_old_to_answer_or_of_a_platform_now_unconfigured_is_failed(
+    telegram: TelegramEmulator, store: Store
+) -> None:
+    old_question = send_photo(telegram, QUESTION)
+    await fetched_by_a_bot_now_gone(telegram)
+    too_old = await left_pending(store, old_question, QUESTION)
+    async with store.engine.begin() as connection:
+        asked_at = utcnow() - RESUME_WITHIN - timedelta(minutes=1)
+        await connection.execute(
+            update(Exchange).where(Exchange.id == too_old.id).values(created_at=asked_at)
+        )
+    user = await store.upsert_user("discord", "77")
+    on_discord = await store.start_exchange(
+        user_id=user.id,
+        platform="discord",
+        chat_id="555",
+        question=QUESTION,
+        question_message_id="556",
+        photo_sha256=too_old.photo_sha256,
+        owner=ExchangeOwner(store.owner.host, dead_pid(), "killed"),
+    )
+
+    async with running_bot(telegram, store) as bot:
+        recovery = await recovered(bot)
+        apology = say("restart_lost_answer", "en")
+        await until(lambda: any(m.get("text") == apology for m in telegram.messages_in(CHAT.id)))
+        await recovery.close()
+
+    [told] = telegram.messages_in(CHAT.id)
+    assert told["reply_to_message"]["message_id"] == old_question["message_id"]
+    assert bot.backend.jobs == []
+    for exchange_id, reason in ((too_old.id, "too long ago"), (on_discord.id, "discord")):
+        failed = await status_of(store, exchange_id)
+        assert failed.status is ExchangeStatus.FAILED
+        assert failed.error is not None
+        assert reason in failed.error
     assert await pending_count(store) == 0
 
 

@@ -34,7 +34,7 @@ from bot.core.port import ChatPort
 from bot.core.reply import EditPacer, StreamingReply
 from bot.core.text import visible_text
 from bot.errors import AlreadyAnswered, AlreadyAsked, NotFound
-from bot.store import Store
+from bot.store import ExchangeStatus, Store
 from bot.store.models import utcnow
 from bot.store.records import ExchangeRecord, UserRecord
 from engine.engine import Answer, Engine, Queued, Request, RequestHandle, TextDelta
@@ -317,7 +317,9 @@ class Dialog:
         except Exception:
             log.exception("could not resume exchange %s", exchange.id)
             with contextlib.suppress(Exception):
-                await self.give_up(exchange, "resuming it failed", port)
+                now = await self.store.get_exchange(exchange.id)
+                if now is not None and now.status is ExchangeStatus.PENDING:
+                    await self.give_up(exchange, "resuming it failed", port)
 
     async def give_up(self, exchange: ExchangeRecord, reason: str, port: ChatPort | None) -> None:
         """Mark a resumed question failed with ``reason`` and, where ``port`` reaches its chat,
