@@ -32,6 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.adapters.discord import DiscordAdapter
 from bot.app import App
+from bot.core.answer_writes import AnswerWrites, WaitingAnswer
 from bot.core.dialog import Dialog, DialogConfig
 from bot.core.events import Person, PhotoFile, PhotoQuestion, Place
 from bot.core.i18n import say
@@ -560,6 +561,24 @@ async def test_an_answer_the_database_will_not_take_is_shown_then_stored_when_it
     assert exchange.status is ExchangeStatus.ANSWERED
     assert exchange.answer == final_text
     assert exchange.reply_message_id == str(answer["message_id"])
+
+
+async def test_answers_waiting_for_the_database_are_bounded_and_the_dropped_one_is_logged(
+    store: Store, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    finish_failing(store, monkeypatch, times=1_000)  # the database stays down
+    writes = AnswerWrites(store, capacity=2, first_retry_s=0.01, longest_retry_s=0.01)
+    try:
+        for exchange_id in (1, 2, 3):
+            writes.add(WaitingAnswer(exchange_id, "char siu", MODEL, 5, str(exchange_id)))
+        waiting = writes.exchange_ids()
+    finally:
+        await writes.close()
+
+    assert waiting == {2, 3}
+    dropped = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any("exchange 1 is not stored" in message for message in dropped), dropped
+    assert any("2, 3" in message for message in dropped), "what was left is logged at stop"
 
 
 # -- the real thing: dishbot run killed with SIGKILL mid-answer, and started again -----------
