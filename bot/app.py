@@ -11,6 +11,7 @@ from typing import Protocol
 from bot.core.admin import Admin
 from bot.core.dialog import Dialog, DialogConfig
 from bot.core.port import ChatPort
+from bot.core.recovery import Recovery
 from bot.engine_setup import build_engine
 from bot.errors import DishbotError
 from bot.settings import Settings
@@ -24,7 +25,8 @@ from bot.training.versions import VersionFollower, ensure_base_version, model_sp
 log = logging.getLogger(__name__)
 
 # How often a serving process looks for a run whose supervisor is gone (on another host, or
-# a `dishbot retrain` that was killed), besides at start.
+# a `dishbot retrain` that was killed), and for questions whose process is gone, besides at
+# start.
 RECOVER_INTERVAL_S = 30.0
 TOKEN_VARIABLES = {"telegram": "DISHBOT_TELEGRAM__TOKEN", "discord": "DISHBOT_DISCORD__TOKEN"}
 
@@ -119,12 +121,24 @@ class App:
                     )
                     admin.runs = runs
                     dialog = Dialog(store, engine, self.dialog_config(), admin=admin)
-                    await self._serve(self.build_adapters(dialog), stop, admin, runs)
+                    adapters = self.build_adapters(dialog)
+                    recovery = Recovery(
+                        store,
+                        dialog,
+                        {adapter.port.platform: adapter.port for adapter in adapters},
+                        request_timeout_s=self.settings.engine.request_timeout_s,
+                    )
+                    await self._serve(adapters, stop, admin, runs, recovery)
         finally:
             await store.close()
 
     async def _serve(
-        self, adapters: list[Adapter], stop: asyncio.Event, admin: Admin, runs: RunSupervisor
+        self,
+        adapters: list[Adapter],
+        stop: asyncio.Event,
+        admin: Admin,
+        runs: RunSupervisor,
+        recovery: Recovery,
     ) -> None:
         started: list[Adapter] = []
         try:
@@ -134,7 +148,9 @@ class App:
                 admin.attach(adapter.port)
             # A run the previous process left behind is ended, and its admin told.
             await runs.recover()
-            watching = asyncio.create_task(_recover_forever(runs), name="recover-runs")
+            # Questions a previous process accepted and never answered are answered now.
+            await _recover_questions(recovery)
+            watching = asyncio.create_task(_recover_forever(runs, recovery), name="recover")
             log.info("dishbot is running; stop it with Ctrl-C")
             try:
                 await stop.wait()
@@ -144,21 +160,36 @@ class App:
             # A run this process supervises ends with it, and its admin is told while the
             # chat adapters can still say so.
             await runs.close()
+            # Answers under way stop with the bot and stay pending: the next start gives them.
+            await recovery.close()
             for adapter in reversed(started):
                 try:
                     await adapter.stop()
                 except Exception:
                     log.exception("stopping %s failed", type(adapter).__name__)
+            await recovery.dialog.close()
 
 
-async def _recover_forever(runs: RunSupervisor) -> None:
-    """Every `RECOVER_INTERVAL_S`, end a run whose supervising process is gone."""
+async def _recover_forever(runs: RunSupervisor, recovery: Recovery) -> None:
+    """Every `RECOVER_INTERVAL_S`, end a run whose supervising process is gone and answer
+    the questions of serving processes that are gone."""
     while True:
         await asyncio.sleep(RECOVER_INTERVAL_S)
         try:
             await runs.recover()
         except Exception:
             log.exception("could not check for a training run left behind; will try again")
+        await _recover_questions(recovery)
+
+
+async def _recover_questions(recovery: Recovery) -> None:
+    try:
+        resumed = await recovery.sweep()
+    except Exception:
+        log.exception("could not check for questions left unanswered; will try again")
+        return
+    if resumed:
+        log.warning("answering %d questions left unanswered by a previous process", len(resumed))
 
 
 def _stop_on_signals() -> asyncio.Event:

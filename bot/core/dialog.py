@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from bot.core import buttons
+from bot.core.answer_writes import AnswerWrites, WaitingAnswer, store_unavailable
 from bot.core.events import (
     ButtonPress,
     Command,
@@ -33,7 +34,7 @@ from bot.core.port import ChatPort
 from bot.core.reply import EditPacer, StreamingReply
 from bot.core.text import visible_text
 from bot.errors import AlreadyAnswered, AlreadyAsked, NotFound
-from bot.store import Store
+from bot.store import ExchangeStatus, Store
 from bot.store.models import utcnow
 from bot.store.records import ExchangeRecord, UserRecord
 from engine.engine import Answer, Engine, Queued, Request, RequestHandle, TextDelta
@@ -73,6 +74,9 @@ class DialogConfig:
     correction_window_s: float = 600.0  # a private text this soon after ✏️ is the correction
     edit_interval_s: float = 1.0  # per chat
     max_photo_bytes: int = MAX_IMAGE_BYTES
+    # Pauses between tries to store a finished answer while the database is unavailable;
+    # after the last one the answer is shown without buttons and stored in the background.
+    answer_write_retries_s: tuple[float, ...] = (0.2, 1.0, 3.0)
 
 
 class Verdict(enum.Enum):
@@ -166,6 +170,8 @@ class Dialog:
         self._replies_rate = RateLimiter(self.config.replies_per_minute)
         self._pacer = EditPacer(self.config.edit_interval_s)
         self._handles: dict[str, set[RequestHandle]] = defaultdict(set)
+        self._answering: set[int] = set()  # exchanges being answered here now
+        self.answer_writes = AnswerWrites(store)
         # ✏️ prompts waiting for a reply are in the store, which outlives a restart; the
         # newest per (platform, chat, user) is also here, for private chats, where users
         # often just type instead of replying (a convenience a restart may forget).
@@ -183,6 +189,14 @@ class Dialog:
                     await port.acknowledge(event, say("engine_failed", language))
                 else:
                     await port.send(event.where, say("engine_failed", language))
+
+    async def close(self) -> None:
+        """Stop storing answers in the background (call it when the bot stops)."""
+        await self.answer_writes.close()
+
+    def busy_exchanges(self) -> set[int]:
+        """The pending exchanges this process is still answering or storing."""
+        return self._answering | self.answer_writes.exchange_ids()
 
     async def _dispatch(self, event: Event, port: ChatPort) -> None:
         match event:
@@ -288,6 +302,84 @@ class Dialog:
         await self._answer(
             handle, exchange, port, event.who, event.where, event.message_id, language
         )
+
+    # -- resuming what a previous process accepted ------------------------------------------
+
+    async def resume(self, exchange: ExchangeRecord, port: ChatPort) -> None:
+        """Answer a pending question that a process now gone accepted and never finished.
+
+        Claim it first (`Store.claim_exchange`). It goes into the engine's queue like a new
+        question of its user, and its answer streams into its chat as a reply to the original
+        message, with rating buttons. When it cannot be asked again (its photo is gone, the
+        engine refuses), it is marked failed and the user is told to send it again.
+        Never raises, except when cancelled (the bot stopping: it stays pending).
+        """
+        try:
+            await self._resume(exchange, port)
+        except Exception:
+            log.exception("could not resume exchange %s", exchange.id)
+            with contextlib.suppress(Exception):
+                now = await self.store.get_exchange(exchange.id)
+                if now is not None and now.status is ExchangeStatus.PENDING:
+                    await self.give_up(exchange, "resuming it failed", port)
+
+    async def give_up(self, exchange: ExchangeRecord, reason: str, port: ChatPort | None) -> None:
+        """Mark a resumed question failed with ``reason`` and, where ``port`` reaches its chat,
+        apologise that the answer was lost in a restart."""
+        log.warning("exchange %s is not answered after a restart: %s", exchange.id, reason)
+        await self.store.fail_exchange(exchange.id, error=f"lost in a restart: {reason}")
+        if port is None:
+            return
+        user = await self.store.get_user(exchange.user_id)
+        language = language_of(user.language if user else None, exchange.question)
+        try:
+            await port.send(
+                _place_of(exchange),
+                say("restart_lost_answer", language),
+                reply_to=exchange.question_message_id,
+            )
+        except Exception:
+            log.warning("could not apologise for exchange %s", exchange.id, exc_info=True)
+
+    async def _resume(self, exchange: ExchangeRecord, port: ChatPort) -> None:
+        user = await self.store.get_user(exchange.user_id)
+        if user is None or user.banned:
+            await self.give_up(exchange, "its user is gone or banned", None)
+            return
+        who = Person(exchange.platform, user.platform_user_id, user.display_name, user.language)
+        language = language_of(user.language, exchange.question)
+        request = await self._resumed_request(exchange, self._key(who))
+        if request is None:
+            await self.give_up(exchange, "its photo is gone", port)
+            return
+        handle = await self._submit(request, language)
+        if isinstance(handle, _Refusal):
+            await self.give_up(exchange, handle.reason, port)
+            return
+        log.info("answering exchange %s, left unanswered by a previous process", exchange.id)
+        reply_to = exchange.question_message_id
+        await self._answer(handle, exchange, port, who, _place_of(exchange), reply_to, language)
+
+    async def _resumed_request(self, exchange: ExchangeRecord, key: str) -> Request | None:
+        """The request as it was first asked: its stored photo, and for a follow-up the
+        conversation before it; None when the photo is gone."""
+        if exchange.photo_sha256 is None:
+            return None
+        photo = await self.store.get_photo(exchange.photo_sha256)
+        if photo is None:
+            return None
+        try:
+            data = await asyncio.to_thread(self.store.photo_file(photo).read_bytes)
+        except OSError:
+            return None
+        history: list[Turn] = []
+        if exchange.parent_id is not None:
+            history = [
+                Turn(turn.question, turn.answer)
+                for turn in await self.store.conversation(exchange.parent_id)
+                if turn.answer is not None
+            ]
+        return Request(key=key, question=exchange.question, images=(data,), history=tuple(history))
 
     async def _asked_before(self, event: PhotoQuestion | TextMessage) -> bool:
         """Whether this message was taken already. An edited message and an update the
@@ -415,10 +507,26 @@ class Dialog:
         port: ChatPort,
         who: Person,
         where: Place,
-        reply_to: str,
+        reply_to: str | None,
         language: Language,
     ) -> None:
         """Stream the engine's answer into the chat and store how it ended."""
+        self._answering.add(exchange.id)
+        try:
+            await self._answer_into(handle, exchange, port, who, where, reply_to, language)
+        finally:
+            self._answering.discard(exchange.id)
+
+    async def _answer_into(
+        self,
+        handle: RequestHandle,
+        exchange: ExchangeRecord,
+        port: ChatPort,
+        who: Person,
+        where: Place,
+        reply_to: str | None,
+        language: Language,
+    ) -> None:
         started = time.monotonic()
         key = self._key(who)
         reply = StreamingReply(port, where, self._pacer, reply_to=reply_to)
@@ -428,8 +536,14 @@ class Dialog:
         except EngineError as exc:
             await self._answer_failed(exc, exchange, reply, language, started)
             return
+        except asyncio.CancelledError:
+            # The bot is stopping: the question stays pending for the next start to answer.
+            handle.cancel()
+            await reply.abandon()
+            raise
         except BaseException:
             handle.cancel()
+            await reply.abandon()
             with contextlib.suppress(Exception):
                 await self.store.fail_exchange(
                     exchange.id, error="interrupted", latency_ms=_ms_since(started)
@@ -442,17 +556,16 @@ class Dialog:
         shown = _with_trim_note(text, handle.turns_left_out, language)
         # Stored before it is shown, so a button pressed the moment it appears finds it.
         try:
-            await self.store.finish_exchange(
-                exchange.id,
-                answer=answer.text,
-                model_version=answer.model,
-                latency_ms=_ms_since(started),
-            )
+            stored = await self._store_answer(exchange.id, answer, _ms_since(started))
         except AlreadyAnswered:
             # Only a second handler of the same question gets here; its answer is shown
             # without buttons, as the first answer is the one rated.
             log.warning("exchange %s was answered already: this answer is not stored", exchange.id)
             await reply.finish(shown)
+            return
+        if not stored:
+            latency = _ms_since(started)
+            await self._show_before_storing(exchange.id, answer, latency, shown, reply, port, where)
             return
         try:
             message_ids = await reply.finish(shown, buttons.answer_buttons(exchange.id))
@@ -465,7 +578,61 @@ class Dialog:
                 latency_ms=_ms_since(started),
             )
             raise
-        await self.store.set_reply_message(exchange.id, message_ids[-1])
+        try:
+            # Shielded: a stop now must not leave a delivered answer without its message id.
+            await asyncio.shield(self.store.set_reply_message(exchange.id, message_ids[-1]))
+        except Exception as exc:
+            if not store_unavailable(exc):
+                raise
+            # Only replies to the answer miss it (as follow-ups); the answer is stored.
+            log.warning("could not note which message answers exchange %s: %s", exchange.id, exc)
+
+    async def _store_answer(self, exchange_id: int, answer: Answer, latency_ms: int) -> bool:
+        """Store a finished answer, trying again while the database is unavailable; False
+        when it stayed unavailable through `DialogConfig.answer_write_retries_s`."""
+        for pause in (*self.config.answer_write_retries_s, None):
+            try:
+                await self.store.finish_exchange(
+                    exchange_id,
+                    answer=answer.text,
+                    model_version=answer.model,
+                    latency_ms=latency_ms,
+                )
+            except Exception as exc:
+                if not store_unavailable(exc):
+                    raise
+                log.warning("could not store the answer to exchange %s: %s", exchange_id, exc)
+                if pause is None:
+                    return False
+                await asyncio.sleep(pause)
+            else:
+                return True
+        return False  # not reached: the last pause is None
+
+    async def _show_before_storing(
+        self,
+        exchange_id: int,
+        answer: Answer,
+        latency: int,
+        text: str,
+        reply: StreamingReply,
+        port: ChatPort,
+        where: Place,
+    ) -> None:
+        """The database is down: show the answer without buttons (nothing could record a
+        press) and store it in the background; its buttons go on once it is stored."""
+        log.error(
+            "the database is unavailable: the answer to exchange %s is shown and stored later",
+            exchange_id,
+        )
+        shown = (await reply.finish(text))[-1]
+
+        async def add_buttons() -> None:
+            await port.set_buttons(where, shown, buttons.answer_buttons(exchange_id))
+
+        self.answer_writes.add(
+            WaitingAnswer(exchange_id, answer.text, answer.model, latency, shown, add_buttons)
+        )
 
     async def _stream(
         self, handle: RequestHandle, reply: StreamingReply, language: Language
@@ -860,6 +1027,14 @@ def _with_trim_note(text: str, turns_left_out: int, language: Language) -> str:
     if turns_left_out == 1:
         return f"{text}\n\n{say('turn_left_out', language)}"
     return f"{text}\n\n{say('turns_left_out', language, count=turns_left_out)}"
+
+
+def _place_of(exchange: ExchangeRecord) -> Place:
+    """The chat of a stored exchange. Whether it is private is not stored: Telegram's
+    private chats are the users' own (positive) ids; elsewhere it does not matter for an
+    answer, which goes to the chat either way."""
+    private = exchange.platform == "telegram" and exchange.chat_id.isdigit()
+    return Place(exchange.chat_id, private=private)
 
 
 def _ms_since(started: float) -> int:

@@ -124,6 +124,13 @@ MESSAGES: Final[dict[str, dict[Language, str]]] = {
         "en": "Sorry, that took too long and I gave up. Please try again.",
         "zh": "抱歉，处理时间太长，我放弃了。请再试一次。",
     },
+    "restart_lost_answer": {
+        "en": (
+            "Sorry — I restarted while answering your photo and lost the answer; "
+            "please send it again."
+        ),
+        "zh": "抱歉——我在回答你的照片时重启了，答案丢失了，请再发一次。",
+    },
     "engine_failed": {
         "en": "Sorry, something went wrong while I was looking at that. Please try again.",
         "zh": "抱歉，我在看这张照片时出了点问题。请再试一次。",

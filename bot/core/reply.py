@@ -93,6 +93,10 @@ class StreamingReply:
         await self._render(text, tuple(buttons))
         return self.message_ids
 
+    async def abandon(self) -> None:
+        """Stop showing the answer as it streams (it will not be finished here)."""
+        await self._stop_flushing()
+
     async def _flush_forever(self) -> None:
         while True:
             await self._dirty.wait()

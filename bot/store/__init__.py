@@ -3,6 +3,7 @@
 from bot.store.models import CorrectionStatus, ExchangeStatus, RunStage
 from bot.store.records import (
     CorrectionRecord,
+    ExchangeOwner,
     ExchangeRecord,
     ForgetReport,
     ModelVersionRecord,
@@ -17,6 +18,7 @@ from bot.store.store import NothingToRollBack, RunInProgress, Store
 __all__ = [
     "CorrectionRecord",
     "CorrectionStatus",
+    "ExchangeOwner",
     "ExchangeRecord",
     "ExchangeStatus",
     "ForgetReport",

@@ -164,6 +164,13 @@ class Exchange(Base):
         # A platform re-delivering the same message must not create a second exchange.
         UniqueConstraint("platform", "chat_id", "question_message_id"),
         Index("ix_exchanges_reply", "platform", "chat_id", "reply_message_id"),
+        # Recovery looks for pending rows; they are few among many answered ones.
+        Index(
+            "ix_exchanges_pending",
+            "status",
+            sqlite_where=text("status = 'pending'"),
+            postgresql_where=text("status = 'pending'"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True)
@@ -188,6 +195,12 @@ class Exchange(Base):
     latency_ms: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     finished_at: Mapped[datetime | None] = mapped_column()
+    # The serving process that answers it while pending: its host and pid, a token unique to
+    # that run of it (a restarted container's pid 1 is another process), and since when.
+    host: Mapped[str | None] = mapped_column(String(255))
+    pid: Mapped[int | None] = mapped_column(Integer)
+    owner_token: Mapped[str | None] = mapped_column(String(32))
+    owned_since: Mapped[datetime | None] = mapped_column()
 
 
 class Rating(Base):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import uuid
 from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any, TypeVar
@@ -40,6 +43,21 @@ class PhotoRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class ExchangeOwner:
+    """A serving process that answers pending exchanges: its host, its pid, and a token
+    unique to this run of it (a restarted container's pid 1 has the same pid, not the token)."""
+
+    host: str
+    pid: int
+    token: str
+
+    @classmethod
+    def this_process(cls) -> ExchangeOwner:
+        """This process, with a new token."""
+        return cls(socket.gethostname(), os.getpid(), uuid.uuid4().hex)
+
+
+@dataclass(frozen=True, slots=True)
 class ExchangeRecord:
     id: int
     user_id: int
@@ -57,6 +75,10 @@ class ExchangeRecord:
     latency_ms: int | None
     created_at: datetime
     finished_at: datetime | None
+    host: str | None  # of the owner: see `ExchangeOwner`
+    pid: int | None
+    owner_token: str | None
+    owned_since: datetime | None
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+import os
+from collections.abc import AsyncIterator, Collection, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from bot.store.models import (
 from bot.store.photos import PhotoFiles, sha256_hex
 from bot.store.records import (
     CorrectionRecord,
+    ExchangeOwner,
     ExchangeRecord,
     ForgetReport,
     ModelVersionRecord,
@@ -51,6 +53,8 @@ _ACTIVATION_LOCK = 0x646973680001  # pg_advisory_xact_lock key for model activat
 MAX_CONVERSATION_TURNS = 50
 # A ✏️ prompt nobody answered is dropped after this long (the answer itself stays).
 CORRECTION_PROMPT_KEPT = timedelta(days=7)
+ORPHANS_PER_SWEEP = 100  # `orphaned_exchanges` at a time: recovery comes back for more
+MAX_PENDING_SCANNED = 10_000  # pending rows read per sweep (every process's queues together)
 
 
 class RunInProgress(DishbotError):
@@ -110,6 +114,8 @@ class Store:
         # SQLite has one writer at a time; queueing writers here instead of in SQLite's
         # busy loop keeps them fair and avoids its lock-upgrade deadlock.
         self._sqlite_writer = asyncio.Lock() if self._dialect == "sqlite" else None
+        # The process that answers the questions this store starts (see `orphaned_exchanges`).
+        self.owner = ExchangeOwner.this_process()
 
     @classmethod
     def open(cls, database_url: str, data_dir: Path) -> Store:
@@ -253,13 +259,17 @@ class Store:
         question_message_id: str | None = None,
         photo_sha256: str | None = None,
         parent_id: int | None = None,
+        owner: ExchangeOwner | None = None,
     ) -> ExchangeRecord:
-        """Record a question as pending.
+        """Record a question as pending, owned by ``owner`` (default: this process, `owner`)
+        until it is answered or failed; see `orphaned_exchanges`.
 
         A message the platform delivers twice (same chat and message id: a redelivered
         update, or the user editing it) raises `AlreadyAsked` naming the exchange stored the
         first time; nothing is stored again.
         """
+        owner = owner or self.owner
+        now = utcnow()
         values = {
             "user_id": user_id,
             "platform": platform,
@@ -269,7 +279,11 @@ class Store:
             "photo_sha256": photo_sha256,
             "parent_id": parent_id,
             "status": ExchangeStatus.PENDING,
-            "created_at": utcnow(),
+            "created_at": now,
+            "host": owner.host,
+            "pid": owner.pid,
+            "owner_token": owner.token,
+            "owned_since": now,
         }
         stmt = self._insert(Exchange).values(**values)
         if question_message_id is not None:
@@ -357,6 +371,71 @@ class Store:
         if exchange is None:
             raise NotFound(f"exchange {exchange_id} does not exist")
         return exchange
+
+    async def orphaned_exchanges(
+        self,
+        *,
+        stale_after: timedelta,
+        busy: Collection[int] = (),
+        limit: int = ORPHANS_PER_SWEEP,
+    ) -> list[ExchangeRecord]:
+        """Pending exchanges that no living process is answering, oldest first.
+
+        An exchange is orphaned when its owner is gone: on this host, a pid that is not
+        running, or this very pid under another token (a restarted container's pid 1); on
+        any host, an owner that took it over ``stale_after`` ago or more (longer than any
+        request may take) and has not finished it. This process's own exchanges count only
+        when that old and not in ``busy`` (those it is still answering or storing).
+        Take one over with `claim_exchange` before answering it.
+        """
+        async with self._read() as session:
+            rows = await session.scalars(
+                select(Exchange)
+                .where(Exchange.status == ExchangeStatus.PENDING)
+                .order_by(Exchange.id)
+                .limit(MAX_PENDING_SCANNED)
+            )
+            pending = [snapshot(ExchangeRecord, row) for row in rows]
+        stale_before = utcnow() - stale_after
+        orphans = [
+            exchange
+            for exchange in pending
+            if exchange.id not in busy and self._owner_gone(exchange, stale_before)
+        ]
+        return orphans[:limit]
+
+    def _owner_gone(self, exchange: ExchangeRecord, stale_before: datetime) -> bool:
+        if (exchange.owned_since or exchange.created_at) <= stale_before:
+            return True
+        if exchange.owner_token == self.owner.token or exchange.host != self.owner.host:
+            return False
+        return exchange.pid is None or exchange.pid == self.owner.pid or not _alive(exchange.pid)
+
+    async def claim_exchange(self, exchange: ExchangeRecord) -> ExchangeRecord | None:
+        """Take over a pending exchange, as `orphaned_exchanges` listed it, for this process.
+
+        A compare-and-set on its owner: None when it was answered, failed or claimed by
+        another process since it was listed, so of processes racing for it one wins.
+        """
+        owner, token = self.owner, exchange.owner_token
+        unchanged = Exchange.owner_token == token if token else Exchange.owner_token.is_(None)
+        async with self._write() as session:
+            result = await session.execute(
+                update(Exchange)
+                .where(
+                    Exchange.id == exchange.id,
+                    Exchange.status == ExchangeStatus.PENDING,
+                    unchanged,
+                )
+                .values(
+                    host=owner.host, pid=owner.pid, owner_token=owner.token, owned_since=utcnow()
+                )
+            )
+            if result.rowcount != 1:  # type: ignore[attr-defined]
+                return None
+            claimed = await session.get(Exchange, exchange.id, populate_existing=True)
+            assert claimed is not None
+            return snapshot(ExchangeRecord, claimed)
 
     async def get_exchange(self, exchange_id: int) -> ExchangeRecord | None:
         """The exchange with this id, or None."""
@@ -973,3 +1052,16 @@ class Store:
         async with self._read() as session:
             run = await session.scalar(select(TrainingRun).where(TrainingRun.is_running))
             return snapshot(TrainingRunRecord, run) if run else None
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process with this pid runs on this host."""
+    if pid <= 0:  # os.kill would signal a whole group
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, run by another user
+    return True
