@@ -49,6 +49,7 @@ class App:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self._serving = asyncio.Event()  # set once start-up is over and the bots serve
 
     async def open_store(self) -> Store:
         """Open the store with its schema at head.
@@ -91,7 +92,11 @@ class App:
         return adapters
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
-        """Serve every configured platform until ``stop`` is set (or SIGINT / SIGTERM)."""
+        """Serve every configured platform until ``stop`` is set (or SIGINT / SIGTERM).
+
+        A stop during start-up (opening the store, loading the model, connecting the chat
+        platforms) ends start-up at once rather than after the model has loaded.
+        """
         platforms = self.configured_platforms()
         if not platforms:
             raise NoChatPlatform(
@@ -100,6 +105,22 @@ class App:
                 + " (or `token` under [telegram] / [discord] in dishbot.toml)"
             )
         stop = stop or _stop_on_signals()
+        self._serving = asyncio.Event()
+        main = asyncio.create_task(self._start_and_serve(stop), name="dishbot")
+        stopped = asyncio.create_task(stop.wait(), name="stop-signal")
+        try:
+            await asyncio.wait({main, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+        if main.done() or self._serving.is_set():
+            await main  # serving: `_serve` winds down in order by itself
+            return
+        main.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await main
+        log.info("dishbot stopped during start-up")
+
+    async def _start_and_serve(self, stop: asyncio.Event) -> None:
         store = await self.open_store()
         try:
             # The model served is the active version in the database, which every process
@@ -135,6 +156,7 @@ class App:
             # A run the previous process left behind is ended, and its admin told.
             await runs.recover()
             watching = asyncio.create_task(_recover_forever(runs), name="recover-runs")
+            self._serving.set()  # from here a stop is a shutdown in order, no longer a cancellation
             log.info("dishbot is running; stop it with Ctrl-C")
             try:
                 await stop.wait()
