@@ -1,14 +1,17 @@
-"""/forget: every row of the user and their unshared photo files go; nobody else's data does."""
+"""/forget: every row of the user and the photos they sent go; nobody else's data does."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
-from sqlalchemy import func, select
+import pytest
+from sqlalchemy import event, func, select
 
 from bot.store import Store
 from bot.store.models import Correction, Exchange, Photo, Rating, User
-from tests.factories import add_photo, add_user, answered
+from tests.factories import add_photo, add_user, answered, jpeg_bytes
 
 
 async def _count(store: Store, model: type, **where: object) -> int:
@@ -71,12 +74,20 @@ async def test_forget_removes_every_row_of_the_user_and_their_unshared_photos(
     assert follow_up is not None
     assert follow_up.parent_id is None
 
-    # Photos: only a photo nobody refers to any more is removed, row and file.
-    # alice_only is still used by Bob's follow-up; shared by Bob's question.
-    assert report.photos == 0
-    for photo in (alice_only, shared, bob_only):
+    # "Your photos" go: the photo Alice sent is deleted, row and file, although Bob followed
+    # up on it (his follow-up keeps its text, without the photo). The same picture Bob sent
+    # himself (content-addressed, one row) stays his.
+    assert report.photos == 1
+    assert follow_up.photo_sha256 is None
+    assert follow_up.question == bob_reply_to_alice.question
+    assert await store.get_photo(alice_only.sha256) is None
+    assert not (data_dir / alice_only.path).exists()
+    for photo in (shared, bob_only):
         assert await store.get_photo(photo.sha256) is not None
         assert (data_dir / photo.path).is_file()
+    bobs_own = await store.get_exchange(bob_shared.id)
+    assert bobs_own is not None
+    assert bobs_own.photo_sha256 == shared.sha256
 
 
 async def test_forget_deletes_the_files_of_photos_only_the_user_sent(
@@ -107,3 +118,47 @@ async def test_forgetting_an_unknown_user_removes_nothing(store: Store) -> None:
 
     assert (report.users, report.exchanges, report.photos) == (0, 0, 0)
     assert await _count(store, Exchange) == 1
+
+
+class CommitFails(Exception):
+    """The database refused to commit (it went away, or a disk filled up)."""
+
+
+@contextlib.contextmanager
+def commits_fail(store: Store) -> Iterator[None]:
+    """Every commit on the store's engine fails while inside."""
+
+    def refuse(_connection: object) -> None:
+        raise CommitFails("commit refused")
+
+    event.listen(store.engine.sync_engine, "commit", refuse)
+    try:
+        yield
+    finally:
+        event.remove(store.engine.sync_engine, "commit", refuse)
+
+
+async def test_a_forget_that_does_not_commit_deletes_no_photo_file(
+    store: Store, data_dir: Path
+) -> None:
+    alice = await add_user(store, "1")
+    photo = await add_photo(store, color=(255, 0, 0))
+    await answered(store, alice, photo=photo)
+
+    with commits_fail(store), pytest.raises(CommitFails):
+        await store.forget(alice.id)
+
+    # Nothing was forgotten, so the row still names its file, and the file is there.
+    assert await store.get_user(alice.id) is not None
+    assert await store.get_photo(photo.sha256) is not None
+    assert (data_dir / photo.path).is_file()
+
+
+async def test_a_photo_whose_row_is_not_committed_leaves_no_file(
+    store: Store, data_dir: Path
+) -> None:
+    with commits_fail(store), pytest.raises(CommitFails):
+        await store.add_photo(jpeg_bytes((9, 9, 9)), image_format="JPEG", width=64, height=48)
+
+    assert await _count(store, Photo) == 0
+    assert [p for p in (data_dir / "photos").rglob("*") if p.is_file()] == []
