@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 from sqlalchemy import event, func, select
 
+from bot.core import buttons
+from bot.core.dialog import Dialog, DialogConfig
+from bot.core.events import ButtonPress, Person, PhotoFile, PhotoQuestion
 from bot.store import Store
 from bot.store.models import Correction, Exchange, Photo, Rating, User
+from engine.engine import Engine
+from engine.types import ModelSpec
 from tests.factories import add_photo, add_user, answered, jpeg_bytes
+from tests.recording_port import GUARD_S, RecordingPort, person, private_chat
+from tests.scripted_backend import ScriptedBackend
 
 
 async def _count(store: Store, model: type, **where: object) -> int:
@@ -162,3 +170,72 @@ async def test_a_photo_whose_row_is_not_committed_leaves_no_file(
 
     assert await _count(store, Photo) == 0
     assert [p for p in (data_dir / "photos").rglob("*") if p.is_file()] == []
+
+
+# -- /forget racing questions in flight (the dialog) -----------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def serving(store: Store, backend: ScriptedBackend | None = None) -> AsyncIterator[Dialog]:
+    engine = Engine(backend or ScriptedBackend(), ModelSpec("scripted", "dishbot-test"))
+    async with engine:
+        yield Dialog(store, engine, DialogConfig(edit_interval_s=0.01, questions_per_minute=60))
+
+
+async def confirm_forget(dialog: Dialog, port: RecordingPort, who: Person) -> None:
+    where = private_chat(who.user_id)
+    confirmation = await port.send(where, "forget everything?")
+    data = buttons.encode(buttons.ConfirmForget(who.user_id))
+    await dialog.handle(ButtonPress(who, where, confirmation, data), port)
+
+
+async def nothing_left_of(store: Store, data_dir: Path, who: Person) -> None:
+    assert await store.find_user(who.platform, who.user_id) is None
+    assert await _count(store, Exchange) == 0
+    assert await _count(store, Photo) == 0
+    assert [p for p in (data_dir / "photos").rglob("*") if p.is_file()] == []
+
+
+async def test_a_photo_still_downloading_when_its_sender_confirms_forget_is_never_stored(
+    store: Store, data_dir: Path
+) -> None:
+    port, ada = RecordingPort(), person("1")
+    fetching, released = asyncio.Event(), asyncio.Event()
+
+    async def slow_download() -> bytes:
+        fetching.set()
+        await released.wait()
+        return jpeg_bytes((10, 20, 30))
+
+    question = PhotoQuestion(ada, private_chat("1"), "m1", PhotoFile(slow_download), "what?")
+    async with serving(store) as dialog:
+        asking = asyncio.create_task(dialog.handle(question, port))
+        await asyncio.wait_for(fetching.wait(), GUARD_S)
+        await confirm_forget(dialog, port, ada)
+        released.set()
+        await asyncio.wait_for(asking, GUARD_S)
+
+    await nothing_left_of(store, data_dir, ada)
+    assert not any("says" in text for text in port.texts("1")), "the question was not answered"
+
+
+async def test_forget_cancels_the_users_question_being_answered_and_leaves_nothing(
+    store: Store, data_dir: Path
+) -> None:
+    port, ada = RecordingPort(), person("1")
+
+    async def download() -> bytes:
+        return jpeg_bytes((10, 20, 30))
+
+    question = PhotoQuestion(ada, private_chat("1"), "m1", PhotoFile(download), "slow one")
+    async with serving(store, ScriptedBackend(step_s=0.05)) as dialog:
+        asking = asyncio.create_task(dialog.handle(question, port))
+        await port.until(lambda: any("says" in text for text in port.texts("1")))
+        await confirm_forget(dialog, port, ada)
+        await asyncio.wait_for(asking, GUARD_S)
+
+    await nothing_left_of(store, data_dir, ada)
+    assert "Cancelled." in port.texts("1")
+    assert not any(shown.buttons for shown in port.messages.values() if "says" in shown.text), (
+        "no answer was delivered to rate"
+    )
