@@ -84,8 +84,9 @@ class Verdict(enum.Enum):
 class RateLimiter:
     """At most ``per_minute`` events per key in any sliding minute.
 
-    Keys idle for a minute are forgotten now and then, so memory follows the users active in
-    the last minute, not every user ever seen.
+    Keys idle for a minute are forgotten now and then (every `SWEEP_EVERY` checks, and at
+    least once a minute), so memory follows the users active in the last minute, not every
+    user ever seen.
     """
 
     SWEEP_EVERY = 1024  # checks between sweeps of idle keys
@@ -96,6 +97,7 @@ class RateLimiter:
         self._times: dict[str, deque[float]] = defaultdict(deque)
         self._told: set[str] = set()  # keys refused since their last allowed event
         self._checks = 0
+        self._swept_at = clock()
 
     def __len__(self) -> int:
         """How many keys are remembered."""
@@ -110,7 +112,7 @@ class RateLimiter:
         and if not, whether this is the first refusal since the key was last allowed."""
         now = self._clock()
         self._checks += 1
-        if self._checks % self.SWEEP_EVERY == 0:
+        if self._checks % self.SWEEP_EVERY == 0 or now - self._swept_at >= 60.0:
             self._forget_idle(now)
         times = self._times[key]
         while times and times[0] <= now - 60.0:
@@ -125,6 +127,7 @@ class RateLimiter:
         return Verdict.ALLOWED
 
     def _forget_idle(self, now: float) -> None:
+        self._swept_at = now
         idle = [key for key, times in self._times.items() if not times or times[-1] <= now - 60]
         for key in idle:
             del self._times[key]
@@ -192,14 +195,16 @@ class Dialog:
         config: DialogConfig | None = None,
         *,
         admin: AdminHandler | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
         self.engine = engine
         self.config = config or DialogConfig()
         self._admin = admin
-        self._rate = RateLimiter(self.config.questions_per_minute)
-        self._feedback_rate = RateLimiter(self.config.feedback_per_minute)
-        self._replies_rate = RateLimiter(self.config.replies_per_minute)
+        self._clock = clock
+        self._rate = RateLimiter(self.config.questions_per_minute, clock)
+        self._feedback_rate = RateLimiter(self.config.feedback_per_minute, clock)
+        self._replies_rate = RateLimiter(self.config.replies_per_minute, clock)
         self._pacer = EditPacer(self.config.edit_interval_s)
         self._handles: dict[str, set[RequestHandle]] = defaultdict(set)
         # Questions received and not yet stored, per user, so /forget can stop them; and a
@@ -632,7 +637,7 @@ class Dialog:
                 return None
             latest = self._latest_prompt.pop((platform, chat, event.who.user_id), None)
             window = self.config.correction_window_s
-            if latest is None or time.monotonic() - latest.asked_at > window:
+            if latest is None or self._clock() - latest.asked_at > window:
                 return None
             prompt_id = latest.message_id
         exchange_id = await self.store.take_correction_prompt(
@@ -825,18 +830,17 @@ class Dialog:
             )
         except NotFound:
             return  # the answer was forgotten meanwhile: a reply is just a message now
-        prompt = _CorrectionPrompt(prompt_id, press.who.user_id, time.monotonic())
-        self._remember(self._latest_prompt, (platform, chat, press.who.user_id), prompt)
+        prompt = _CorrectionPrompt(prompt_id, press.who.user_id, self._clock())
+        self._remember((platform, chat, press.who.user_id), prompt)
 
-    @staticmethod
-    def _remember(
-        prompts: OrderedDict[tuple[str, str, str], _CorrectionPrompt],
-        key: tuple[str, str, str],
-        prompt: _CorrectionPrompt,
-    ) -> None:
+    def _remember(self, key: tuple[str, str, str], prompt: _CorrectionPrompt) -> None:
+        """Keep ``prompt`` as the newest for ``key``; forget prompts past their window, and
+        the oldest beyond `PENDING_PROMPTS`."""
+        prompts = self._latest_prompt
         prompts[key] = prompt
         prompts.move_to_end(key)
-        while len(prompts) > PENDING_PROMPTS:
+        expired = prompt.asked_at - self.config.correction_window_s
+        while len(prompts) > PENDING_PROMPTS or next(iter(prompts.values())).asked_at < expired:
             prompts.popitem(last=False)
 
     def _forget_prompts(self, who: Person) -> None:
