@@ -83,3 +83,42 @@ def test_sigterm_while_the_model_loads_stops_promptly_and_cleanly(
     assert process.returncode == 0, stderr
     assert "stopped during start-up" in stderr
     assert "Traceback" not in stderr
+
+
+def test_sigterm_while_a_model_downloads_in_a_thread_stops_promptly_and_cleanly(
+    silent_server: SilentServer, tmp_path: Path
+) -> None:
+    # The transformers backend loads in a worker thread, which cannot be cancelled: here it
+    # waits on a model hub that never answers, as on a slow download of a large checkpoint.
+    env = {
+        **os.environ,
+        "DISHBOT_DATA_DIR": str(tmp_path / "data"),
+        "DISHBOT_TELEGRAM__TOKEN": "123456:never-used-while-starting",
+        "DISHBOT_ENGINE__BACKEND": "transformers",
+        "DISHBOT_ENGINE__DEVICE": "cpu",
+        "DISHBOT_ENGINE__MODEL": "OpenGVLab/InternVL3-1B-hf",
+        "DISHBOT_LOG_LEVEL": "INFO",
+        "HF_HUB_OFFLINE": "0",
+        "HF_ENDPOINT": f"http://127.0.0.1:{silent_server.port}",
+        "HF_HOME": str(tmp_path / "hf-home"),
+        "HF_HUB_ETAG_TIMEOUT": "600",
+        "HF_HUB_DOWNLOAD_TIMEOUT": "600",
+    }
+    process = subprocess.Popen(
+        [DISHBOT, "run"], env=env, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True
+    )
+    try:
+        assert silent_server.connected.wait(GUARD_S), "dishbot never asked for its model"
+        process.send_signal(signal.SIGTERM)
+        try:
+            _, stderr = process.communicate(timeout=PROMPT_STOP_S)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"dishbot was still starting {PROMPT_STOP_S} s after SIGTERM")
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+    assert process.returncode == 0, stderr
+    assert "stopped during start-up" in stderr
+    assert "Traceback" not in stderr
