@@ -6,15 +6,18 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import event, func, select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.core import buttons
 from bot.core.dialog import Dialog, DialogConfig
 from bot.core.events import ButtonPress, Person, PhotoFile, PhotoQuestion
 from bot.store import Store
 from bot.store.models import Correction, Exchange, Photo, Rating, User
+from bot.store.records import PhotoRecord
 from engine.engine import Engine
 from engine.types import ModelSpec
 from tests.factories import add_photo, add_user, answered, jpeg_bytes
@@ -239,3 +242,40 @@ async def test_forget_cancels_the_users_question_being_answered_and_leaves_nothi
     assert not any(shown.buttons for shown in port.messages.values() if "says" in shown.text), (
         "no answer was delivered to rate"
     )
+
+
+async def test_the_same_picture_sent_by_someone_else_as_its_first_sender_forgets_stays_theirs(
+    store: Store, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    port, ada, lin = RecordingPort(), person("1"), person("2")
+
+    async def download() -> bytes:
+        return jpeg_bytes((10, 20, 30))  # both send the very same file
+
+    async with serving(store) as dialog:
+        first = PhotoQuestion(ada, private_chat("1"), "a1", PhotoFile(download), "what?")
+        await dialog.handle(first, port)
+        add_photo = store.add_photo
+
+        async def add_photo_as_ada_forgets(*args: Any, **kwargs: Any) -> PhotoRecord:
+            # Lin's copy of the picture is stored just as Ada's /forget goes through.
+            photo = await add_photo(*args, **kwargs)
+            monkeypatch.setattr(store, "add_photo", add_photo)
+            await confirm_forget(dialog, port, ada)
+            return photo
+
+        monkeypatch.setattr(store, "add_photo", add_photo_as_ada_forgets)
+        second = PhotoQuestion(lin, private_chat("2"), "l1", PhotoFile(download), "what?")
+        await asyncio.wait_for(dialog.handle(second, port), GUARD_S)
+
+    assert any(shown.buttons for shown in port.messages.values() if shown.chat_id == "2"), (
+        "Lin's question was answered"
+    )
+    [photo] = await _photos(store)
+    assert (data_dir / photo.path).is_file()
+    assert await _count(store, Exchange, photo_sha256=photo.sha256) == 1
+
+
+async def _photos(store: Store) -> list[Photo]:
+    async with AsyncSession(store.engine) as session:
+        return list(await session.scalars(select(Photo)))

@@ -327,11 +327,20 @@ class Dialog:
         async def store(handle: RequestHandle) -> ExchangeRecord:
             # The engine has decoded the photo by now: store it as it found it.
             info = handle.images[0]
-            async with self._storing(event.who, asking):
+
+            async def save() -> ExchangeRecord:
                 photo = await self.store.add_photo(
                     data, image_format=info.format, width=info.width, height=info.height
                 )
                 return await self._start_exchange(user, event, question, photo.sha256)
+
+            async with self._storing(event.who, asking):
+                try:
+                    return await save()
+                except NotFound:
+                    # Someone who sent the same picture had it forgotten between the two
+                    # writes: it is stored again, for this user.
+                    return await save()
 
         request = Request(key=self._key(event.who), question=question, images=(data,))
         await self._ask(port, user, event, request, language, store)
