@@ -131,6 +131,31 @@ async def test_forgetting_an_unknown_user_removes_nothing(store: Store) -> None:
     assert await _count(store, Exchange) == 1
 
 
+async def test_forget_takes_the_photo_from_follow_ups_at_any_depth_but_not_others_photos(
+    store: Store, data_dir: Path
+) -> None:
+    alice, bob, carol = [await add_user(store, n) for n in ("1", "2", "3")]
+    alices = await add_photo(store, color=(255, 0, 0))
+    bobs = await add_photo(store, color=(0, 0, 255))
+    alice_q = await answered(store, alice, photo=alices)
+    bob_follow_up = await answered(store, bob, photo=alices, parent_id=alice_q.id)
+    carol_follow_up = await answered(store, carol, photo=alices, parent_id=bob_follow_up.id)
+    # Alice followed up on Bob's photo: that photo is Bob's, and stays.
+    bob_q = await answered(store, bob, photo=bobs)
+    await answered(store, alice, photo=bobs, parent_id=bob_q.id)
+
+    report = await store.forget(alice.id)
+
+    assert report.photos == 1
+    for follow_up in (bob_follow_up, carol_follow_up):
+        kept = await store.get_exchange(follow_up.id)
+        assert kept is not None
+        assert (kept.photo_sha256, kept.question) == (None, follow_up.question)
+    assert not (data_dir / alices.path).exists()
+    assert await store.get_photo(bobs.sha256) is not None
+    assert (data_dir / bobs.path).is_file()
+
+
 class CommitFails(Exception):
     """The database refused to commit (it went away, or a disk filled up)."""
 
