@@ -110,6 +110,10 @@ class App:
         stopped = asyncio.create_task(stop.wait(), name="stop-signal")
         try:
             await asyncio.wait({main, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            main.cancel()  # whoever runs the app was cancelled: so is the app, in order
+            await asyncio.gather(main, return_exceptions=True)
+            raise
         finally:
             stopped.cancel()
         if main.done() or self._serving.is_set():
