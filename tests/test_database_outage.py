@@ -17,12 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 
 from bot.core.dialog import Dialog, DialogConfig
 from bot.core.events import PhotoFile, PhotoQuestion
 from bot.core.i18n import say
+from bot.errors import NotFound
 from bot.store import Store, database
 from bot.store.models import Exchange, ExchangeStatus, Photo
 from bot.store.schema import upgrade
@@ -213,3 +215,14 @@ async def test_postgresql_restarted_under_load_gets_apologies_then_answers_witho
     ]
     assert photo_files(data_dir) == sorted(photos), "every file has its row and every row its file"
     assert len(photos) == 6
+
+
+async def test_a_statement_the_database_refuses_is_not_taken_for_an_outage(store: Store) -> None:
+    # A constraint violation is a bug or a race, not the database being away: it keeps its
+    # own error (and the generic apology), so an operator is not sent to check the server.
+    with pytest.raises(NotFound):
+        await store.start_exchange(user_id=999_999, platform="telegram", chat_id="1", question="?")
+    with pytest.raises(DBAPIError) as raised:
+        async with store.engine.connect() as connection:
+            await connection.execute(text("SELECT * FROM no_such_table"))
+    assert not database.is_connection_failure(raised.value)
