@@ -14,10 +14,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.core import buttons
 from bot.core.dialog import Dialog, DialogConfig
-from bot.core.events import ButtonPress, Person, PhotoFile, PhotoQuestion
+from bot.core.events import ButtonPress, Person, PhotoFile, PhotoQuestion, Place, TextMessage
+from bot.core.i18n import say
 from bot.store import Store
 from bot.store.models import Correction, Exchange, Photo, Rating, User
-from bot.store.records import PhotoRecord
+from bot.store.records import ExchangeRecord, PhotoRecord
 from engine.engine import Engine
 from engine.types import ModelSpec
 from tests.factories import add_photo, add_user, answered, jpeg_bytes
@@ -304,3 +305,33 @@ async def test_the_same_picture_sent_by_someone_else_as_its_first_sender_forgets
 async def _photos(store: Store) -> list[Photo]:
     async with AsyncSession(store.engine) as session:
         return list(await session.scalars(select(Photo)))
+
+
+async def test_a_follow_up_on_an_answer_forgotten_as_it_is_stored_is_told_the_answer_is_gone(
+    store: Store, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    port, ada, lin = RecordingPort(), person("1"), person("2")
+    group = Place("-100", private=False)
+
+    async def download() -> bytes:
+        return jpeg_bytes((10, 20, 30))
+
+    async with serving(store) as dialog:
+        first = PhotoQuestion(ada, group, "a1", PhotoFile(download), "what?", addressed=True)
+        await dialog.handle(first, port)
+        [answer_id] = [i for i, shown in port.messages.items() if shown.buttons]
+        start_exchange = store.start_exchange
+
+        async def start_exchange_as_ada_forgets(**values: Any) -> ExchangeRecord:
+            # Ada's /forget goes through just before Lin's follow-up on her answer is stored.
+            monkeypatch.setattr(store, "start_exchange", start_exchange)
+            await confirm_forget(dialog, port, ada)
+            return await start_exchange(**values)
+
+        monkeypatch.setattr(store, "start_exchange", start_exchange_as_ada_forgets)
+        follow_up = TextMessage(lin, group, "l1", "is it spicy?", reply_to=answer_id)
+        await asyncio.wait_for(dialog.handle(follow_up, port), GUARD_S)
+
+    assert port.texts("-100")[-1] == say("answer_gone", "en")
+    assert await _count(store, Exchange) == 0
+    assert await _count(store, Photo) == 0
