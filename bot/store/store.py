@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -45,6 +46,8 @@ from bot.store.records import (
     UserRecord,
     snapshot,
 )
+
+log = logging.getLogger(__name__)
 
 RATING_VALUES = (-1, 1)
 _ACTIVATION_LOCK = 0x646973680001  # pg_advisory_xact_lock key for model activation
@@ -695,9 +698,16 @@ class Store:
         """Remove the files of deleted photo rows, unless the same picture was added again
         meanwhile (its row is back: the file is its file now)."""
         for sha256, path in photos:
-            async with self._photo_lock(sha256), self._write() as session:
-                await self._lock_photo_key(session, sha256)
-                if await session.get(Photo, sha256) is None:
+            async with self._photo_lock(sha256):
+                try:
+                    async with self._write() as session:
+                        await self._lock_photo_key(session, sha256)
+                        if await session.get(Photo, sha256) is None:
+                            await asyncio.to_thread(self.photos.remove, path)
+                except StoreUnavailable:
+                    # Gone since the deletion committed: nothing can store the picture anew
+                    # while it is away, and the user asked for it to be deleted.
+                    log.warning("could not check photo %s again; its file is removed", sha256)
                     await asyncio.to_thread(self.photos.remove, path)
 
     @staticmethod
