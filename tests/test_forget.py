@@ -16,6 +16,7 @@ from bot.core import buttons
 from bot.core.dialog import Dialog, DialogConfig
 from bot.core.events import ButtonPress, Person, PhotoFile, PhotoQuestion, Place, TextMessage
 from bot.core.i18n import say
+from bot.errors import StoreUnavailable
 from bot.store import Store
 from bot.store.models import Correction, Exchange, Photo, Rating, User
 from bot.store.records import ExchangeRecord, PhotoRecord
@@ -162,11 +163,11 @@ class CommitFails(Exception):
 
 
 @contextlib.contextmanager
-def commits_fail(store: Store) -> Iterator[None]:
-    """Every commit on the store's engine fails while inside."""
+def commits_fail(store: Store, error: Exception | None = None) -> Iterator[None]:
+    """Every commit on the store's engine fails (with ``error``) while inside."""
 
     def refuse(_connection: object) -> None:
-        raise CommitFails("commit refused")
+        raise error or CommitFails("commit refused")
 
     event.listen(store.engine.sync_engine, "commit", refuse)
     try:
@@ -189,6 +190,17 @@ async def test_a_forget_that_does_not_commit_deletes_no_photo_file(
     assert await store.get_user(alice.id) is not None
     assert await store.get_photo(photo.sha256) is not None
     assert (data_dir / photo.path).is_file()
+
+
+async def test_a_photo_whose_commit_the_database_drops_is_store_unavailable_and_leaves_nothing(
+    store: Store, data_dir: Path
+) -> None:
+    dropped = ConnectionResetError("connection reset by peer")
+    with commits_fail(store, dropped), pytest.raises(StoreUnavailable):
+        await store.add_photo(jpeg_bytes((9, 9, 9)), image_format="JPEG", width=64, height=48)
+
+    assert await _count(store, Photo) == 0
+    assert [p for p in (data_dir / "photos").rglob("*") if p.is_file()] == []
 
 
 async def test_a_photo_whose_row_is_not_committed_leaves_no_file(

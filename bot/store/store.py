@@ -132,9 +132,10 @@ class Store:
         async with contextlib.AsyncExitStack() as stack:
             if self._sqlite_writer is not None:
                 await stack.enter_async_context(self._sqlite_writer)
-            async with _unavailable_as_store_unavailable():
-                session = await stack.enter_async_context(self._sessions.begin())
-                yield session
+            # Outside the session, so that a failure to commit is translated too.
+            await stack.enter_async_context(_unavailable_as_store_unavailable())
+            session = await stack.enter_async_context(self._sessions.begin())
+            yield session
 
     @contextlib.asynccontextmanager
     async def _read(self) -> AsyncIterator[AsyncSession]:
