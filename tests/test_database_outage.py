@@ -222,7 +222,11 @@ async def test_a_statement_the_database_refuses_is_not_taken_for_an_outage(store
     # own error (and the generic apology), so an operator is not sent to check the server.
     with pytest.raises(NotFound):
         await store.start_exchange(user_id=999_999, platform="telegram", chat_id="1", question="?")
-    with pytest.raises(DBAPIError) as raised:
-        async with store.engine.connect() as connection:
-            await connection.execute(text("SELECT * FROM no_such_table"))
-    assert not database.is_connection_failure(raised.value)
+    for statement, parameters in [
+        ("SELECT * FROM no_such_table", {}),
+        ("SELECT :value", {"value": object()}),  # a parameter the driver cannot send
+    ]:
+        with pytest.raises(DBAPIError) as raised:
+            async with store.engine.connect() as connection:
+                await connection.execute(text(statement), parameters)
+        assert not database.is_connection_failure(raised.value), statement

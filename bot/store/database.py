@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError
+from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from bot.errors import ConfigError, DatabaseUnavailable
@@ -33,7 +33,6 @@ _ASYNCPG_CONNECTION_ERRORS = frozenset(
     {
         "PostgresConnectionError",
         "ConnectionDoesNotExistError",
-        "InterfaceError",
         "AdminShutdownError",
         "CrashShutdownError",
         "CannotConnectNowError",
@@ -145,7 +144,8 @@ def is_connection_failure(error: BaseException) -> bool:
 def _names_a_lost_connection(error: BaseException) -> bool:
     if isinstance(error, DBAPIError) and error.connection_invalidated:
         return True
-    if isinstance(error, (InterfaceError, ConnectionError, TimeoutError, socket.gaierror)):
+    # Not InterfaceError as such: sqlite3 and asyncpg raise it for a bad parameter too.
+    if isinstance(error, (ConnectionError, TimeoutError, socket.gaierror)):
         return True
     if isinstance(error, sqlite3.OperationalError):
         return any(words in str(error).lower() for words in _SQLITE_UNAVAILABLE)
