@@ -51,6 +51,7 @@ class App:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self._serving = asyncio.Event()  # set once start-up is over and the bots serve
 
     async def open_store(self) -> Store:
         """Open the store with its schema at head.
@@ -93,7 +94,11 @@ class App:
         return adapters
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
-        """Serve every configured platform until ``stop`` is set (or SIGINT / SIGTERM)."""
+        """Serve every configured platform until ``stop`` is set (or SIGINT / SIGTERM).
+
+        A stop during start-up (opening the store, loading the model, connecting the chat
+        platforms) ends start-up at once rather than after the model has loaded.
+        """
         platforms = self.configured_platforms()
         if not platforms:
             raise NoChatPlatform(
@@ -102,6 +107,26 @@ class App:
                 + " (or `token` under [telegram] / [discord] in dishbot.toml)"
             )
         stop = stop or _stop_on_signals()
+        self._serving = asyncio.Event()
+        main = asyncio.create_task(self._start_and_serve(stop), name="dishbot")
+        stopped = asyncio.create_task(stop.wait(), name="stop-signal")
+        try:
+            await asyncio.wait({main, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            main.cancel()  # whoever runs the app was cancelled: so is the app, in order
+            await asyncio.gather(main, return_exceptions=True)
+            raise
+        finally:
+            stopped.cancel()
+        if main.done() or self._serving.is_set():
+            await main  # serving: `_serve` winds down in order by itself
+            return
+        main.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await main
+        log.info("dishbot stopped during start-up")
+
+    async def _start_and_serve(self, stop: asyncio.Event) -> None:
         store = await self.open_store()
         try:
             # The model served is the active version in the database, which every process
@@ -151,6 +176,7 @@ class App:
             # Questions a previous process accepted and never answered are answered now.
             await _recover_questions(recovery)
             watching = asyncio.create_task(_recover_forever(runs, recovery), name="recover")
+            self._serving.set()  # from here a stop is a shutdown in order, no longer a cancellation
             log.info("dishbot is running; stop it with Ctrl-C")
             try:
                 await stop.wait()

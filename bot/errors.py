@@ -15,6 +15,12 @@ class DatabaseUnavailable(DishbotError):
     """The database cannot be reached or opened."""
 
 
+class StoreUnavailable(DatabaseUnavailable):
+    """While serving, the database could not be used (connection lost or refused, a server
+    restarting, SQLite locked by another writer past the busy timeout). Nothing of the failed
+    call was written; the same call may succeed a moment later."""
+
+
 class SchemaOutdated(DishbotError):
     """The database schema is not at the revision this version of dishbot needs."""
 

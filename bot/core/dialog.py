@@ -12,7 +12,7 @@ import enum
 import logging
 import time
 from collections import OrderedDict, defaultdict, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -33,10 +33,10 @@ from bot.core.i18n import Language, image_reason, language_of, say
 from bot.core.port import ChatPort
 from bot.core.reply import EditPacer, StreamingReply
 from bot.core.text import visible_text
-from bot.errors import AlreadyAnswered, AlreadyAsked, NotFound
+from bot.errors import AlreadyAnswered, AlreadyAsked, NotFound, StoreUnavailable
 from bot.store import ExchangeStatus, Store
 from bot.store.models import utcnow
-from bot.store.records import ExchangeRecord, UserRecord
+from bot.store.records import ExchangeRecord, ForgetReport, UserRecord
 from engine.engine import Answer, Engine, Queued, Request, RequestHandle, TextDelta
 from engine.errors import (
     BadImage,
@@ -90,8 +90,9 @@ class Verdict(enum.Enum):
 class RateLimiter:
     """At most ``per_minute`` events per key in any sliding minute.
 
-    Keys idle for a minute are forgotten now and then, so memory follows the users active in
-    the last minute, not every user ever seen.
+    Keys idle for a minute are forgotten now and then (every `SWEEP_EVERY` checks, and at
+    least once a minute), so memory follows the users active in the last minute, not every
+    user ever seen.
     """
 
     SWEEP_EVERY = 1024  # checks between sweeps of idle keys
@@ -102,6 +103,7 @@ class RateLimiter:
         self._times: dict[str, deque[float]] = defaultdict(deque)
         self._told: set[str] = set()  # keys refused since their last allowed event
         self._checks = 0
+        self._swept_at = clock()
 
     def __len__(self) -> int:
         """How many keys are remembered."""
@@ -116,7 +118,7 @@ class RateLimiter:
         and if not, whether this is the first refusal since the key was last allowed."""
         now = self._clock()
         self._checks += 1
-        if self._checks % self.SWEEP_EVERY == 0:
+        if self._checks % self.SWEEP_EVERY == 0 or now - self._swept_at >= 60.0:
             self._forget_idle(now)
         times = self._times[key]
         while times and times[0] <= now - 60.0:
@@ -131,6 +133,7 @@ class RateLimiter:
         return Verdict.ALLOWED
 
     def _forget_idle(self, now: float) -> None:
+        self._swept_at = now
         idle = [key for key, times in self._times.items() if not times or times[-1] <= now - 60]
         for key in idle:
             del self._times[key]
@@ -141,6 +144,44 @@ class RateLimiter:
 class _Refusal:
     words: str  # for the user
     reason: str  # for the exchange record
+
+
+@dataclass(eq=False, slots=True)
+class _Asking:
+    """A question on its way in, from receipt until it is stored; ``forgotten`` once its
+    sender confirms /forget meanwhile (it must then store nothing)."""
+
+    forgotten: bool = False
+
+
+class _Forgotten(Exception):
+    """The sender of a question confirmed /forget before it was stored."""
+
+
+class KeyedLocks:
+    """One lock per key, held only while in use, so memory follows the keys busy now."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    def __len__(self) -> int:
+        """How many keys have a lock now (taken or waited for)."""
+        return len(self._locks)
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        """Hold ``key``'s lock."""
+        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,18 +201,24 @@ class Dialog:
         config: DialogConfig | None = None,
         *,
         admin: AdminHandler | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
         self.engine = engine
         self.config = config or DialogConfig()
         self._admin = admin
-        self._rate = RateLimiter(self.config.questions_per_minute)
-        self._feedback_rate = RateLimiter(self.config.feedback_per_minute)
-        self._replies_rate = RateLimiter(self.config.replies_per_minute)
+        self._clock = clock
+        self._rate = RateLimiter(self.config.questions_per_minute, clock)
+        self._feedback_rate = RateLimiter(self.config.feedback_per_minute, clock)
+        self._replies_rate = RateLimiter(self.config.replies_per_minute, clock)
         self._pacer = EditPacer(self.config.edit_interval_s)
         self._handles: dict[str, set[RequestHandle]] = defaultdict(set)
         self._answering: set[int] = set()  # exchanges being answered here now
         self.answer_writes = AnswerWrites(store)
+        # Questions received and not yet stored, per user, so /forget can stop them; and a
+        # lock per user that /forget and the storing of a question of theirs take in turn.
+        self._asking: dict[str, set[_Asking]] = {}
+        self._user_locks = KeyedLocks()
         # ✏️ prompts waiting for a reply are in the store, which outlives a restart; the
         # newest per (platform, chat, user) is also here, for private chats, where users
         # often just type instead of replying (a convenience a restart may forget).
@@ -181,14 +228,22 @@ class Dialog:
         """Act on one event. Never raises: failures are logged and the user gets an apology."""
         try:
             await self._dispatch(event, port)
+        except StoreUnavailable as error:
+            # Expected while the database restarts: one line, no traceback per message.
+            log.warning("could not handle %s: %s", type(event).__name__, error)
+            await self._apologise(event, port, "store_unavailable")
         except Exception:
             log.exception("failed to handle %s", type(event).__name__)
-            with contextlib.suppress(Exception):
-                language = language_of(event.who.language)
-                if isinstance(event, ButtonPress):
-                    await port.acknowledge(event, say("engine_failed", language))
-                else:
-                    await port.send(event.where, say("engine_failed", language))
+            await self._apologise(event, port, "engine_failed")
+
+    @staticmethod
+    async def _apologise(event: Event, port: ChatPort, key: str) -> None:
+        with contextlib.suppress(Exception):
+            language = language_of(event.who.language)
+            if isinstance(event, ButtonPress):
+                await port.acknowledge(event, say(key, language))
+            else:
+                await port.send(event.where, say(key, language))
 
     async def close(self) -> None:
         """Stop storing answers in the background (call it when the bot stops)."""
@@ -201,11 +256,13 @@ class Dialog:
     async def _dispatch(self, event: Event, port: ChatPort) -> None:
         match event:
             case PhotoQuestion():
-                await self._photo(event, port)
+                with self._receiving(event.who) as asking:
+                    await self._photo(event, port, asking)
             case NotAPhoto():
                 await self._not_a_photo(event, port)
             case TextMessage():
-                await self._text(event, port)
+                with self._receiving(event.who) as asking:
+                    await self._text(event, port, asking)
             case ButtonPress():
                 await self._press(event, port)
             case CorrectionSubmitted():
@@ -229,9 +286,30 @@ class Dialog:
     def _key(who: Person) -> str:
         return f"{who.platform}:{who.user_id}"
 
+    @contextlib.contextmanager
+    def _receiving(self, who: Person) -> Iterator[_Asking]:
+        """Track a question from receipt until handled, so /forget can find it."""
+        key, asking = self._key(who), _Asking()
+        self._asking.setdefault(key, set()).add(asking)
+        try:
+            yield asking
+        finally:
+            questions = self._asking[key]
+            questions.discard(asking)
+            if not questions:
+                del self._asking[key]
+
+    @contextlib.asynccontextmanager
+    async def _storing(self, who: Person, asking: _Asking) -> AsyncIterator[None]:
+        """Store a question's photo and exchange in turn with /forget: never after it."""
+        async with self._user_locks.hold(self._key(who)):
+            if asking.forgotten:
+                raise _Forgotten
+            yield
+
     # -- asking about a photo -------------------------------------------------------------
 
-    async def _photo(self, event: PhotoQuestion, port: ChatPort) -> None:
+    async def _photo(self, event: PhotoQuestion, port: ChatPort, asking: _Asking) -> None:
         if not event.where.private and not event.addressed:
             return
         if await self._asked_before(event):
@@ -265,10 +343,20 @@ class Dialog:
         async def store(handle: RequestHandle) -> ExchangeRecord:
             # The engine has decoded the photo by now: store it as it found it.
             info = handle.images[0]
-            photo = await self.store.add_photo(
-                data, image_format=info.format, width=info.width, height=info.height
-            )
-            return await self._start_exchange(user, event, question, photo.sha256)
+
+            async def save() -> ExchangeRecord:
+                photo = await self.store.add_photo(
+                    data, image_format=info.format, width=info.width, height=info.height
+                )
+                return await self._start_exchange(user, event, question, photo.sha256)
+
+            async with self._storing(event.who, asking):
+                try:
+                    return await save()
+                except NotFound:
+                    # Someone who sent the same picture had it forgotten between the two
+                    # writes: it is stored again, for this user.
+                    return await save()
 
         request = Request(key=self._key(event.who), question=question, images=(data,))
         await self._ask(port, user, event, request, language, store)
@@ -294,6 +382,14 @@ class Dialog:
             # the first one answers.
             handle.cancel()
             self._untrack(request.key, handle)
+            return
+        except (_Forgotten, NotFound) as gone:
+            # Its sender had everything forgotten meanwhile, or (a follow-up) the one whose
+            # conversation it continued did.
+            handle.cancel()
+            self._untrack(request.key, handle)
+            words = say("cancelled" if isinstance(gone, _Forgotten) else "answer_gone", language)
+            await port.send(event.where, words, reply_to=event.message_id)
             return
         except BaseException:
             handle.cancel()
@@ -669,7 +765,8 @@ class Dialog:
         else:
             log.error("the engine failed on exchange %s: %s", exchange.id, error)
             words, reason = say("engine_failed", language), f"engine error: {error}"
-        await self.store.fail_exchange(exchange.id, error=reason, latency_ms=_ms_since(started))
+        with contextlib.suppress(NotFound):  # gone: its sender had it forgotten
+            await self.store.fail_exchange(exchange.id, error=reason, latency_ms=_ms_since(started))
         await reply.finish(words)
 
     async def _keep_typing(self, port: ChatPort, where: Place) -> None:
@@ -691,7 +788,7 @@ class Dialog:
 
     # -- text: corrections and follow-ups -------------------------------------------------
 
-    async def _text(self, event: TextMessage, port: ChatPort) -> None:
+    async def _text(self, event: TextMessage, port: ChatPort, asking: _Asking) -> None:
         text = visible_text(event.text)
         if not text:
             return
@@ -713,7 +810,7 @@ class Dialog:
         user = await self._user(event.who)
         if user is None:
             return
-        await self._follow_up(event, text, parent, user, port)
+        await self._follow_up(event, text, parent, user, port, asking)
 
     async def _prompt_answered(self, event: TextMessage) -> tuple[int, UserRecord] | None:
         """The exchange this text corrects, and its author, when it answers a ✏️ prompt: a
@@ -725,7 +822,7 @@ class Dialog:
                 return None
             latest = self._latest_prompt.pop((platform, chat, event.who.user_id), None)
             window = self.config.correction_window_s
-            if latest is None or time.monotonic() - latest.asked_at > window:
+            if latest is None or self._clock() - latest.asked_at > window:
                 return None
             prompt_id = latest.message_id
         exchange_id = await self.store.take_correction_prompt(
@@ -759,6 +856,7 @@ class Dialog:
         parent: ExchangeRecord,
         user: UserRecord,
         port: ChatPort,
+        asking: _Asking,
     ) -> None:
         if await self._asked_before(event):
             return
@@ -779,7 +877,8 @@ class Dialog:
         data = await asyncio.to_thread(self.store.photo_file(photo).read_bytes)
 
         async def store(handle: RequestHandle) -> ExchangeRecord:
-            return await self._start_exchange(user, event, question, photo.sha256, parent.id)
+            async with self._storing(event.who, asking):
+                return await self._start_exchange(user, event, question, photo.sha256, parent.id)
 
         request = Request(
             key=self._key(event.who), question=question, images=(data,), history=tuple(history)
@@ -815,8 +914,7 @@ class Dialog:
             ):
                 await port.acknowledge(press, say("not_your_button", language))
             case buttons.ConfirmForget():
-                report = await self.store.forget(user.id)
-                self._forget_prompts(press.who)
+                report = await self._forget(press.who, user)
                 words = (
                     say(
                         "forget_done",
@@ -834,6 +932,18 @@ class Dialog:
             case buttons.KeepData():
                 await port.acknowledge(press, say("forget_kept", language))
                 await port.edit(press.where, press.message_id, say("forget_kept", language))
+
+    async def _forget(self, who: Person, user: UserRecord) -> ForgetReport:
+        """Stop the user's questions and delete what is stored about them. A question of
+        theirs received before this stores nothing afterwards (see `_storing`)."""
+        key = self._key(who)
+        async with self._user_locks.hold(key):
+            for asking in self._asking.get(key, ()):
+                asking.forgotten = True
+            self.cancel_pending(who)
+            report = await self.store.forget(user.id)
+        self._forget_prompts(who)
+        return report
 
     async def _exchange_here(self, press: ButtonPress, exchange_id: int) -> ExchangeRecord | None:
         """The exchange a button names, if it belongs to the chat the button is in."""
@@ -905,18 +1015,17 @@ class Dialog:
             )
         except NotFound:
             return  # the answer was forgotten meanwhile: a reply is just a message now
-        prompt = _CorrectionPrompt(prompt_id, press.who.user_id, time.monotonic())
-        self._remember(self._latest_prompt, (platform, chat, press.who.user_id), prompt)
+        prompt = _CorrectionPrompt(prompt_id, press.who.user_id, self._clock())
+        self._remember((platform, chat, press.who.user_id), prompt)
 
-    @staticmethod
-    def _remember(
-        prompts: OrderedDict[tuple[str, str, str], _CorrectionPrompt],
-        key: tuple[str, str, str],
-        prompt: _CorrectionPrompt,
-    ) -> None:
+    def _remember(self, key: tuple[str, str, str], prompt: _CorrectionPrompt) -> None:
+        """Keep ``prompt`` as the newest for ``key``; forget prompts past their window, and
+        the oldest beyond `PENDING_PROMPTS`."""
+        prompts = self._latest_prompt
         prompts[key] = prompt
         prompts.move_to_end(key)
-        while len(prompts) > PENDING_PROMPTS:
+        expired = prompt.asked_at - self.config.correction_window_s
+        while len(prompts) > PENDING_PROMPTS or next(iter(prompts.values())).asked_at < expired:
             prompts.popitem(last=False)
 
     def _forget_prompts(self, who: Person) -> None:

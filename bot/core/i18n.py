@@ -131,6 +131,13 @@ MESSAGES: Final[dict[str, dict[Language, str]]] = {
         ),
         "zh": "抱歉——我在回答你的照片时重启了，答案丢失了，请再发一次。",
     },
+    "store_unavailable": {
+        "en": (
+            "I can't take questions right now (my database is unreachable); "
+            "please try again in a minute."
+        ),
+        "zh": "我现在无法接收问题（我的数据库暂时连不上），请过一分钟再试。",
+    },
     "engine_failed": {
         "en": "Sorry, something went wrong while I was looking at that. Please try again.",
         "zh": "抱歉，我在看这张照片时出了点问题。请再试一次。",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import socket
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,23 @@ _ASYNC_DRIVERS = {
     "postgresql": "postgresql+asyncpg",
     "postgres": "postgresql+asyncpg",
 }
-SQLITE_BUSY_TIMEOUT_MS = 30_000
+# How long an SQLite write waits for another process's write (a backup, `dishbot export`)
+# before giving up: long enough to ride out a short one, short enough that a user waiting on
+# it hears an apology instead of silence. Writes of this process queue in the Store instead.
+SQLITE_BUSY_TIMEOUT_MS = 10_000
+# asyncpg's errors for a connection that is gone, refused or being shut down (by class name,
+# so this module imports without the postgres extra).
+_ASYNCPG_CONNECTION_ERRORS = frozenset(
+    {
+        "PostgresConnectionError",
+        "ConnectionDoesNotExistError",
+        "AdminShutdownError",
+        "CrashShutdownError",
+        "CannotConnectNowError",
+        "TooManyConnectionsError",
+    }
+)
+_SQLITE_UNAVAILABLE = ("database is locked", "database is busy", "unable to open", "disk i/o")
 
 
 def async_url(url: str) -> URL:
@@ -108,3 +126,30 @@ async def database_errors(url: str) -> AsyncIterator[None]:
         raise DatabaseUnavailable(
             f"cannot use the database at {redact_url(url)}: {reason}"
         ) from exc
+
+
+def is_connection_failure(error: BaseException) -> bool:
+    """Whether ``error`` (or what caused it) says the database could not be used at all, as
+    opposed to refusing this statement: such a failure may pass by itself."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if _names_a_lost_connection(current):
+            return True
+        current = getattr(current, "orig", None) or current.__cause__ or current.__context__
+    return False
+
+
+def _names_a_lost_connection(error: BaseException) -> bool:
+    if isinstance(error, DBAPIError) and error.connection_invalidated:
+        return True
+    # Not InterfaceError as such: sqlite3 and asyncpg raise it for a bad parameter too.
+    if isinstance(error, (ConnectionError, TimeoutError, socket.gaierror)):
+        return True
+    if isinstance(error, sqlite3.OperationalError):
+        return any(words in str(error).lower() for words in _SQLITE_UNAVAILABLE)
+    return any(
+        cls.__module__.startswith("asyncpg") and cls.__name__ in _ASYNCPG_CONNECTION_ERRORS
+        for cls in type(error).__mro__
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 from collections.abc import AsyncIterator, Collection, Sequence
 from datetime import datetime, timedelta
@@ -16,8 +17,8 @@ from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from bot.errors import AlreadyAnswered, AlreadyAsked, DishbotError, NotFound
-from bot.store.database import open_engine
+from bot.errors import AlreadyAnswered, AlreadyAsked, DishbotError, NotFound, StoreUnavailable
+from bot.store.database import is_connection_failure, open_engine
 from bot.store.models import (
     Correction,
     CorrectionPrompt,
@@ -48,6 +49,8 @@ from bot.store.records import (
     snapshot,
 )
 
+log = logging.getLogger(__name__)
+
 RATING_VALUES = (-1, 1)
 _ACTIVATION_LOCK = 0x646973680001  # pg_advisory_xact_lock key for model activation
 MAX_CONVERSATION_TURNS = 50
@@ -55,6 +58,9 @@ MAX_CONVERSATION_TURNS = 50
 CORRECTION_PROMPT_KEPT = timedelta(days=7)
 ORPHANS_PER_SWEEP = 100  # `orphaned_exchanges` at a time: recovery comes back for more
 MAX_PENDING_SCANNED = 10_000  # pending rows read per sweep (every process's queues together)
+# Locks that keep a photo's file and row in step within this process (adding a photo and
+# removing a forgotten one's file); a photo takes the lock its sha256 falls on.
+PHOTO_LOCK_STRIPES = 256
 
 
 class RunInProgress(DishbotError):
@@ -116,6 +122,7 @@ class Store:
         self._sqlite_writer = asyncio.Lock() if self._dialect == "sqlite" else None
         # The process that answers the questions this store starts (see `orphaned_exchanges`).
         self.owner = ExchangeOwner.this_process()
+        self._photo_locks = tuple(asyncio.Lock() for _ in range(PHOTO_LOCK_STRIPES))
 
     @classmethod
     def open(cls, database_url: str, data_dir: Path) -> Store:
@@ -131,11 +138,15 @@ class Store:
         async with contextlib.AsyncExitStack() as stack:
             if self._sqlite_writer is not None:
                 await stack.enter_async_context(self._sqlite_writer)
+            # Outside the session, so that a failure to commit is translated too.
+            await stack.enter_async_context(_unavailable_as_store_unavailable())
             session = await stack.enter_async_context(self._sessions.begin())
             yield session
 
-    def _read(self) -> AsyncSession:
-        return self._sessions()
+    @contextlib.asynccontextmanager
+    async def _read(self) -> AsyncIterator[AsyncSession]:
+        async with _unavailable_as_store_unavailable(), self._sessions() as session:
+            yield session
 
     def _insert(self, model: type[Any]) -> Any:
         """INSERT with ON CONFLICT support for the dialect in use."""
@@ -212,7 +223,8 @@ class Store:
     ) -> PhotoRecord:
         """Store a photo's bytes (once per content) and its row; the same bytes give the same row.
 
-        The file is written before the row, so a row never names a missing file.
+        The file is written before the row commits, and removed again if the row does not
+        commit: a row never names a missing file, and no file is left without its row.
         """
         sha256 = sha256_hex(data)
         relative = self.photos.relative_path(sha256, image_format)
@@ -225,17 +237,43 @@ class Store:
             bytes=len(data),
             created_at=utcnow(),
         )
-        # An upsert rather than DO NOTHING: it locks the row, so a concurrent `forget`
-        # cannot delete this photo's file between our check and our commit.
+        # An upsert rather than DO NOTHING: it locks the row, so two processes adding the
+        # same picture take turns.
         stmt = stmt.on_conflict_do_update(
             index_elements=[Photo.sha256], set_={"sha256": stmt.excluded.sha256}
         )
-        async with self._write() as session:
-            await session.execute(stmt)
-            photo = await session.get(Photo, sha256)
-            assert photo is not None
-            await asyncio.to_thread(self.photos.write, data, image_format)
-            return snapshot(PhotoRecord, photo)
+        async with self._photo_lock(sha256):
+            written = False
+            try:
+                async with self._write() as session:
+                    await self._lock_photo_key(session, sha256)
+                    await session.execute(stmt)
+                    photo = await session.get(Photo, sha256)
+                    assert photo is not None
+                    written = await asyncio.to_thread(self._write_file, data, image_format)
+                    return snapshot(PhotoRecord, photo)
+            except BaseException:
+                if written:  # ours alone: no committed row names it
+                    await asyncio.to_thread(self.photos.remove, relative)
+                raise
+
+    def _write_file(self, data: bytes, image_format: str) -> bool:
+        """Write the photo's file; True when this call created it."""
+        existed = self.photos.absolute(
+            self.photos.relative_path(sha256_hex(data), image_format)
+        ).is_file()
+        self.photos.write(data, image_format)
+        return not existed
+
+    def _photo_lock(self, sha256: str) -> asyncio.Lock:
+        return self._photo_locks[int(sha256[:8], 16) % PHOTO_LOCK_STRIPES]
+
+    async def _lock_photo_key(self, session: AsyncSession, sha256: str) -> None:
+        """On PostgreSQL, take a photo's turn across processes until the transaction ends
+        (another process may be removing a forgotten photo's file)."""
+        if self._dialect == "postgresql":
+            key = int(sha256[:15], 16)  # 60 bits: fits the bigint advisory lock key
+            await session.execute(select(func.pg_advisory_xact_lock(key)))
 
     async def get_photo(self, sha256: str) -> PhotoRecord | None:
         """The photo with this sha256, or None."""
@@ -645,11 +683,13 @@ class Store:
     # -- forgetting a user --------------------------------------------------------------
 
     async def forget(self, user_id: int) -> ForgetReport:
-        """Delete everything stored about a user, and their photos that nothing else uses.
+        """Delete everything stored about a user, and the photos they sent.
 
         Removes the user, their exchanges (with every rating and correction of them), their
-        own ratings and corrections elsewhere, and photo files no exchange refers to any
-        more. Other users' follow-ups to this user's answers stay, unlinked from them.
+        own ratings and corrections elsewhere, and the photos they sent: other users'
+        follow-ups in their conversations keep their text and lose the photo. A photo that
+        someone else sent too (the same bytes, so the same row) stays theirs. Photo files
+        are removed only once the deletion has committed.
         """
         async with self._write() as session:
             own_exchanges = select(Exchange.id).where(Exchange.user_id == user_id)
@@ -660,6 +700,7 @@ class Store:
                     .distinct()
                 )
             ).all()
+            await self._unlink_their_photo_from_follow_ups(session, user_id)
             ratings = await self._delete(
                 session,
                 delete(Rating).where(
@@ -692,18 +733,62 @@ class Store:
                 .values(requested_by=None)
             )
             users = await self._delete(session, delete(User).where(User.id == user_id))
-            orphan_paths = await self._delete_unreferenced_photos(session, photo_keys)
-            # Still inside the transaction, holding the photo rows: a concurrent
-            # `add_photo` of the same picture waits, then writes the file anew.
-            for path in orphan_paths:
-                await asyncio.to_thread(self.photos.remove, path)
+            orphans = await self._delete_unreferenced_photos(session, photo_keys)
+        # Only now: had the deletion not committed, the rows would still name these files.
+        await self._remove_photo_files(orphans)
         return ForgetReport(
             users=users,
             exchanges=exchanges,
             ratings=ratings,
             corrections=corrections,
-            photos=len(orphan_paths),
+            photos=len(orphans),
         )
+
+    @staticmethod
+    async def _unlink_their_photo_from_follow_ups(session: AsyncSession, user_id: int) -> None:
+        """Other users' follow-ups, at any depth, in conversations about a photo this user
+        sent lose the photo (their text stays)."""
+        sent = select(Exchange.photo_sha256).where(
+            Exchange.user_id == user_id,
+            Exchange.parent_id.is_(None),
+            Exchange.photo_sha256.is_not(None),
+        )
+        frontier = set(
+            await session.scalars(select(Exchange.id).where(Exchange.user_id == user_id))
+        )
+        seen = set(frontier)
+        while frontier:  # a conversation is at most MAX_CONVERSATION_TURNS deep
+            children = set(
+                await session.scalars(select(Exchange.id).where(Exchange.parent_id.in_(frontier)))
+            )
+            frontier = children - seen
+            seen |= frontier
+        others = seen - set(
+            await session.scalars(select(Exchange.id).where(Exchange.user_id == user_id))
+        )
+        if others:
+            await session.execute(
+                update(Exchange)
+                .where(Exchange.id.in_(others), Exchange.photo_sha256.in_(sent))
+                .values(photo_sha256=None)
+                .execution_options(synchronize_session=False)
+            )
+
+    async def _remove_photo_files(self, photos: Sequence[tuple[str, str]]) -> None:
+        """Remove the files of deleted photo rows, unless the same picture was added again
+        meanwhile (its row is back: the file is its file now)."""
+        for sha256, path in photos:
+            async with self._photo_lock(sha256):
+                try:
+                    async with self._write() as session:
+                        await self._lock_photo_key(session, sha256)
+                        if await session.get(Photo, sha256) is None:
+                            await asyncio.to_thread(self.photos.remove, path)
+                except StoreUnavailable:
+                    # Gone since the deletion committed: nothing can store the picture anew
+                    # while it is away, and the user asked for it to be deleted.
+                    log.warning("could not check photo %s again; its file is removed", sha256)
+                    await asyncio.to_thread(self.photos.remove, path)
 
     @staticmethod
     async def _delete(session: AsyncSession, statement: Any) -> int:
@@ -715,14 +800,17 @@ class Store:
     @staticmethod
     async def _delete_unreferenced_photos(
         session: AsyncSession, keys: Sequence[str | None]
-    ) -> list[str]:
+    ) -> list[tuple[str, str]]:
+        """Delete the rows of these photos that no exchange uses; their (sha256, path)."""
         if not keys:
             return []
         still_used = exists().where(Exchange.photo_sha256 == Photo.sha256)
         rows = await session.execute(
-            delete(Photo).where(Photo.sha256.in_(keys), ~still_used).returning(Photo.path)
+            delete(Photo)
+            .where(Photo.sha256.in_(keys), ~still_used)
+            .returning(Photo.sha256, Photo.path)
         )
-        return [path for (path,) in rows]
+        return [(sha256, path) for sha256, path in rows]
 
     # -- model versions -----------------------------------------------------------------
 
@@ -1065,3 +1153,21 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True  # it exists, run by another user
     return True
+
+
+@contextlib.asynccontextmanager
+async def _unavailable_as_store_unavailable() -> AsyncIterator[None]:
+    """A database that cannot be used becomes `StoreUnavailable`; other errors pass as they are."""
+    try:
+        yield
+    except StoreUnavailable:
+        raise
+    except Exception as error:
+        if not is_connection_failure(error):
+            raise
+        raise StoreUnavailable(f"the database is unavailable: {_first_line(error)}") from error
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

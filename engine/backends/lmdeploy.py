@@ -106,6 +106,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Literal
 
+from engine.backends.worker_thread import WorkerThread
 from engine.errors import Cancelled, GenerationFailed, ModelLoadFailed
 from engine.prompts import ChatMessage, build_messages
 from engine.types import (
@@ -282,7 +283,11 @@ class LMDeployBackend:
         model_tokens = await asyncio.to_thread(tokenizer_control_tokens, model.path)
         backend_config = self._backend_config(lmdeploy)
         build = _pipeline_builder(lmdeploy, model.path, backend_config, self.config.log_level)
-        future = asyncio.get_running_loop().run_in_executor(None, build)
+        # On a daemon thread of its own: a build still running when dishbot is told to stop
+        # is abandoned at exit instead of holding the process until it ends.
+        loader = WorkerThread("lmdeploy-load")
+        future = asyncio.get_running_loop().run_in_executor(loader, build)
+        loader.shutdown(wait=False)  # the thread ends after this one call
         try:
             # Shielded: a thread cannot be stopped, so a load abandoned (say, by a timeout)
             # still finishes, and the pipeline it makes must then be closed, not leaked.

@@ -25,7 +25,6 @@ import gc
 import logging
 import threading
 from collections.abc import AsyncGenerator, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from transformers.generation.streamers import BaseStreamer
 from transformers.utils import logging as hf_logging
 
 from engine.backends import torch_pixels
+from engine.backends.worker_thread import WorkerThread
 from engine.errors import Cancelled, EngineError, GenerationFailed, ModelLoadFailed
 from engine.prompts import PromptPart, build_messages, render_chatml_parts
 from engine.types import (
@@ -138,7 +138,7 @@ class TransformersBackend:
         if self._config.max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
         self._loaded: _LoadedModel | None = None
-        self._executor: ThreadPoolExecutor | None = None
+        self._executor: WorkerThread | None = None
 
     @property
     def capacity(self) -> int:
@@ -269,10 +269,11 @@ class TransformersBackend:
             stop.set()
             await asyncio.wait([future])
 
-    def _worker(self) -> ThreadPoolExecutor:
-        # One thread: batches, loads and releases never overlap.
+    def _worker(self) -> WorkerThread:
+        # One thread: batches, loads and releases never overlap. A daemon thread, so a load
+        # still running when the process is told to stop does not keep it alive.
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="transformers")
+            self._executor = WorkerThread("transformers")
         return self._executor
 
     def _load_blocking(self, path: str) -> None:
