@@ -123,7 +123,7 @@ class Visitor:
         reply_to: str | None = None,
         csrf: str | None = "page",
     ) -> ClientResponse:
-        form = FormData()
+        form = FormData(default_to_multipart=True)  # as a browser sends it
         if photo is not None:
             form.add_field("photo", photo, filename="dish.jpg", content_type="image/jpeg")
         form.add_field("question", question)
@@ -176,5 +176,5 @@ class Visitor:
                 return str(update["text"])
 
 
-def a_photo() -> bytes:
-    return jpeg_bytes(size=(320, 240))
+def a_photo(color: tuple[int, int, int] = (200, 80, 40)) -> bytes:
+    return jpeg_bytes(color, size=(320, 240))

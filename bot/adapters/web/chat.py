@@ -173,7 +173,7 @@ class ChatRoutes:
             form = await read_ask_form(request, limit)
         except UploadTooLarge:
             words = say("photo_too_large", language, megabytes=f"{limit / 2**20:g}")
-            raise _refusal(web.HTTPRequestEntityTooLarge, words) from None
+            return web.json_response({"error": words}, status=413)
         except BadForm:
             raise _refusal(web.HTTPBadRequest, say("web_bad_form", language)) from None
         shown = form.question or (say("web_photo_sent", language) if form.photo else "")

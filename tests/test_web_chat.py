@@ -1,0 +1,156 @@
+"""The web console's chat page: a visitor asks, follows up and rates; attackers are refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bot.core import buttons
+from bot.core.dialog import DialogConfig
+from bot.core.i18n import say
+from bot.store import Store
+from engine.images import MAX_IMAGE_BYTES
+from tests.web_console import a_photo, web_console
+
+
+async def test_a_visitor_asks_about_a_photo_and_the_answer_streams_in(
+    store: Store, data_dir: Path
+) -> None:
+    async with web_console(store, data_dir) as console, console.visitor() as visitor:
+        html = await visitor.open_page()
+        await visitor.listen()
+        assert (await visitor.ask("这是什么菜？", a_photo())).status == 202
+        asked = await visitor.next_update()
+        answer = await visitor.answer()
+
+    assert "dishbot" in html
+    assert asked["author"] == "visitor"
+    assert "这是什么菜？" in answer["text"]
+    assert [b["label"] for b in answer["buttons"]][:2] == [buttons.THUMBS_UP, buttons.THUMBS_DOWN]
+    stored = await store.get_exchange(_exchange(answer))
+    assert stored is not None
+    assert (stored.platform, stored.question) == ("web", "这是什么菜？")
+    assert stored.photo_sha256 is not None
+
+
+async def test_a_follow_up_asks_about_the_same_photo_and_a_rating_is_stored(
+    store: Store, data_dir: Path
+) -> None:
+    async with web_console(store, data_dir) as console, console.visitor() as visitor:
+        await visitor.open_page()
+        await visitor.listen()
+        await visitor.ask("what is this?", a_photo())
+        first = await visitor.answer()
+        await visitor.ask("is it spicy?", reply_to=first["id"])
+        second = await visitor.answer()
+        await visitor.press(second["id"], buttons.encode(buttons.Rate(_exchange(second), 1)))
+        notice = await visitor.next_update("notice")
+
+    follow_up = await store.get_exchange(_exchange(second))
+    assert follow_up is not None
+    assert follow_up.parent_id == _exchange(first)
+    assert follow_up.photo_sha256 is not None
+    assert notice["text"] == say("rated_up", "en")
+    assert [r.value for r in await store.ratings(_exchange(second))] == [1]
+
+
+async def test_web_visitors_have_the_same_rate_limit_as_chat_users(
+    store: Store, data_dir: Path
+) -> None:
+    config = DialogConfig(edit_interval_s=0.05, questions_per_minute=1)
+    async with (
+        web_console(store, data_dir, dialog_config=config) as console,
+        console.visitor() as visitor,
+    ):
+        await visitor.open_page()
+        await visitor.listen()
+        await visitor.ask("what is this?", a_photo())
+        await visitor.answer()
+        await visitor.ask("and this?", a_photo((10, 200, 30)))
+        refusal = await visitor.bot_says()
+
+    assert refusal == say("slow_down", "en")
+
+
+async def test_a_forged_cookie_gets_nobodys_conversation(store: Store, data_dir: Path) -> None:
+    async with (
+        web_console(store, data_dir) as console,
+        console.visitor() as owner,
+        console.visitor() as attacker,
+    ):
+        await owner.open_page()
+        await owner.ask("what is this?", a_photo())
+        owner_id = owner.cookie().partition(".")[0]  # type: ignore[union-attr]
+        await attacker.open_page()
+        attacker.client.session.cookie_jar.clear()
+        forged = {"Cookie": f"dishbot_visitor={owner_id}.forged-signature"}
+        forged["X-CSRF-Token"] = attacker.csrf or ""
+        stream = await attacker.client.get("/events", headers=forged)
+        asked = await attacker.client.post(
+            "/ask", data={"question": "what did they ask?"}, headers=forged
+        )
+        refusal = await asked.json()
+        fresh = await attacker.client.get("/", headers=forged)
+
+    assert stream.status == 403
+    assert asked.status == 403
+    assert refusal["error"] == say("web_session_expired", "en")
+    # The page gives the forger an identity of their own, not the one they claimed.
+    new_cookie = fresh.cookies["dishbot_visitor"]
+    assert not new_cookie.value.startswith(owner_id)
+    assert new_cookie["httponly"]
+    assert new_cookie["samesite"] == "Strict"
+
+
+async def test_a_post_without_the_visitors_csrf_token_is_refused(
+    store: Store, data_dir: Path
+) -> None:
+    async with (
+        web_console(store, data_dir) as console,
+        console.visitor() as visitor,
+        console.visitor() as other,
+    ):
+        await visitor.open_page()
+        await other.open_page()
+        without = await visitor.ask("what is this?", a_photo(), csrf=None)
+        borrowed = await visitor.ask("what is this?", a_photo(), csrf=other.csrf)
+        press = await visitor.client.post("/press", json={"message_id": "1", "data": "x"})
+
+    assert [without.status, borrowed.status, press.status] == [403, 403, 403]
+    user = await store.find_user("web", visitor.cookie().partition(".")[0])  # type: ignore[union-attr]
+    assert user is None  # nothing reached the dialog
+
+
+async def test_an_oversized_photo_is_refused_with_a_clear_message(
+    store: Store, data_dir: Path
+) -> None:
+    async with web_console(store, data_dir) as console, console.visitor() as visitor:
+        await visitor.open_page()
+        response = await visitor.ask("what is this?", b"\xff\xd8" + b"\0" * MAX_IMAGE_BYTES)
+        body = await response.json()
+
+    assert response.status == 413
+    assert body["error"] == say("photo_too_large", "en", megabytes=f"{MAX_IMAGE_BYTES / 2**20:g}")
+    user = await store.find_user("web", visitor.cookie().partition(".")[0])  # type: ignore[union-attr]
+    assert user is None  # refused before the dialog saw it
+
+
+async def test_static_files_cannot_be_read_outside_their_directory(
+    store: Store, data_dir: Path
+) -> None:
+    async with web_console(store, data_dir) as console, console.visitor() as visitor:
+        script = await visitor.client.get("/static/chat.js")
+        escapes = [
+            await visitor.client.get(path)
+            for path in ("/static/../server.py", "/static/%2e%2e/server.py", "/static/..%2fchat.py")
+        ]
+        page = await visitor.client.get("/")
+
+    assert script.status == 200
+    assert all(response.status in (403, 404) for response in escapes)
+    assert "default-src 'self'" in page.headers["Content-Security-Policy"]
+
+
+def _exchange(answer: dict[str, object]) -> int:
+    rate = buttons.decode(str(answer["buttons"][0]["data"]))  # type: ignore[index]
+    assert isinstance(rate, buttons.Rate)
+    return rate.exchange_id
