@@ -98,6 +98,14 @@ class Conversations:
         finally:
             chat.pages.discard(queue)
 
+    def close_pages(self) -> None:
+        """End every open page's stream (the server is stopping; pages reconnect later)."""
+        for chat in self._chats.values():
+            for page in list(chat.pages):
+                chat.pages.discard(page)
+                with contextlib.suppress(asyncio.QueueFull):
+                    page.put_nowait({"kind": "reconnect"})
+
     def message(self, visitor_id: str, message_id: str) -> Update | None:
         """A kept message of the visitor's, if it is still kept."""
         chat = self._chats.get(visitor_id)

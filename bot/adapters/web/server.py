@@ -86,6 +86,11 @@ class WebAdapter:
         OpsRoutes(dialog.engine, dialog.store, metrics, peers).register(self.app)
         # aiohttp refuses paths that leave this directory, and follows no symlink out of it.
         self.app.router.add_static("/static", HERE / "static", follow_symlinks=False)
+        self.app.on_shutdown.append(self._close_pages)
+
+    async def _close_pages(self, app: web.Application) -> None:
+        # Open answer streams would otherwise hold the server's shutdown until its timeout.
+        self.port.conversations.close_pages()
 
     def _hand_over(self, call: Awaitable[None]) -> None:
         task = asyncio.ensure_future(call)
