@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -124,3 +125,32 @@ def test_config_shows_the_web_settings_but_not_the_admin_password(
     assert "web-admin-secret" not in out
     assert "9090" in out
     assert "127.0.0.1" in out
+
+
+async def test_a_taken_port_stops_a_console_alone_but_not_the_chat_bots(
+    store: Store, data_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from bot.adapters.web import WebAdapter
+    from bot.adapters.web.server import WebConsoleUnavailable
+    from bot.core.dialog import Dialog
+    from bot.metrics import Metrics
+    from bot.settings import Settings
+    from engine.engine import Engine
+    from engine.types import ModelSpec
+    from tests.scripted_backend import ScriptedBackend
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        settings = Settings(data_dir=data_dir, web={"port": taken.getsockname()[1]})
+        dialog = Dialog(store, Engine(ScriptedBackend(), ModelSpec("scripted", "scripted")))
+        alone = WebAdapter(settings, dialog, Metrics())
+        beside_telegram = WebAdapter(settings, dialog, Metrics(), peers=(object(),))
+
+        with pytest.raises(WebConsoleUnavailable, match=r"cannot listen on 127\.0\.0\.1:\d+"):
+            await alone.start()
+        await beside_telegram.start()
+        await beside_telegram.stop()
+
+    assert beside_telegram.url is None
+    assert "serving the chat platforms without it" in caplog.text

@@ -22,6 +22,7 @@ from bot.adapters.web.identity import Identities, load_secret
 from bot.adapters.web.ops import OpsRoutes
 from bot.adapters.web.port import Conversations, WebPort
 from bot.core.dialog import Dialog
+from bot.errors import DishbotError
 from bot.metrics import Metrics
 from bot.settings import Settings
 
@@ -40,6 +41,10 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "same-origin",
     "X-Frame-Options": "DENY",
 }
+
+
+class WebConsoleUnavailable(DishbotError):
+    """The web console cannot listen where it is configured to (the port is taken)."""
 
 
 @web.middleware
@@ -67,8 +72,13 @@ class WebAdapter:
         *,
         peers: Sequence[object] = (),
     ) -> None:
-        """``peers`` are the app's other chat adapters, whose connection `/readyz` reports."""
+        """``peers`` are the app's other chat adapters, whose connection `/readyz` reports.
+
+        With peers, a console that cannot listen (a second `dishbot run` on the same host,
+        say) is logged and left out, and the chat bots go on; alone, it is an error.
+        """
         self.settings = settings.web
+        self._optional = bool(peers)
         self.dialog = dialog
         self.port = WebPort(Conversations())
         self.url: str | None = None  # once started
@@ -101,8 +111,17 @@ class WebAdapter:
         """Listen on the configured address, and say where."""
         runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
+        where = f"{self.settings.listen}:{self.settings.port}"
         try:
             await web.TCPSite(runner, self.settings.listen, self.settings.port).start()
+        except OSError as exc:
+            await runner.cleanup()
+            problem = f"the web console cannot listen on {where}: {exc.strerror or exc}"
+            advice = "set web.port to a free port, or web.enabled = false"
+            if self._optional:
+                log.warning("%s; serving the chat platforms without it (%s)", problem, advice)
+                return
+            raise WebConsoleUnavailable(f"{problem}; {advice}") from None
         except BaseException:
             await runner.cleanup()
             raise
