@@ -53,6 +53,44 @@ async def test_a_follow_up_asks_about_the_same_photo_and_a_rating_is_stored(
     assert [r.value for r in await store.ratings(_exchange(second))] == [1]
 
 
+async def test_a_visitor_corrects_an_answer_in_the_form_under_it(
+    store: Store, data_dir: Path
+) -> None:
+    async with web_console(store, data_dir) as console, console.visitor() as visitor:
+        await visitor.open_page()
+        await visitor.listen()
+        await visitor.ask("what is this?", a_photo())
+        answer = await visitor.answer()
+        exchange_id = _exchange(answer)
+        await visitor.press(answer["id"], buttons.encode(buttons.Correct(exchange_id)))
+        form = await visitor.next_update("correction")
+        await visitor.correct(form["exchange_id"], "叉烧 char siu")
+        thanks = await visitor.bot_says(besides=answer["id"])
+
+    assert form["message_id"] == answer["id"]
+    assert form["prompt"] == say("ask_correction", "en")
+    assert thanks == say("correction_thanks", "en", text="叉烧 char siu")
+    assert [c.text for c in await store.corrections(exchange_id)] == ["叉烧 char siu"]
+
+
+async def test_a_visitor_can_forget_everything_stored_about_them(
+    store: Store, data_dir: Path
+) -> None:
+    async with web_console(store, data_dir) as console, console.visitor() as visitor:
+        await visitor.open_page()
+        await visitor.listen()
+        await visitor.ask("what is this?", a_photo())
+        answer = await visitor.answer()
+        await visitor.ask("/forget")
+        confirm = await visitor.answer()  # the confirmation, with its buttons
+        delete = next(b for b in confirm["buttons"] if b["label"] == say("forget_yes", "en"))
+        await visitor.press(confirm["id"], delete["data"])
+        done = await visitor.next_update("notice")
+
+    assert done["text"].startswith("Done: I deleted 1 question(s)")
+    assert await store.get_exchange(_exchange(answer)) is None
+
+
 async def test_web_visitors_have_the_same_rate_limit_as_chat_users(
     store: Store, data_dir: Path
 ) -> None:
@@ -98,7 +136,7 @@ async def test_a_forged_cookie_gets_nobodys_conversation(store: Store, data_dir:
     new_cookie = fresh.cookies["dishbot_visitor"]
     assert not new_cookie.value.startswith(owner_id)
     assert new_cookie["httponly"]
-    assert new_cookie["samesite"] == "Strict"
+    assert new_cookie["samesite"] == "Lax"
 
 
 async def test_a_post_without_the_visitors_csrf_token_is_refused(

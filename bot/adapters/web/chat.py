@@ -128,7 +128,9 @@ class ChatRoutes:
                 self.identities.cookie(visitor_id),
                 max_age=COOKIE_MAX_AGE_S,
                 httponly=True,
-                samesite="Strict",
+                # Lax: a link from elsewhere still opens the visitor's own chat; every POST
+                # needs the CSRF token besides, which no other site can read.
+                samesite="Lax",
                 secure=request.secure,
                 path="/",
             )
