@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from aiohttp import ClientSession, DummyCookieJar
+
+from bot.adapters.web.chat import NEW_VISITORS_PER_MINUTE
 from bot.core import buttons
 from bot.core.dialog import DialogConfig
 from bot.core.i18n import say
@@ -107,6 +110,21 @@ async def test_web_visitors_have_the_same_rate_limit_as_chat_users(
         refusal = await visitor.bot_says()
 
     assert refusal == say("slow_down", "en")
+
+
+async def test_new_identities_are_not_free_for_the_taking(store: Store, data_dir: Path) -> None:
+    async with web_console(store, data_dir) as console, console.visitor() as visitor:
+        await visitor.open_page()
+        statuses = []
+        # No cookie kept: every page asks for a new identity.
+        async with ClientSession(cookie_jar=DummyCookieJar()) as cookieless:
+            for _ in range(NEW_VISITORS_PER_MINUTE + 1):
+                statuses.append((await cookieless.get(console.server.make_url("/"))).status)
+        returning = await visitor.client.get("/")
+
+    assert statuses[-1] == 429  # the first page was the first visitor's
+    assert statuses[:-2] == [200] * (NEW_VISITORS_PER_MINUTE - 1)
+    assert returning.status == 200  # a visitor with a cookie is not refused
 
 
 async def test_a_forged_cookie_gets_nobodys_conversation(store: Store, data_dir: Path) -> None:

@@ -22,7 +22,7 @@ from aiohttp import web
 from bot.adapters.web.identity import Identities
 from bot.adapters.web.port import WebPort
 from bot.adapters.web.uploads import BadForm, UploadTooLarge, read_ask_form
-from bot.core.dialog import Dialog
+from bot.core.dialog import Dialog, RateLimiter
 from bot.core.events import (
     ButtonPress,
     Command,
@@ -43,6 +43,10 @@ CSRF_HEADER = "X-CSRF-Token"
 COOKIE_MAX_AGE_S = 365 * 24 * 3600
 KEEPALIVE_S = 15.0  # a comment on an idle stream, so proxies keep it open
 MAX_JSON_BYTES = 16 * 1024
+# New identities one address may be given a minute. Identities cost nothing, so without this
+# a visitor could take a new one per question and escape the per-user limits. (Behind a
+# proxy every visitor comes from its address: the limit is then shared by all new visitors.)
+NEW_VISITORS_PER_MINUTE = 20
 PAGE_WORDS = [key for key in MESSAGES if key.startswith("web_")]
 
 
@@ -76,6 +80,7 @@ class ChatRoutes:
         self.port = port
         self.identities = identities
         self._hand_over = hand_over  # runs a dialog call in the background, tracked
+        self._new_visitors = RateLimiter(NEW_VISITORS_PER_MINUTE)
 
     def register(self, app: web.Application) -> None:
         """Add the chat routes to ``app``."""
@@ -108,8 +113,10 @@ class ChatRoutes:
     async def page(self, request: web.Request) -> web.StreamResponse:
         """The chat page; a visitor without a valid cookie gets a new identity."""
         visitor = self._visitor(request)
-        visitor_id = visitor.id if visitor else self.identities.new_visitor()
         language = language_of(_first_language(request.headers.get("Accept-Language")))
+        if visitor is None and not self._new_visitors.allow(request.remote or "unknown"):
+            raise web.HTTPTooManyRequests(text=say("slow_down", language))
+        visitor_id = visitor.id if visitor else self.identities.new_visitor()
         context = {
             "lang": language,
             "words": {key: say(key, language) for key in PAGE_WORDS},
