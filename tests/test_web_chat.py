@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from aiohttp import ClientSession, DummyCookieJar
@@ -11,8 +12,11 @@ from bot.core import buttons
 from bot.core.dialog import DialogConfig
 from bot.core.i18n import say
 from bot.store import Store
+from engine.engine import Engine, EngineConfig
 from engine.images import MAX_IMAGE_BYTES
-from tests.web_console import a_photo, web_console
+from engine.types import ModelSpec
+from tests.scripted_backend import ScriptedBackend
+from tests.web_console import ANSWER_WAIT_S, a_photo, web_console
 
 
 async def test_a_visitor_asks_about_a_photo_and_the_answer_streams_in(
@@ -33,6 +37,37 @@ async def test_a_visitor_asks_about_a_photo_and_the_answer_streams_in(
     assert stored is not None
     assert (stored.platform, stored.question) == ("web", "这是什么菜？")
     assert stored.photo_sha256 is not None
+
+
+async def test_a_visitor_waiting_behind_others_sees_how_many_are_ahead(
+    store: Store, data_dir: Path
+) -> None:
+    engine = Engine(
+        ScriptedBackend(capacity=1, step_s=0.01),  # "slow" takes 100 steps: time to queue
+        ModelSpec("scripted", "scripted-model"),
+        EngineConfig(max_pending_per_key=3),
+    )
+    async with (
+        web_console(store, data_dir, engine=engine) as console,
+        console.visitor() as first,
+        console.visitor() as second,
+        console.visitor() as third,
+    ):
+        for visitor in (first, second, third):
+            await visitor.open_page()
+            await visitor.listen()
+        await first.ask("slow: what is this?", a_photo())
+        await first.bot_says()  # the model is answering it
+        await second.ask("and this?", a_photo((10, 200, 30)))
+        async with asyncio.timeout(ANSWER_WAIT_S):
+            while engine.stats().waiting < 1:  # noqa: ASYNC110 - polls the engine's queue
+                await asyncio.sleep(0.01)
+        await third.ask("and this one?", a_photo((30, 30, 200)))
+        waiting = await third.bot_says()
+        answer = await third.answer()
+
+    assert waiting == say("queued", "en", ahead=1)
+    assert answer["text"] == "scripted-model says: and this one?"
 
 
 async def test_a_follow_up_asks_about_the_same_photo_and_a_rating_is_stored(
