@@ -14,6 +14,7 @@ from bot.core.port import ChatPort
 from bot.core.recovery import Recovery
 from bot.engine_setup import build_engine
 from bot.errors import DishbotError
+from bot.metrics import Metrics
 from bot.settings import Settings
 from bot.store import Store
 from bot.store.database import async_url, database_errors, is_sqlite
@@ -52,6 +53,7 @@ class App:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._serving = asyncio.Event()  # set once start-up is over and the bots serve
+        self.metrics = Metrics()
 
     async def open_store(self) -> Store:
         """Open the store with its schema at head.
@@ -72,9 +74,10 @@ class App:
         return store
 
     def configured_platforms(self) -> list[str]:
-        """The chat platforms that have a token."""
+        """The chat platforms that have a token, and "web" unless the web console is off."""
         tokens = {"telegram": self.settings.telegram.token, "discord": self.settings.discord.token}
-        return [name for name, token in tokens.items() if token is not None]
+        platforms = [name for name, token in tokens.items() if token is not None]
+        return [*platforms, "web"] if self.settings.web.enabled else platforms
 
     def dialog_config(self) -> DialogConfig:
         """The dialog's limits from the settings."""
@@ -91,6 +94,10 @@ class App:
             from bot.adapters.discord import DiscordAdapter
 
             adapters.append(DiscordAdapter(self.settings.discord, dialog))
+        if self.settings.web.enabled:
+            from bot.adapters.web import WebAdapter
+
+            adapters.append(WebAdapter(self.settings, dialog, self.metrics, peers=tuple(adapters)))
         return adapters
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
@@ -104,7 +111,8 @@ class App:
             raise NoChatPlatform(
                 "no chat platform is configured: set "
                 + " or ".join(TOKEN_VARIABLES.values())
-                + " (or `token` under [telegram] / [discord] in dishbot.toml)"
+                + " (or `token` under [telegram] / [discord] in dishbot.toml),"
+                + " or turn the web console back on (web.enabled)"
             )
         stop = stop or _stop_on_signals()
         self._serving = asyncio.Event()
@@ -145,7 +153,9 @@ class App:
                         follower=follower,
                     )
                     admin.runs = runs
-                    dialog = Dialog(store, engine, self.dialog_config(), admin=admin)
+                    dialog = Dialog(
+                        store, engine, self.dialog_config(), admin=admin, observer=self.metrics
+                    )
                     adapters = self.build_adapters(dialog)
                     recovery = Recovery(
                         store,

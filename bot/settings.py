@@ -231,6 +231,19 @@ class TrainingSettings(_Section):
     lora_dropout: float = Field(default=0.05, ge=0, lt=1)
 
 
+class WebSettings(_Section):
+    """The web console: the chat page, /metrics, /healthz and /readyz on one local port."""
+
+    enabled: bool = Field(default=True, description="serve the web console with `dishbot run`")
+    listen: str = Field(
+        default="127.0.0.1", description="address to bind; put a TLS proxy in front to share it"
+    )
+    port: int = Field(default=8080, ge=0, le=65535, description="0: any free port")
+    admin_password: SecretStr | None = Field(
+        default=None, description="password of the admin pages"
+    )
+
+
 def _parse_admins(value: Any) -> Any:
     """Accept a JSON list (``["telegram:1","discord:2"]``) or a comma-separated string."""
     if not isinstance(value, str):
@@ -267,6 +280,7 @@ class Settings(BaseSettings):
     discord: DiscordSettings = DiscordSettings()
     limits: LimitSettings = LimitSettings()
     training: TrainingSettings = TrainingSettings()
+    web: WebSettings = WebSettings()
 
     @field_validator("admins", mode="before")
     @classmethod
@@ -320,6 +334,7 @@ class Settings(BaseSettings):
             self.telegram.webhook_secret,
             self.discord.token,
             self.engine.openai.api_key,
+            self.web.admin_password,
         ]
         values = [s.get_secret_value() for s in secrets if s is not None]
         password = _database_password(self.db_url)

@@ -267,6 +267,11 @@ class Engine:
         """The model being served."""
         return self._model
 
+    @property
+    def serving(self) -> bool:
+        """Whether the model is loaded and questions are taken (between start and stop)."""
+        return not self._closed
+
     async def start(self) -> None:
         """Load the model and start serving."""
         keep_image_memory()

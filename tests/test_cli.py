@@ -82,6 +82,7 @@ def test_run_without_a_chat_token_says_which_token_to_set(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("DISHBOT_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("DISHBOT_WEB__ENABLED", "false")  # else the web console is served
 
     assert main(["run"]) != 0
 

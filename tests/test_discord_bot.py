@@ -754,6 +754,7 @@ async def test_one_process_serves_telegram_and_discord_from_one_engine_in_fair_o
                 base_file_url=telegram.base_file_url,
             ),
             discord=discord_settings(emulator),
+            web={"enabled": False},  # this test is about the two chat platforms
         )
         engine = Engine(backend, ModelSpec("scripted", MODEL), EngineConfig(max_pending_per_key=3))
         async with engine:

@@ -30,6 +30,7 @@ from bot.core.events import (
     TextMessage,
 )
 from bot.core.i18n import Language, image_reason, language_of, say
+from bot.core.observer import NO_OBSERVER, AnswerTiming, DialogObserver, Outcome
 from bot.core.port import ChatPort
 from bot.core.reply import EditPacer, StreamingReply
 from bot.core.text import visible_text
@@ -202,8 +203,10 @@ class Dialog:
         *,
         admin: AdminHandler | None = None,
         clock: Callable[[], float] = time.monotonic,
+        observer: DialogObserver = NO_OBSERVER,
     ) -> None:
         self.store = store
+        self.observer = observer
         self.engine = engine
         self.config = config or DialogConfig()
         self._admin = admin
@@ -371,6 +374,7 @@ class Dialog:
         store: Callable[[RequestHandle], Awaitable[ExchangeRecord]],
     ) -> None:
         """Submit ``request``, record it with ``store`` once admitted, and stream the answer."""
+        asked_at = time.monotonic()
         handle = await self._submit(request, language)
         if isinstance(handle, _Refusal):
             await self._refuse(port, user, event, request.question, handle.words, handle.reason)
@@ -396,7 +400,7 @@ class Dialog:
             self._untrack(request.key, handle)
             raise
         await self._answer(
-            handle, exchange, port, event.who, event.where, event.message_id, language
+            handle, exchange, port, event.who, event.where, event.message_id, language, asked_at
         )
 
     # -- resuming what a previous process accepted ------------------------------------------
@@ -594,6 +598,7 @@ class Dialog:
         except AlreadyAsked:
             return  # told the first time it came
         await self.store.fail_exchange(exchange.id, error=reason, latency_ms=0)
+        self.observer.not_answered("refused")
         await port.send(event.where, words, reply_to=event.message_id)
 
     async def _answer(
@@ -605,11 +610,17 @@ class Dialog:
         where: Place,
         reply_to: str | None,
         language: Language,
+        asked_at: float | None = None,
     ) -> None:
-        """Stream the engine's answer into the chat and store how it ended."""
+        """Stream the engine's answer into the chat and store how it ended. ``asked_at``
+        (monotonic) is when the question was asked, for the observer's timings; by default
+        now."""
+        asked_at = time.monotonic() if asked_at is None else asked_at
         self._answering.add(exchange.id)
         try:
-            await self._answer_into(handle, exchange, port, who, where, reply_to, language)
+            await self._answer_into(
+                handle, exchange, port, who, where, reply_to, language, asked_at
+            )
         finally:
             self._answering.discard(exchange.id)
 
@@ -622,13 +633,15 @@ class Dialog:
         where: Place,
         reply_to: str | None,
         language: Language,
+        asked_at: float,
     ) -> None:
         started = time.monotonic()
         key = self._key(who)
         reply = StreamingReply(port, where, self._pacer, reply_to=reply_to)
         typing = asyncio.create_task(self._keep_typing(port, where))
+        first_text: list[float] = []  # when the first words came, for the observer
         try:
-            answer = await self._stream(handle, reply, language)
+            answer = await self._stream(handle, reply, language, first_text)
         except EngineError as exc:
             await self._answer_failed(exc, exchange, reply, language, started)
             return
@@ -648,6 +661,14 @@ class Dialog:
         finally:
             typing.cancel()
             self._untrack(key, handle)
+        self.observer.answered(
+            AnswerTiming(
+                queued_s=answer.queued_s,
+                first_text_s=first_text[0] - asked_at if first_text else None,
+                total_s=time.monotonic() - asked_at,
+                text=answer.text,
+            )
+        )
         text = answer.text.strip() or say("empty_answer", language)
         shown = _with_trim_note(text, handle.turns_left_out, language)
         # Stored before it is shown, so a button pressed the moment it appears finds it.
@@ -731,7 +752,11 @@ class Dialog:
         )
 
     async def _stream(
-        self, handle: RequestHandle, reply: StreamingReply, language: Language
+        self,
+        handle: RequestHandle,
+        reply: StreamingReply,
+        language: Language,
+        first_text: list[float],
     ) -> Answer:
         text = ""
         last_ahead: int | None = None
@@ -740,6 +765,8 @@ class Dialog:
                 last_ahead = event.ahead
                 await reply.status(say("queued", language, ahead=event.ahead))
             elif isinstance(event, TextDelta):
+                if not first_text:
+                    first_text.append(time.monotonic())
                 text += event.text
                 reply.stream(text)
             elif isinstance(event, Answer):
@@ -754,17 +781,21 @@ class Dialog:
         language: Language,
         started: float,
     ) -> None:
+        outcome: Outcome
         if isinstance(error, Cancelled):
-            words, reason = say("cancelled", language), "cancelled"
+            words, reason, outcome = say("cancelled", language), "cancelled", "cancelled"
         elif isinstance(error, DeadlineExceeded):
-            words, reason = say("timed_out", language), "timed out"
+            words, reason, outcome = say("timed_out", language), "timed out", "timed_out"
         elif isinstance(error, EngineClosed):
-            words, reason = say("unavailable", language), "engine stopped"
+            words, reason, outcome = say("unavailable", language), "engine stopped", "unavailable"
         elif isinstance(error, ModelUnavailable):
             words, reason = say("model_unavailable", language), "model unavailable"
+            outcome = "unavailable"
         else:
             log.error("the engine failed on exchange %s: %s", exchange.id, error)
             words, reason = say("engine_failed", language), f"engine error: {error}"
+            outcome = "failed"
+        self.observer.not_answered(outcome)
         with contextlib.suppress(NotFound):  # gone: its sender had it forgotten
             await self.store.fail_exchange(exchange.id, error=reason, latency_ms=_ms_since(started))
         await reply.finish(words)
@@ -972,6 +1003,7 @@ class Dialog:
         except NotFound:
             await port.acknowledge(press, say("answer_gone", language))
             return
+        self.observer.rated(value)
         if value > 0:
             await port.acknowledge(press, say("rated_up", language))
         else:
@@ -1077,6 +1109,7 @@ class Dialog:
         except NotFound:
             await port.send(where, say("answer_gone", language))
             return
+        self.observer.corrected()
         await port.send(where, say("correction_thanks", language, text=text))
 
     # -- commands -------------------------------------------------------------------------

@@ -261,6 +261,36 @@ MESSAGES: Final[dict[str, dict[Language, str]]] = {
     },
     "export_started": {"en": "Exporting to {path} …", "zh": "正在导出到 {path} …"},
     "export_failed": {"en": "Export failed: {reason}", "zh": "导出失败：{reason}"},
+    # The web console's chat page.
+    "web_title": {"en": "dishbot — what dish is this?", "zh": "dishbot —— 这是什么菜？"},
+    "web_intro": {
+        "en": "Drop, paste or choose a photo of a dish, ask about it in any language, and "
+        "rate the answer: 👍 / 👎, or ✏️ to say what it really is.",
+        "zh": "拖入、粘贴或选择一张菜的照片，用任何语言提问，然后给回答打分："
+        "👍 / 👎，或者点 ✏️ 告诉我它到底是什么菜。",
+    },
+    "web_choose_photo": {"en": "📷 Photo", "zh": "📷 照片"},
+    "web_question_placeholder": {
+        "en": "Ask about the photo, or a follow-up…",
+        "zh": "问问这张照片，或者接着追问…",
+    },
+    "web_send": {"en": "Ask", "zh": "提问"},
+    "web_drop_here": {"en": "Drop the photo here", "zh": "把照片拖到这里"},
+    "web_you": {"en": "You", "zh": "你"},
+    "web_photo_sent": {"en": "📷 photo", "zh": "📷 照片"},
+    "web_correction_send": {"en": "Send correction", "zh": "提交更正"},
+    "web_session_expired": {
+        "en": "This page has expired: reload it and try again.",
+        "zh": "这个页面已过期：请刷新后再试。",
+    },
+    "web_bad_form": {
+        "en": "That request was not understood: reload the page and try again.",
+        "zh": "无法理解这个请求：请刷新页面后再试。",
+    },
+    "web_connection_lost": {
+        "en": "Connection lost — reconnecting…",
+        "zh": "连接已断开——正在重新连接…",
+    },
 }
 
 # The engine's reasons for refusing an image, for Chinese speakers. Reasons with figures in

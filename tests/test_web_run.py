@@ -1,0 +1,44 @@
+"""`dishbot run` on a fresh machine with no token serves the web console and says where."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import urllib.request
+from pathlib import Path
+
+import pexpect
+
+DISHBOT = str(Path(sys.executable).with_name("dishbot"))
+
+
+def test_run_with_no_token_serves_the_chat_page_and_prints_its_url(
+    tiny_internvl: Path, tmp_path: Path
+) -> None:
+    env = {
+        **os.environ,
+        "DISHBOT_DATA_DIR": str(tmp_path / "data"),
+        "DISHBOT_ENGINE__BACKEND": "transformers",
+        "DISHBOT_ENGINE__MODEL": str(tiny_internvl),
+        "DISHBOT_ENGINE__DEVICE": "cpu",
+        "DISHBOT_WEB__PORT": "0",  # any free port: the printed URL says which
+    }
+    child = pexpect.spawn(DISHBOT, ["run"], env=env, timeout=120, encoding="utf-8")
+    try:
+        child.expect(r"web console: (http://127\.0\.0\.1:\d+/)")
+        url = child.match.group(1)
+        with urllib.request.urlopen(url, timeout=10) as page:
+            html = page.read().decode()
+        with urllib.request.urlopen(url + "readyz", timeout=10) as ready:
+            readiness = json.loads(ready.read())
+        child.kill(signal.SIGTERM)
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+
+    assert 'id="photo"' in html
+    assert readiness == {"ready": True}
+    assert child.exitstatus == 0
+    assert "Traceback" not in (child.before or "")
