@@ -40,7 +40,13 @@ from bot.core.events import (
     TextMessage,
 )
 from bot.core.i18n import language_of, say
-from bot.core.limits import DISCORD_ACK_SECONDS, DISCORD_MESSAGE_LENGTH
+from bot.core.limits import (
+    DISCORD_ACK_SECONDS,
+    DISCORD_CHANNEL_CALLS,
+    DISCORD_MESSAGE_LENGTH,
+    DISCORD_OVERALL_CALLS,
+    CallLimit,
+)
 from bot.core.port import Button, MessageGone
 from bot.errors import ConfigError, DishbotError
 from bot.settings import DiscordSettings
@@ -187,12 +193,16 @@ class DiscordPort:
     message_limit = DISCORD_MESSAGE_LENGTH
     typing_interval_s = TYPING_INTERVAL_S
     answers_admin_commands_privately = True  # `DiscordAdapter._on_command`: ephemeral
+    overall_call_limit = DISCORD_OVERALL_CALLS
 
     def __init__(self, client: discord.Client) -> None:
         self._client = client
 
     def text_length(self, text: str) -> int:
         return len(_plain(text))
+
+    def call_limit(self, where: Place) -> CallLimit:
+        return DISCORD_CHANNEL_CALLS
 
     async def send(
         self,

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from bot.core import buttons
+from bot.core.budget import PacedPort, unpaced
 from bot.core.events import (
     ButtonPress,
     Command,
@@ -171,6 +172,7 @@ class Dialog:
 
     async def handle(self, event: Event, port: ChatPort) -> None:
         """Act on one event. Never raises: failures are logged and the user gets an apology."""
+        port = PacedPort(port, self._pacer.budget)  # every call counted in its chat's budget
         try:
             await self._dispatch(event, port)
         except Exception:
@@ -458,7 +460,8 @@ class Dialog:
                 latency_ms=_ms_since(started),
             )
             raise
-        await self.store.set_reply_message(exchange.id, message_ids[-1])
+        if message_ids:  # none when the only message's id was lost (`DeliveryUnknown`)
+            await self.store.set_reply_message(exchange.id, message_ids[-1])
 
     async def _stream(
         self, handle: RequestHandle, reply: StreamingReply, language: Language
@@ -497,10 +500,15 @@ class Dialog:
         await reply.finish(words)
 
     async def _keep_typing(self, port: ChatPort, where: Place) -> None:
-        while True:
-            with contextlib.suppress(Exception):
-                await port.typing(where)
-            await asyncio.sleep(port.typing_interval_s)
+        # While an answer is pending its chat keeps a call in reserve for it, so typing and
+        # partial edits (made only from what is spare) never delay the answer.
+        budget = self._pacer.budget
+        with budget.reserve(port, where):
+            while True:
+                if budget.spare(port, where):
+                    with contextlib.suppress(Exception):
+                        await unpaced(port).typing(where)
+                await asyncio.sleep(port.typing_interval_s)
 
     async def _not_a_photo(self, event: NotAPhoto, port: ChatPort) -> None:
         if not event.where.private and not event.addressed:

@@ -1,0 +1,138 @@
+"""Platform errors while an answer is sent or edited: 429s, 5xx, timeouts and connection
+resets from Telegram and Discord. Whatever happens on the way, the user sees the answer once,
+with its buttons.
+
+The real python-telegram-bot and discord.py against the emulators, which script the faults.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import SecretStr
+
+from bot.adapters.telegram import TelegramAdapter
+from bot.core.dialog import Dialog, DialogConfig
+from bot.settings import TelegramSettings
+from bot.store import Store
+from bot.store.models import ExchangeStatus
+from engine.engine import Engine
+from engine.types import ModelSpec
+from tests.factories import jpeg_bytes
+from tests.scripted_backend import LONG_ANSWER, ScriptedBackend
+from tests.telegram_emulator import TelegramEmulator
+from tests.telegram_emulator import User as TelegramUser
+
+ADA = TelegramUser(42, "Ada", language_code="en")
+CLIENT_TIMEOUT_S = 0.5  # the bot's timeout for each platform call, short to keep tests fast
+HANG_S = 3 * CLIENT_TIMEOUT_S
+# Only the first partial edit is shown before the answer is complete, so that the calls of
+# the final answer are known: an edit of the first part, then sends of the others.
+NO_MORE_PARTIALS = DialogConfig(edit_interval_s=60.0, questions_per_minute=60)
+
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> str:
+    # The adapters are the subject here; the store's SQL runs on both databases elsewhere.
+    return f"sqlite+aiosqlite:///{tmp_path / 'data' / 'dishbot.db'}"
+
+
+@asynccontextmanager
+async def telegram_bot(store: Store) -> AsyncIterator[tuple[TelegramEmulator, Dialog]]:
+    async with TelegramEmulator() as telegram:
+        engine = Engine(ScriptedBackend(capacity=4, step_s=0.05), ModelSpec("scripted", "m"))
+        async with engine:
+            dialog = Dialog(store, engine, NO_MORE_PARTIALS)
+            settings = TelegramSettings(
+                token=SecretStr(telegram.token),
+                base_url=telegram.base_url,
+                base_file_url=telegram.base_file_url,
+            )
+            adapter = TelegramAdapter(settings, dialog, request_timeout_s=CLIENT_TIMEOUT_S)
+            await adapter.start()
+            try:
+                yield telegram, dialog
+            finally:
+                await adapter.stop()
+
+
+TELEGRAM_FAULTS: dict[str, Callable[[TelegramEmulator, str], None]] = {
+    "429": lambda telegram, method: telegram.fail_next(method, 429, retry_after=1),
+    "502": lambda telegram, method: telegram.fail_next(method, 502),
+    "500": lambda telegram, method: telegram.fail_next(method, 500),
+    # Telegram took the call and was too slow to say so: the bot must not do it twice.
+    "timeout": lambda telegram, method: telegram.hang_next(method, HANG_S, processed=True),
+    "stuck": lambda telegram, method: telegram.hang_next(method, HANG_S),
+    "reset": lambda telegram, method: telegram.reset_next(method),
+}
+
+
+TELEGRAM_CASES = [
+    (method, fault)
+    for method in ("sendMessage", "editMessageText")
+    for fault in TELEGRAM_FAULTS
+    # A send that got no answer may have arrived: it is not sent again (next test).
+    if (method, fault) != ("sendMessage", "stuck")
+]
+
+
+async def _long_answer_with_a_fault(telegram: TelegramEmulator, store: Store, fault: str) -> Any:
+    """Ask for the long answer; script ``fault`` once the answer streams, so that it hits
+    one of the final answer's calls; returns the exchange once the buttons are shown."""
+    photo = telegram.add_file(jpeg_bytes(size=(96, 64)))
+    telegram.send_photo_message(ADA, ADA.private_chat, photo, caption="long story please")
+    await telegram.wait_for("sendMessage", lambda c: c.params["chat_id"] == ADA.id)
+    fault_of = fault.split(":")
+    TELEGRAM_FAULTS[fault_of[1]](telegram, fault_of[0])
+    await telegram.wait_for("sendMessage", lambda c: "reply_markup" in c.params, timeout=15)
+    return await _answered(store)
+
+
+@pytest.mark.parametrize(("method", "fault"), TELEGRAM_CASES)
+async def test_a_telegram_answer_arrives_once_with_its_buttons_despite_a_fault(
+    store: Store, method: str, fault: str
+) -> None:
+    async with telegram_bot(store) as (telegram, _dialog):
+        exchange = await _long_answer_with_a_fault(telegram, store, f"{method}:{fault}")
+
+    messages = telegram.messages_in(ADA.id)
+    with_buttons = [m for m in messages if "reply_markup" in m]
+    assert len(with_buttons) == 1, "the buttons are shown once, under the last part"
+    texts = [m["text"] for m in messages]
+    assert len(texts) == len(set(texts)), "no part of the answer is shown twice"
+    assert "\n\n".join(texts).split() == LONG_ANSWER.split()
+    assert exchange.status is ExchangeStatus.ANSWERED
+    assert [c for c in telegram.calls(method) if not c.ok or c.description], "it did happen"
+
+
+async def _answered(store: Store) -> Any:
+    from sqlalchemy import select
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    from bot.store.models import Exchange
+
+    async with AsyncSession(store.engine) as session:
+        exchange = await session.scalar(select(Exchange))
+    assert exchange is not None
+    return exchange
+
+
+async def test_a_telegram_send_that_may_have_arrived_is_not_sent_twice(store: Store) -> None:
+    # Telegram does not answer a send in time: it may have shown the message or not, and
+    # has no way to tell a second copy from a new message. Not sending it again keeps every
+    # message once; that part may be missing (a long timeout makes this rare in production).
+    async with telegram_bot(store) as (telegram, _dialog):
+        exchange = await _long_answer_with_a_fault(telegram, store, "sendMessage:stuck")
+
+    messages = telegram.messages_in(ADA.id)
+    assert len([m for m in messages if "reply_markup" in m]) == 1
+    texts = [m["text"] for m in messages]
+    assert len(texts) == len(set(texts))
+    stuck = [c for c in telegram.calls("sendMessage") if not c.ok]
+    assert len(stuck) == 1
+    assert [c for c in telegram.calls("sendMessage") if c.params == stuck[0].params] == stuck
+    assert exchange.status is ExchangeStatus.ANSWERED
