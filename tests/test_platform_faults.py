@@ -12,16 +12,21 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import discord
 import pytest
+import yarl
+from discord.gateway import DiscordWebSocket
 from pydantic import SecretStr
 
+from bot.adapters.discord import DiscordAdapter
 from bot.adapters.telegram import TelegramAdapter
 from bot.core.dialog import Dialog, DialogConfig
-from bot.settings import TelegramSettings
+from bot.settings import DiscordSettings, TelegramSettings
 from bot.store import Store
 from bot.store.models import ExchangeStatus
 from engine.engine import Engine
 from engine.types import ModelSpec
+from tests.discord_emulator import DiscordEmulator
 from tests.factories import jpeg_bytes
 from tests.scripted_backend import LONG_ANSWER, ScriptedBackend
 from tests.telegram_emulator import TelegramEmulator
@@ -136,3 +141,77 @@ async def test_a_telegram_send_that_may_have_arrived_is_not_sent_twice(store: St
     assert len(stuck) == 1
     assert [c for c in telegram.calls("sendMessage") if c.params == stuck[0].params] == stuck
     assert exchange.status is ExchangeStatus.ANSWERED
+
+
+# -- Discord ---------------------------------------------------------------------------------
+
+CHANNEL_MESSAGES = "POST /channels/{channel_id}/messages"
+EDIT_MESSAGE = "PATCH /channels/{channel_id}/messages/{message_id}"
+
+DISCORD_FAULTS: dict[str, Callable[[DiscordEmulator, str], None]] = {
+    "429": lambda discord_, route: discord_.fail_next(route, 429, retry_after=0.2),
+    "502": lambda discord_, route: discord_.fail_next(route, 502),  # discord.py retries it
+    "503": lambda discord_, route: discord_.fail_next(route, 503),  # discord.py does not
+    # Discord took the call and was too slow to say so: a send is repeated under its nonce.
+    "timeout": lambda discord_, route: discord_.hang_next(route, HANG_S, processed=True),
+    "stuck": lambda discord_, route: discord_.hang_next(route, HANG_S),
+    "reset": lambda discord_, route: discord_.reset_next(route),
+}
+
+
+@asynccontextmanager
+async def discord_bot(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[tuple[DiscordEmulator, int, dict[str, Any]]]:
+    """A running Discord bot in a server with one channel; yields the emulator, the
+    channel's id and a user."""
+    async with DiscordEmulator() as emulator:
+        monkeypatch.setattr(discord.http.Route, "BASE", emulator.api_base)
+        monkeypatch.setattr(DiscordWebSocket, "DEFAULT_GATEWAY", yarl.URL(emulator.gateway_url))
+        guild_id = emulator.add_guild("Foodies")
+        ada = emulator.add_user("ada", global_name="Ada")
+        channel_id = emulator.add_channel(guild_id, "dishes")
+        engine = Engine(ScriptedBackend(capacity=4, step_s=0.05), ModelSpec("scripted", "m"))
+        async with engine:
+            settings = DiscordSettings(
+                token=SecretStr(emulator.token),
+                api_base=emulator.api_base,
+                gateway_url=emulator.gateway_url,
+            )
+            adapter = DiscordAdapter(
+                settings,
+                Dialog(store, engine, NO_MORE_PARTIALS),
+                guild_ready_timeout=0.05,
+                request_timeout_s=CLIENT_TIMEOUT_S,
+            )
+            await adapter.start()
+            try:
+                yield emulator, channel_id, ada
+            finally:
+                await adapter.stop()
+                await emulator.wait_until(lambda: not emulator.connected, 15)
+
+
+@pytest.mark.parametrize("route", [CHANNEL_MESSAGES, EDIT_MESSAGE])
+@pytest.mark.parametrize("fault", list(DISCORD_FAULTS))
+async def test_a_discord_answer_arrives_once_with_its_buttons_despite_a_fault(
+    store: Store, monkeypatch: pytest.MonkeyPatch, route: str, fault: str
+) -> None:
+    async with discord_bot(store, monkeypatch) as (emulator, channel_id, ada):
+        photo = emulator.add_file(jpeg_bytes(size=(96, 64)), "dish.jpg")
+        emulator.send_message(channel_id, ada, "long story please", [photo], mentions_bot=True)
+        await emulator.wait_until(lambda: bool(emulator.calls(CHANNEL_MESSAGES)), 15)
+        # The answer is streaming; its final calls are next: the fault hits one of them.
+        DISCORD_FAULTS[fault](emulator, route)
+        await emulator.wait_until(
+            lambda: any(m["components"] for m in emulator.messages_in(channel_id)), 30
+        )
+        exchange = await _answered(store)
+
+    messages = [m for m in emulator.messages_in(channel_id) if m["author"]["bot"]]
+    assert len([m for m in messages if m["components"]]) == 1, "the buttons are shown once"
+    texts = [m["content"] for m in messages]
+    assert len(texts) == len(set(texts)), "no part of the answer is shown twice"
+    assert " ".join(texts).replace("\\", "").split() == LONG_ANSWER.split()
+    assert exchange.status is ExchangeStatus.ANSWERED
+    assert [c for c in emulator.calls(route) if c.status != 200 or c.late], "it did happen"
