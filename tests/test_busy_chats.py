@@ -11,11 +11,19 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from bot.core.budget import MAX_IDLE_WINDOWS, CallBudget
 from bot.core.dialog import DialogConfig
-from bot.core.events import Person
+from bot.core.events import Person, Place
+from bot.core.limits import (
+    TELEGRAM_GROUP_CALLS,
+    TELEGRAM_OVERALL_CALLS,
+    TELEGRAM_PRIVATE_CALLS,
+    CallLimit,
+)
 from bot.store import Store
 from engine.engine import Engine, EngineConfig
 from engine.types import GenerationJob, JobFinished
@@ -167,3 +175,40 @@ async def test_answers_finishing_together_in_a_group_go_out_before_typing_and_pa
     assert not extra, f"typing or partial edits before the last final answer: {extra}"
     assert len(calls) <= 20, "a group takes 20 calls a minute; the bot kept within it"
     assert {c.params["text"] for c in finals} == {f"{MODEL} says: {n} {words}" for n in range(4)}
+
+
+# -- the budget itself -----------------------------------------------------------------------
+
+
+class _GroupPort:
+    """Just what the budget reads of a port: Telegram's limits."""
+
+    platform = "telegram"
+    overall_call_limit = TELEGRAM_OVERALL_CALLS
+
+    def call_limit(self, where: Place) -> CallLimit:
+        return TELEGRAM_PRIVATE_CALLS if where.private else TELEGRAM_GROUP_CALLS
+
+
+def test_a_group_keeps_a_call_for_each_pending_answer_and_idle_chats_are_forgotten() -> None:
+    now = [0.0]
+    budget = CallBudget(clock=lambda: now[0])
+    port: Any = _GroupPort()
+    group = Place("-100", private=False)
+    granted = 0
+    with budget.reserve(port, group), budget.reserve(port, group):
+        for _ in range(40):  # typing and partial edits asking, one a second
+            granted += budget.spare(port, group)
+            now[0] += 1.0
+        # Two answers pending: 18 of the group's 20 calls a minute went to decorations.
+        assert granted == TELEGRAM_GROUP_CALLS.calls - 2
+        budget.spent(port, group)
+        budget.spent(port, group)
+        assert not budget.spare(port, group), "the answers used the reserve; nothing is spare"
+    now[0] += TELEGRAM_GROUP_CALLS.per_s
+    assert budget.spare(port, group), "a minute later the window is free again"
+
+    for chat in range(3 * MAX_IDLE_WINDOWS):
+        budget.spent(port, Place(str(chat), private=True))
+        now[0] += 0.01
+    assert len(budget) <= MAX_IDLE_WINDOWS + 1, "chats idle for their window are forgotten"
