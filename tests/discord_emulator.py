@@ -17,7 +17,10 @@ The test plays the platform side (users send messages and attachments, press but
 modals, run slash commands) and reads what the bot did: every REST call is recorded
 (``calls``, ``wait_for``), ``messages_in`` shows the bot's messages as users see them now
 (after edits, deletions, interaction responses and follow-ups), and ``fail_next`` scripts
-rate limits and other errors. Routes are named ``"METHOD /template"`` as in discord.py's
+rate limits and other errors, ``hang_next`` a request held past the client's timeout (taken
+or not), ``reset_next`` a connection closed without an answer. A message sent with
+``enforce_nonce`` and a nonce used before returns the message made then, as Discord's does.
+Routes are named ``"METHOD /template"`` as in discord.py's
 ``Route``, e.g. ``"POST /channels/{channel_id}/messages"``; a concrete path works too.
 
 What it checks, like Discord does, so that adapter bugs show up in tests: content over 2000

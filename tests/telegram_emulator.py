@@ -19,7 +19,9 @@ api.telegram.org does, so the real python-telegram-bot ``Application`` can run a
 The test plays the platform side (users send texts, photos and documents, press buttons) and
 reads what the bot did: every call is recorded with its decoded parameters (``calls``,
 ``wait_for``), and ``messages_in`` shows the bot's messages as a user sees them now, after
-edits and deletions. ``fail_next`` scripts flood-control and other errors.
+edits and deletions. ``fail_next`` scripts flood-control and other errors (5xx too),
+``hang_next`` a call held past the client's timeout (taken or not), ``reset_next`` a
+connection closed without an answer.
 
 What it checks, like Telegram does, so that adapter bugs show up in tests: unknown chats,
 empty or over-long texts and captions, MarkdownV2 / HTML that Telegram would refuse to parse,
