@@ -145,6 +145,9 @@ async def test_a_telegram_send_that_may_have_arrived_is_not_sent_twice(store: St
 
 # -- Discord ---------------------------------------------------------------------------------
 
+# discord.py waits 1 s before it retries a 5xx itself; the port's timeout covers that wait.
+DISCORD_TIMEOUT_S = 2.0
+DISCORD_HANG_S = 2 * DISCORD_TIMEOUT_S
 CHANNEL_MESSAGES = "POST /channels/{channel_id}/messages"
 EDIT_MESSAGE = "PATCH /channels/{channel_id}/messages/{message_id}"
 
@@ -153,8 +156,8 @@ DISCORD_FAULTS: dict[str, Callable[[DiscordEmulator, str], None]] = {
     "502": lambda discord_, route: discord_.fail_next(route, 502),  # discord.py retries it
     "503": lambda discord_, route: discord_.fail_next(route, 503),  # discord.py does not
     # Discord took the call and was too slow to say so: a send is repeated under its nonce.
-    "timeout": lambda discord_, route: discord_.hang_next(route, HANG_S, processed=True),
-    "stuck": lambda discord_, route: discord_.hang_next(route, HANG_S),
+    "timeout": lambda discord_, route: discord_.hang_next(route, DISCORD_HANG_S, processed=True),
+    "stuck": lambda discord_, route: discord_.hang_next(route, DISCORD_HANG_S),
     "reset": lambda discord_, route: discord_.reset_next(route),
 }
 
@@ -182,7 +185,7 @@ async def discord_bot(
                 settings,
                 Dialog(store, engine, NO_MORE_PARTIALS),
                 guild_ready_timeout=0.05,
-                request_timeout_s=CLIENT_TIMEOUT_S,
+                request_timeout_s=DISCORD_TIMEOUT_S,
             )
             await adapter.start()
             try:
@@ -202,6 +205,42 @@ async def test_a_discord_answer_arrives_once_with_its_buttons_despite_a_fault(
         emulator.send_message(channel_id, ada, "long story please", [photo], mentions_bot=True)
         await emulator.wait_until(lambda: bool(emulator.calls(CHANNEL_MESSAGES)), 15)
         # The answer is streaming; its final calls are next: the fault hits one of them.
+        DISCORD_FAULTS[fault](emulator, route)
+        await emulator.wait_until(
+            lambda: any(m["components"] for m in emulator.messages_in(channel_id)), 30
+        )
+        exchange = await _answered(store)
+
+    messages = [m for m in emulator.messages_in(channel_id) if m["author"]["bot"]]
+    assert len([m for m in messages if m["components"]]) == 1, "the buttons are shown once"
+    texts = [m["content"] for m in messages]
+    assert len(texts) == len(set(texts)), "no part of the answer is shown twice"
+    assert " ".join(texts).replace("\\", "").split() == LONG_ANSWER.split()
+    assert exchange.status is ExchangeStatus.ANSWERED
+    assert [c for c in emulator.calls(route) if c.status != 200 or c.late], "it did happen"
+
+
+FOLLOW_UP = "POST /webhooks/{application_id}/{token}"
+EDIT_FOLLOW_UP = "PATCH /webhooks/{application_id}/{token}/messages/{message_id}"
+FOLLOW_UP_CASES = [
+    (route, fault)
+    for route in (FOLLOW_UP, EDIT_FOLLOW_UP)
+    for fault in DISCORD_FAULTS
+    # A webhook takes no nonce: a follow-up that got no answer is not sent again.
+    if (route, fault) != (FOLLOW_UP, "stuck")
+]
+
+
+@pytest.mark.parametrize(("route", "fault"), FOLLOW_UP_CASES)
+async def test_a_dish_command_answer_arrives_once_with_its_buttons_despite_a_fault(
+    store: Store, monkeypatch: pytest.MonkeyPatch, route: str, fault: str
+) -> None:
+    async with discord_bot(store, monkeypatch) as (emulator, channel_id, ada):
+        photo = emulator.add_file(jpeg_bytes(size=(96, 64)), "dish.jpg")
+        emulator.slash_command(
+            "dish", {"photo": photo, "question": "long story please"}, ada, channel_id
+        )
+        await emulator.wait_until(lambda: bool(emulator.calls(FOLLOW_UP)), 15)
         DISCORD_FAULTS[fault](emulator, route)
         await emulator.wait_until(
             lambda: any(m["components"] for m in emulator.messages_in(channel_id)), 30
