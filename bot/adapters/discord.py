@@ -65,8 +65,10 @@ ACK_MARGIN_S = 1.0  # a slow button press is deferred this long before Discord's
 READY_TIMEOUT_S = 60.0  # from connecting to the gateway until the servers are loaded
 STOP_GRACE_S = 10.0  # how long answers in progress may take to finish when the bot stops
 CORRECTION_FIELD = "correction"  # custom_id of the ✏️ form's one text field
-# discord.py has no timeout of its own for a REST call (aiohttp's is five minutes).
-REQUEST_TIMEOUT_S = 20.0
+# discord.py has no timeout of its own for a REST call (aiohttp's is five minutes). This one
+# covers the whole call, discord.py's own retries of a 5xx included (1 + 3 + 5 + 7 + 9 s), so
+# a follow-up is not taken for lost while discord.py is still waiting to try it again.
+REQUEST_TIMEOUT_S = 40.0
 CALL_RETRY_PAUSES_S = (0.5, 1.0, 2.0, 4.0)  # after a call failed on the way
 
 # Slash commands besides /dish; each becomes the core `Command` of the same name.
