@@ -212,3 +212,13 @@ def test_a_group_keeps_a_call_for_each_pending_answer_and_idle_chats_are_forgott
         budget.spent(port, Place(str(chat), private=True))
         now[0] += 0.01
     assert len(budget) <= MAX_IDLE_WINDOWS + 1, "chats idle for their window are forgotten"
+
+
+def test_a_port_that_states_no_limits_is_counted_but_never_held_back() -> None:
+    class Unstated:
+        platform = "web"
+
+    budget = CallBudget(clock=lambda: 0.0)
+    page = Place("page-1", private=True)
+    with budget.reserve(Unstated(), page):  # type: ignore[arg-type]
+        assert all(budget.spare(Unstated(), page) for _ in range(1000))  # type: ignore[arg-type]

@@ -26,6 +26,9 @@ from bot.core.limits import CallLimit
 from bot.core.port import Button, ChatPort
 
 SPARE_SHARE_OF_OVERALL = 0.5  # of the platform's overall rate; the rest is kept for answers
+# For a port that states no limits (one written before `ChatPort.call_limit`, or a web page):
+# its calls are counted and nothing is held back.
+UNLIMITED = CallLimit(2**31, 1.0)
 MAX_IDLE_WINDOWS = 10_000  # chats remembered before idle ones are swept
 
 
@@ -88,13 +91,16 @@ class CallBudget:
         if window is None:
             if len(self._chats) >= MAX_IDLE_WINDOWS:
                 self._sweep()
-            window = self._chats[key] = _Window(port.call_limit(where))
+            call_limit = getattr(port, "call_limit", None)
+            limit = UNLIMITED if call_limit is None else call_limit(where)
+            window = self._chats[key] = _Window(limit)
         return window
 
     def _platform(self, port: ChatPort) -> _Window:
         window = self._overall.get(port.platform)
         if window is None:
-            window = self._overall[port.platform] = _Window(port.overall_call_limit)
+            limit = getattr(port, "overall_call_limit", UNLIMITED)
+            window = self._overall[port.platform] = _Window(limit)
         return window
 
     def _sweep(self) -> None:
@@ -139,10 +145,11 @@ class PacedPort:
 
     @property
     def overall_call_limit(self) -> CallLimit:
-        return self.inner.overall_call_limit
+        return getattr(self.inner, "overall_call_limit", UNLIMITED)
 
     def call_limit(self, where: Place) -> CallLimit:
-        return self.inner.call_limit(where)
+        call_limit = getattr(self.inner, "call_limit", None)
+        return UNLIMITED if call_limit is None else call_limit(where)
 
     def text_length(self, text: str) -> int:
         return self.inner.text_length(text)
