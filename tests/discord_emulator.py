@@ -17,7 +17,10 @@ The test plays the platform side (users send messages and attachments, press but
 modals, run slash commands) and reads what the bot did: every REST call is recorded
 (``calls``, ``wait_for``), ``messages_in`` shows the bot's messages as users see them now
 (after edits, deletions, interaction responses and follow-ups), and ``fail_next`` scripts
-rate limits and other errors. Routes are named ``"METHOD /template"`` as in discord.py's
+rate limits and other errors, ``hang_next`` a request held past the client's timeout (taken
+or not), ``reset_next`` a connection closed without an answer. A message sent with
+``enforce_nonce`` and a nonce used before returns the message made then, as Discord's does.
+Routes are named ``"METHOD /template"`` as in discord.py's
 ``Route``, e.g. ``"POST /channels/{channel_id}/messages"``; a concrete path works too.
 
 What it checks, like Discord does, so that adapter bugs show up in tests: content over 2000
@@ -156,6 +159,8 @@ class Call:
     files: list[UploadedFile] = field(default_factory=list)
     status: int = 0
     response: Any = None
+    late: bool = False  # taken, and answered after the client's timeout
+    recorded: bool = field(default=False, repr=False)
 
 
 class DiscordError(Exception):
@@ -215,6 +220,9 @@ class _ScriptedFailure:
     message: str
     retry_after: float | None
     times: int
+    hang_s: float = 0.0  # held this long, then answered (the client has given up by then)
+    processed: bool = False  # a held request takes effect before it hangs
+    reset: bool = False  # the connection is closed without an answer
 
 
 @dataclass
@@ -299,6 +307,7 @@ class DiscordEmulator:
         self._changed = asyncio.Condition()
         self._calls: list[Call] = []
         self._failures: dict[str, deque[_ScriptedFailure]] = {}
+        self._nonces: dict[tuple[str, str], str] = {}  # (channel, nonce) -> message id
         self._users: dict[int, ApiObject] = {}
         self._guilds: dict[int, ApiObject] = {}
         self._members: dict[int, dict[int, ApiObject]] = {}
@@ -675,6 +684,21 @@ class DiscordEmulator:
         )
         self._failures.setdefault(route, deque()).append(failure)
 
+    def hang_next(
+        self, route: str, seconds: float, *, processed: bool = False, times: int = 1
+    ) -> None:
+        """Hold the next ``times`` requests of ``route`` for ``seconds`` before answering (set
+        it past the client's timeout). With ``processed`` the request takes effect first (the
+        message is posted; only the answer is late); without, it never does."""
+        failure = _ScriptedFailure(0, 0, "", None, times, hang_s=seconds, processed=processed)
+        self._failures.setdefault(route, deque()).append(failure)
+
+    def reset_next(self, route: str, times: int = 1) -> None:
+        """Close the connection of the next ``times`` requests of ``route`` without an
+        answer, before the request takes effect."""
+        failure = _ScriptedFailure(0, 0, "", None, times, reset=True)
+        self._failures.setdefault(route, deque()).append(failure)
+
     async def disconnect(self, code: int = 4000) -> None:
         """Drop the gateway connection the way Discord does; the session stays resumable,
         and events dispatched meanwhile are replayed on RESUME."""
@@ -839,18 +863,43 @@ class DiscordEmulator:
             call.route = route.name
             if route.needs_auth and request.headers.get("Authorization") != f"Bot {self.token}":
                 raise DiscordError(401, 0, "401: Unauthorized")
-            self._raise_scripted_failure(call)
+            failure = self._scripted_failure(call)
+            if failure is not None and failure.reset:
+                call.status, call.response = 0, "the connection was closed without an answer"
+                self._record(call)
+                if request.transport is not None:
+                    request.transport.abort()
+                return web.Response()
+            if failure is not None and failure.hang_s and not failure.processed:
+                call.status, call.response = 0, "held past the client's timeout, not processed"
+                self._record(call)
+                await asyncio.sleep(failure.hang_s)
+                return web.Response(status=504)
+            if failure is not None and not failure.hang_s:
+                raise DiscordError(
+                    failure.status, failure.code, failure.message, retry_after=failure.retry_after
+                )
             try:
                 call.status, call.response = route.handler(call, **params)
             except (KeyError, TypeError, ValueError, AttributeError) as malformed:
                 # A payload of the wrong shape: Discord answers 400, never a 500 (which
                 # discord.py would retry for seconds).
                 raise DiscordError(400, 50035, f"Invalid Form Body ({malformed!r})") from None
+            if failure is not None:  # processed, and now the answer is late
+                call.late = True
+                self._record(call)
+                await asyncio.sleep(failure.hang_s)
         except DiscordError as error:
             call.status, call.response, headers = error.status, error.body(), error.headers()
+        self._record(call)
+        return _json_response(call.status, call.response, headers)
+
+    def _record(self, call: Call) -> None:
+        if call.recorded:
+            return
+        call.recorded = True
         self._calls.append(call)
         self._notify()
-        return _json_response(call.status, call.response, headers)
 
     def _match(self, method: str, path: str) -> tuple[_Route | None, dict[str, str]]:
         for route in self._routes:
@@ -859,7 +908,7 @@ class DiscordEmulator:
                 return route, found.groupdict()
         return None, {}
 
-    def _raise_scripted_failure(self, call: Call) -> None:
+    def _scripted_failure(self, call: Call) -> _ScriptedFailure | None:
         for key in (call.route, f"{call.method} {call.path}"):
             queue = self._failures.get(key)
             if not queue:
@@ -868,9 +917,8 @@ class DiscordEmulator:
             failure.times -= 1
             if failure.times <= 0:
                 queue.popleft()
-            raise DiscordError(
-                failure.status, failure.code, failure.message, retry_after=failure.retry_after
-            )
+            return failure
+        return None
 
     async def _serve_file(self, request: web.Request) -> web.StreamResponse:
         stored = self._files.get(int(request.match_info["attachment_id"]))
@@ -957,7 +1005,16 @@ class DiscordEmulator:
     def _create_message(self, call: Call, channel_id: str) -> tuple[int, Any]:
         channel = self._channel_or_404(channel_id)
         payload = call.json or {}
+        nonce = payload.get("nonce") if payload.get("enforce_nonce") else None
+        if nonce is not None and (channel["id"], nonce) in self._nonces:
+            # As Discord does for a few minutes: the same nonce gets the message it made.
+            earlier = self._messages.get(int(self._nonces[channel["id"], nonce]))
+            if earlier is not None:
+                return 200, copy.deepcopy(earlier)
         message = self._new_message(channel, self.bot_user, "")
+        if nonce is not None:
+            message["nonce"] = nonce
+            self._nonces[channel["id"], nonce] = message["id"]
         reference = payload.get("message_reference")
         if reference is not None:
             referenced = self._messages.get(int(reference.get("message_id", 0)))

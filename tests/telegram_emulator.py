@@ -19,7 +19,9 @@ api.telegram.org does, so the real python-telegram-bot ``Application`` can run a
 The test plays the platform side (users send texts, photos and documents, press buttons) and
 reads what the bot did: every call is recorded with its decoded parameters (``calls``,
 ``wait_for``), and ``messages_in`` shows the bot's messages as a user sees them now, after
-edits and deletions. ``fail_next`` scripts flood-control and other errors.
+edits and deletions. ``fail_next`` scripts flood-control and other errors (5xx too),
+``hang_next`` a call held past the client's timeout (taken or not), ``reset_next`` a
+connection closed without an answer.
 
 What it checks, like Telegram does, so that adapter bugs show up in tests: unknown chats,
 empty or over-long texts and captions, MarkdownV2 / HTML that Telegram would refuse to parse,
@@ -233,6 +235,7 @@ class Call:
     result: Any = None
     error_code: int | None = None
     description: str | None = None
+    recorded: bool = field(default=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -250,6 +253,9 @@ class _ScriptedFailure:
     description: str
     retry_after: int | None
     times: int
+    hang_s: float = 0.0  # held this long, then answered (the client has given up by then)
+    processed: bool = False  # a held call takes effect before it hangs
+    reset: bool = False  # the connection is closed without an answer
 
 
 class ApiError(Exception):
@@ -581,7 +587,8 @@ class TelegramEmulator:
         times: int = 1,
         description: str | None = None,
     ) -> None:
-        """Answer the next ``times`` calls of ``method`` with an error instead.
+        """Answer the next ``times`` calls of ``method`` with an error instead (the call does
+        not take effect).
 
         A 429 carries ``parameters.retry_after`` (what AIORateLimiter waits for); other codes
         carry only ``description`` (for example a 400 "Bad Request: ...").
@@ -590,11 +597,29 @@ class TelegramEmulator:
             description = (
                 f"Too Many Requests: retry after {retry_after}"
                 if error_code == 429
+                else "Bad Gateway"
+                if error_code >= 500
                 else "Bad Request: scripted failure"
             )
         failure = _ScriptedFailure(
             error_code, description, retry_after if error_code == 429 else None, times
         )
+        self._failures.setdefault(method.lower(), deque()).append(failure)
+
+    def hang_next(
+        self, method: str, seconds: float, *, processed: bool = False, times: int = 1
+    ) -> None:
+        """Hold the next ``times`` calls of ``method`` for ``seconds`` before answering (set it
+        past the client's read timeout). With ``processed`` the call takes effect first (the
+        message is sent; only the answer to the bot is late), as when Telegram is slow;
+        without, it never does, as when Telegram's front end is stuck."""
+        failure = _ScriptedFailure(0, "", None, times, hang_s=seconds, processed=processed)
+        self._failures.setdefault(method.lower(), deque()).append(failure)
+
+    def reset_next(self, method: str, times: int = 1) -> None:
+        """Close the connection of the next ``times`` calls of ``method`` without an answer,
+        before the call takes effect."""
+        failure = _ScriptedFailure(0, "", None, times, reset=True)
         self._failures.setdefault(method.lower(), deque()).append(failure)
 
     # ----------------------------------------------------------------- what the bot did
@@ -687,13 +712,15 @@ class TelegramEmulator:
         if long_poll:
             self._record(call)
         try:
-            result = await self._answer(call, request.match_info["token"])
+            result = await self._answer(call, request.match_info["token"], request)
         except ApiError as error:
             call.ok, call.error_code, call.description = False, error.error_code, error.description
             response = error.to_response()
         except asyncio.CancelledError:
-            # The client hung up (PTB abandons its long poll on stop); still a call it made.
-            call.ok, call.description = False, "the client went away before the answer"
+            # The client hung up (PTB abandons its long poll on stop, a read timeout gives up
+            # on a held call); still a call it made, and one held after it took effect counts.
+            if call.result is None:
+                call.ok, call.description = False, "the client went away before the answer"
             raise
         else:
             call.result = result
@@ -703,16 +730,30 @@ class TelegramEmulator:
                 self._record(call)
         return response
 
-    async def _answer(self, call: Call, token: str) -> Any:
+    async def _answer(self, call: Call, token: str, request: web.Request) -> Any:
         if token != self.token:
             raise ApiError(401, "Unauthorized")
-        self._raise_scripted_failure(call.method)
+        failure = self._scripted_failure(call.method)
+        if failure is not None and failure.reset:
+            if request.transport is not None:
+                request.transport.abort()
+            raise ApiError(0, "the connection was closed without an answer")
+        if failure is not None and failure.hang_s and not failure.processed:
+            await asyncio.sleep(failure.hang_s)
+            raise ApiError(504, "Gateway Timeout")
+        if failure is not None and not failure.hang_s:
+            raise ApiError(failure.error_code, failure.description, failure.retry_after)
         if call.method.lower() == "getupdates":
             return await self._get_updates(call.params)
         handler = self._handlers.get(call.method.lower())
         if handler is None:
             raise ApiError(404, "Not Found: method not found")
-        return handler(call.params, call.files)
+        result = handler(call.params, call.files)
+        if failure is not None:  # processed, and now the answer is late
+            call.result, call.description = result, "answered after the client's timeout"
+            self._record(call)
+            await asyncio.sleep(failure.hang_s)
+        return result
 
     async def _serve_file(self, request: web.Request) -> web.StreamResponse:
         stored = self._files_by_path.get(request.match_info["file_path"])
@@ -723,6 +764,9 @@ class TelegramEmulator:
         return web.Response(body=stored.data, content_type="application/octet-stream")
 
     def _record(self, call: Call) -> None:
+        if call.recorded:
+            return
+        call.recorded = True
         self._calls.append(call)
         self._notify()
 
@@ -737,15 +781,15 @@ class TelegramEmulator:
         self._notifications.add(task)
         task.add_done_callback(self._notifications.discard)
 
-    def _raise_scripted_failure(self, method: str) -> None:
+    def _scripted_failure(self, method: str) -> _ScriptedFailure | None:
         queue = self._failures.get(method.lower())
         if not queue:
-            return
+            return None
         failure = queue[0]
         failure.times -= 1
         if failure.times <= 0:
             queue.popleft()
-        raise ApiError(failure.error_code, failure.description, failure.retry_after)
+        return failure
 
     # ----------------------------------------------------------------- updates
 

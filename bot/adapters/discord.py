@@ -6,7 +6,11 @@ slash commands and the ✏️ form are deferred at once and answered with follow
 press is answered by core (an ephemeral notice, or the ✏️ form) and deferred by the adapter
 only if core is about to miss the deadline. Buttons are `DynamicItem`s whose custom_id is
 core's button data, and the form is routed by its custom_id, so both keep working on
-messages sent before a restart. discord.py itself waits out and retries a 429.
+messages sent before a restart. discord.py itself waits out and retries a 429, and a 500,
+502, 504 or 524 (five tries, seconds apart); the port retries what still fails on the way
+(other 5xx, resets, timeouts) where that cannot show a message twice: edits always, channel
+messages under a nonce Discord enforces, interaction follow-ups only when they surely did
+not arrive.
 """
 
 from __future__ import annotations
@@ -16,9 +20,11 @@ import contextlib
 import logging
 import mimetypes
 import re
+import secrets
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
+import aiohttp
 import discord
 import yarl
 from discord import app_commands
@@ -40,8 +46,14 @@ from bot.core.events import (
     TextMessage,
 )
 from bot.core.i18n import language_of, say
-from bot.core.limits import DISCORD_ACK_SECONDS, DISCORD_MESSAGE_LENGTH
-from bot.core.port import Button, MessageGone
+from bot.core.limits import (
+    DISCORD_ACK_SECONDS,
+    DISCORD_CHANNEL_CALLS,
+    DISCORD_MESSAGE_LENGTH,
+    DISCORD_OVERALL_CALLS,
+    CallLimit,
+)
+from bot.core.port import Button, DeliveryUnknown, MessageGone
 from bot.errors import ConfigError, DishbotError
 from bot.settings import DiscordSettings
 
@@ -53,6 +65,11 @@ ACK_MARGIN_S = 1.0  # a slow button press is deferred this long before Discord's
 READY_TIMEOUT_S = 60.0  # from connecting to the gateway until the servers are loaded
 STOP_GRACE_S = 10.0  # how long answers in progress may take to finish when the bot stops
 CORRECTION_FIELD = "correction"  # custom_id of the ✏️ form's one text field
+# discord.py has no timeout of its own for a REST call (aiohttp's is five minutes). This one
+# covers the whole call, discord.py's own retries of a 5xx included (1 + 3 + 5 + 7 + 9 s), so
+# a follow-up is not taken for lost while discord.py is still waiting to try it again.
+REQUEST_TIMEOUT_S = 40.0
+CALL_RETRY_PAUSES_S = (0.5, 1.0, 2.0, 4.0)  # after a call failed on the way
 
 # Slash commands besides /dish; each becomes the core `Command` of the same name.
 COMMANDS = {
@@ -77,6 +94,27 @@ MESSAGE_CONTENT_OFF = (
 )
 
 PressHandler = Callable[["discord.Interaction[Any]", str], Awaitable[None]]
+T = TypeVar("T")
+# Failures on the way, not refusals: a 5xx (after discord.py's own retries), a connection
+# refused, reset or closed before an answer, and no answer in time.
+TRANSIENT = (discord.DiscordServerError, aiohttp.ClientError, TimeoutError)
+
+
+async def _retrying(call: Callable[[], Awaitable[T]], *, repeatable: bool, timeout_s: float) -> T:
+    """``call`` within ``timeout_s``, made again after transient failures: always when it is
+    ``repeatable`` (an edit, a send under a nonce), else only when it surely did not take
+    effect; a send whose outcome is unknown (no answer in time) raises `DeliveryUnknown`."""
+    for pause in (*CALL_RETRY_PAUSES_S, None):
+        try:
+            return await asyncio.wait_for(call(), timeout_s)
+        except TRANSIENT as error:
+            if not repeatable and isinstance(error, TimeoutError):
+                raise DeliveryUnknown("no answer from Discord in time") from error
+            if pause is None:
+                raise
+            log.warning("discord: %r; trying again in %g s", error, pause)
+            await asyncio.sleep(pause)
+    raise AssertionError("unreachable")
 
 
 class DiscordUnavailable(DishbotError):
@@ -141,9 +179,16 @@ class InteractionReply:
     webhook. The lock keeps a deferral and core's own response from both being sent.
     """
 
-    def __init__(self, interaction: discord.Interaction[Any], *, ephemeral: bool) -> None:
+    def __init__(
+        self,
+        interaction: discord.Interaction[Any],
+        *,
+        ephemeral: bool,
+        timeout_s: float = REQUEST_TIMEOUT_S,
+    ) -> None:
         self.interaction = interaction
         self.ephemeral = ephemeral
+        self.timeout_s = timeout_s
         self.sent: set[int] = set()  # follow-ups sent through it; edited through its webhook
         self._lock = asyncio.Lock()
 
@@ -173,8 +218,13 @@ class InteractionReply:
         """A follow-up; the first one after the deferral replaces its "thinking…"."""
         await self.defer()
         extra: dict[str, Any] = {} if view is None else {"view": view}
-        message = await self.interaction.followup.send(
-            text, ephemeral=self.ephemeral, wait=True, **extra
+        # A webhook takes no nonce: a follow-up is sent again only if it surely did not arrive.
+        message = await _retrying(
+            lambda: self.interaction.followup.send(
+                text, ephemeral=self.ephemeral, wait=True, **extra
+            ),
+            repeatable=False,
+            timeout_s=self.timeout_s,
         )
         self.sent.add(message.id)
         return message.id
@@ -187,12 +237,17 @@ class DiscordPort:
     message_limit = DISCORD_MESSAGE_LENGTH
     typing_interval_s = TYPING_INTERVAL_S
     answers_admin_commands_privately = True  # `DiscordAdapter._on_command`: ephemeral
+    overall_call_limit = DISCORD_OVERALL_CALLS
 
-    def __init__(self, client: discord.Client) -> None:
+    def __init__(self, client: discord.Client, *, timeout_s: float = REQUEST_TIMEOUT_S) -> None:
         self._client = client
+        self._timeout_s = timeout_s
 
     def text_length(self, text: str) -> int:
         return len(_plain(text))
+
+    def call_limit(self, where: Place) -> CallLimit:
+        return DISCORD_CHANNEL_CALLS
 
     async def send(
         self,
@@ -214,7 +269,14 @@ class DiscordPort:
         view = _view(buttons)
         if view is not None:
             options["view"] = view
-        message = await self._channel(where).send(_plain(text), **options)
+        # Discord answers a send repeated under the same nonce with the message it made, so
+        # a send whose answer was lost can be made again.
+        nonce = secrets.randbits(63)
+        message = await _retrying(
+            lambda: self._channel(where).send(_plain(text), nonce=nonce, **options),
+            repeatable=True,
+            timeout_s=self._timeout_s,
+        )
         return str(message.id)
 
     async def edit(
@@ -228,7 +290,7 @@ class DiscordPort:
     async def typing(self, where: Place) -> None:
         if _reply_of(where) is not None:
             return  # the deferral's "thinking…" shows already
-        await self._channel(where).typing()
+        await asyncio.wait_for(self._channel(where).typing(), self._timeout_s)
 
     async def acknowledge(self, press: ButtonPress, text: str) -> None:
         await _press_reply(press).notice(_plain(text))
@@ -252,11 +314,15 @@ class DiscordPort:
 
     async def _edit(self, where: Place, message_id: str, **changes: Any) -> None:
         reply = _reply_of(where)
-        try:
+
+        async def edit() -> None:
             if reply is not None and int(message_id) in reply.sent:
                 await reply.interaction.followup.edit_message(int(message_id), **changes)
             else:
                 await self._channel(where).get_partial_message(int(message_id)).edit(**changes)
+
+        try:
+            await _retrying(edit, repeatable=True, timeout_s=self._timeout_s)
         except discord.NotFound as exc:
             raise MessageGone(str(exc)) from exc
 
@@ -296,9 +362,11 @@ class DiscordAdapter:
         *,
         guild_ready_timeout: float = 2.0,
         ack_after_s: float = DISCORD_ACK_SECONDS - ACK_MARGIN_S,
+        request_timeout_s: float = REQUEST_TIMEOUT_S,
     ) -> None:
         """``guild_ready_timeout`` is how long discord.py waits for more servers after the
-        last one arrives; ``ack_after_s`` how long core may take before a press is deferred."""
+        last one arrives; ``ack_after_s`` how long core may take before a press is deferred;
+        ``request_timeout_s`` how long a REST call that sends or edits may take."""
         if settings.token is None:
             raise ValueError("the Discord adapter needs a token")
         self.settings = settings
@@ -312,7 +380,8 @@ class DiscordAdapter:
             guild_ready_timeout=guild_ready_timeout,
         )
         self.tree = app_commands.CommandTree(self.client)
-        self.port = DiscordPort(self.client)
+        self.port = DiscordPort(self.client, timeout_s=request_timeout_s)
+        self._request_timeout_s = request_timeout_s
         self._ack_after_s = ack_after_s
         self._gateway: asyncio.Task[None] | None = None
         self._in_hand: set[asyncio.Task[Any]] = set()
@@ -493,7 +562,7 @@ class DiscordAdapter:
     async def _on_dish(
         self, interaction: discord.Interaction[Any], photo: discord.Attachment, question: str | None
     ) -> None:
-        reply = InteractionReply(interaction, ephemeral=False)
+        reply = InteractionReply(interaction, ephemeral=False, timeout_s=self._request_timeout_s)
         if not await self._defer(reply):
             return
         who, where = _interaction_person(interaction), _interaction_place(interaction, reply)
@@ -509,7 +578,7 @@ class DiscordAdapter:
         # Admin replies (and their refusals) are for the one who asked: an export's summary
         # names a path on the server, and /stats is nobody else's business.
         private = interaction.command.name in ADMIN_COMMANDS
-        reply = InteractionReply(interaction, ephemeral=private)
+        reply = InteractionReply(interaction, ephemeral=private, timeout_s=self._request_timeout_s)
         if not await self._defer(reply):
             return
         await self._hand_over(
@@ -525,7 +594,7 @@ class DiscordAdapter:
     async def _on_press(self, interaction: discord.Interaction[Any], data: str) -> None:
         if interaction.message is None:
             return
-        reply = InteractionReply(interaction, ephemeral=True)
+        reply = InteractionReply(interaction, ephemeral=True, timeout_s=self._request_timeout_s)
         press = ButtonPress(
             who=_interaction_person(interaction),
             where=_interaction_place(interaction, reply),
@@ -549,7 +618,7 @@ class DiscordAdapter:
         action = buttons.decode(str(data.get("custom_id", "")))
         if not isinstance(action, buttons.Correct):
             return
-        reply = InteractionReply(interaction, ephemeral=True)
+        reply = InteractionReply(interaction, ephemeral=True, timeout_s=self._request_timeout_s)
         if not await self._defer(reply):
             return
         await self._hand_over(

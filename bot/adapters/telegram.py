@@ -2,14 +2,20 @@
 
 Polling by default, webhook mode when configured. Flood control is PTB's `AIORateLimiter`
 with retries, so a 429 from Telegram delays a message rather than losing it.
+
+Each update is handled in a task of its own, not in PTB's update slot: PTB runs at most 256
+handlers at once, and a question holds its handler for as long as the model takes to answer,
+so with the slots taken by answers a /help or a button press would wait for minutes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
+import httpx
 from telegram import (
     BotCommand,
     CallbackQuery,
@@ -22,7 +28,7 @@ from telegram import (
     Update,
 )
 from telegram.constants import ChatAction, ChatType
-from telegram.error import BadRequest, TelegramError
+from telegram.error import BadRequest, NetworkError, TelegramError, TimedOut
 from telegram.ext import (
     AIORateLimiter,
     Application,
@@ -44,8 +50,15 @@ from bot.core.events import (
     Place,
     TextMessage,
 )
-from bot.core.limits import TELEGRAM_BOT_DOWNLOAD_BYTES, TELEGRAM_MESSAGE_LENGTH
-from bot.core.port import Button, MessageGone
+from bot.core.limits import (
+    TELEGRAM_BOT_DOWNLOAD_BYTES,
+    TELEGRAM_GROUP_CALLS,
+    TELEGRAM_MESSAGE_LENGTH,
+    TELEGRAM_OVERALL_CALLS,
+    TELEGRAM_PRIVATE_CALLS,
+    CallLimit,
+)
+from bot.core.port import Button, DeliveryUnknown, MessageGone
 from bot.core.text import utf16_length
 from bot.settings import TelegramSettings
 
@@ -64,7 +77,18 @@ PLACEHOLDER_SENDER_IDS = frozenset({GROUP_ANONYMOUS_BOT_ID, CHANNEL_BOT_ID, TELE
 # never one of the `admins` (which are telegram:<digits>).
 SENDER_CHAT_PREFIX = "chat:"
 TYPING_INTERVAL_S = 4.5  # Telegram shows "typing…" for five seconds
-FLOOD_RETRIES = 5
+FLOOD_RETRIES = 5  # AIORateLimiter waits out a 429's retry_after and tries again
+# A call that failed on the way (5xx, a reset, a timeout) is tried again this often, after
+# these pauses; PTB itself tries once.
+CALL_RETRY_PAUSES_S = (0.5, 1.0, 2.0, 4.0)
+# Long enough that a slow answer from Telegram is rarely taken for a lost one: a send whose
+# answer times out is not sent again (see `_retrying`).
+REQUEST_TIMEOUT_S = 20.0
+STOP_GRACE_S = 10.0  # how long answers in progress may take to finish when the bot stops
+# Updates being handled at once. Far above `engine.max_pending`, so the engine's own "busy"
+# answer comes first; past it, PTB's update slots wait (and hold the next updates) instead of
+# every update of a flood becoming a task.
+MAX_UPDATES_IN_HAND = 4096
 
 COMMANDS = {
     "en": [
@@ -80,13 +104,49 @@ COMMANDS = {
 }
 
 
+T = TypeVar("T")
+
+
+def _surely_not_delivered(error: NetworkError) -> bool:
+    """Whether a failed call surely did not take effect, so it may be made again.
+
+    A 5xx, a refused connection, a request that could not be written, and a connection closed
+    before any answer did not; a read timeout after the request went out may have (Telegram
+    is often slow to answer what it did).
+    """
+    if isinstance(error, TimedOut):
+        return not isinstance(error.__cause__, httpx.ReadTimeout)
+    return True
+
+
+async def _retrying(call: Callable[[], Awaitable[T]], *, repeatable: bool) -> T:
+    """``call``, made again after transient failures: always when it is ``repeatable`` (an
+    edit: making it twice shows the same), else only when it surely did not take effect; a
+    send whose outcome is unknown raises `DeliveryUnknown`."""
+    for pause in (*CALL_RETRY_PAUSES_S, None):
+        try:
+            return await call()
+        except BadRequest:
+            raise  # a refusal: the same call would be refused again
+        except NetworkError as error:
+            if not repeatable and not _surely_not_delivered(error):
+                raise DeliveryUnknown(str(error)) from error
+            if pause is None:
+                raise
+            log.warning("telegram: %s; trying again in %g s", error, pause)
+            await asyncio.sleep(pause)
+    raise AssertionError("unreachable")
+
+
 class TelegramPort:
-    """`bot.core.port.ChatPort` over a PTB bot."""
+    """`bot.core.port.ChatPort` over a PTB bot. Calls that fail on the way are retried when
+    that cannot show something twice (`_retrying`)."""
 
     platform = PLATFORM
     message_limit = TELEGRAM_MESSAGE_LENGTH
     typing_interval_s = TYPING_INTERVAL_S
     answers_admin_commands_privately = False  # a bot's messages in a group are the group's
+    overall_call_limit = TELEGRAM_OVERALL_CALLS
 
     def __init__(self, application: Application[Any, Any, Any, Any, Any, Any]) -> None:
         self._app = application
@@ -98,6 +158,9 @@ class TelegramPort:
     def text_length(self, text: str) -> int:
         return utf16_length(text)
 
+    def call_limit(self, where: Place) -> CallLimit:
+        return TELEGRAM_PRIVATE_CALLS if where.private else TELEGRAM_GROUP_CALLS
+
     async def send(
         self,
         where: Place,
@@ -106,11 +169,14 @@ class TelegramPort:
         reply_to: str | None = None,
         buttons: Sequence[Button] = (),
     ) -> str:
-        message: Message = await self._bot.send_message(
-            chat_id=int(where.chat_id),
-            text=text,
-            reply_parameters=_reply_parameters(reply_to),
-            reply_markup=_keyboard(buttons),
+        message: Message = await _retrying(
+            lambda: self._bot.send_message(
+                chat_id=int(where.chat_id),
+                text=text,
+                reply_parameters=_reply_parameters(reply_to),
+                reply_markup=_keyboard(buttons),
+            ),
+            repeatable=False,
         )
         return str(message.message_id)
 
@@ -118,21 +184,27 @@ class TelegramPort:
         self, where: Place, message_id: str, text: str, *, buttons: Sequence[Button] = ()
     ) -> None:
         try:
-            await self._bot.edit_message_text(
-                text=text,
-                chat_id=int(where.chat_id),
-                message_id=int(message_id),
-                reply_markup=_keyboard(buttons),
+            await _retrying(
+                lambda: self._bot.edit_message_text(
+                    text=text,
+                    chat_id=int(where.chat_id),
+                    message_id=int(message_id),
+                    reply_markup=_keyboard(buttons),
+                ),
+                repeatable=True,
             )
         except BadRequest as exc:
             _raise_unless_unchanged(exc)
 
     async def set_buttons(self, where: Place, message_id: str, buttons: Sequence[Button]) -> None:
         try:
-            await self._bot.edit_message_reply_markup(
-                chat_id=int(where.chat_id),
-                message_id=int(message_id),
-                reply_markup=_keyboard(buttons),
+            await _retrying(
+                lambda: self._bot.edit_message_reply_markup(
+                    chat_id=int(where.chat_id),
+                    message_id=int(message_id),
+                    reply_markup=_keyboard(buttons),
+                ),
+                repeatable=True,
             )
         except BadRequest as exc:
             _raise_unless_unchanged(exc)
@@ -141,18 +213,23 @@ class TelegramPort:
         await self._bot.send_chat_action(chat_id=int(where.chat_id), action=ChatAction.TYPING)
 
     async def acknowledge(self, press: ButtonPress, text: str) -> None:
-        await self._bot.answer_callback_query(press.press_id, text=text)
+        await _retrying(
+            lambda: self._bot.answer_callback_query(press.press_id, text=text), repeatable=False
+        )
 
     async def ask_for_correction(self, press: ButtonPress, exchange_id: int, prompt: str) -> str:
-        await self._bot.answer_callback_query(press.press_id)
+        await _retrying(lambda: self._bot.answer_callback_query(press.press_id), repeatable=False)
         # In a group, `selective` shows the reply field only to the user the prompt
         # replies to: the one who asked (the answer replies to their photo).
         asker = press.where.context if isinstance(press.where.context, str) else None
-        message: Message = await self._bot.send_message(
-            chat_id=int(press.where.chat_id),
-            text=prompt,
-            reply_parameters=_reply_parameters(asker or press.message_id),
-            reply_markup=ForceReply(selective=True),
+        message: Message = await _retrying(
+            lambda: self._bot.send_message(
+                chat_id=int(press.where.chat_id),
+                text=prompt,
+                reply_parameters=_reply_parameters(asker or press.message_id),
+                reply_markup=ForceReply(selective=True),
+            ),
+            repeatable=False,
         )
         return str(message.message_id)
 
@@ -183,7 +260,15 @@ def _raise_unless_unchanged(error: BadRequest) -> None:
 class TelegramAdapter:
     """Runs a PTB `Application` that hands every update to the dialog."""
 
-    def __init__(self, settings: TelegramSettings, dialog: Dialog) -> None:
+    def __init__(
+        self,
+        settings: TelegramSettings,
+        dialog: Dialog,
+        *,
+        request_timeout_s: float = REQUEST_TIMEOUT_S,
+    ) -> None:
+        """``request_timeout_s`` bounds connecting, writing and reading each Bot API call
+        (the long poll waits its own timeout on top)."""
         if settings.token is None:
             raise ValueError("the Telegram adapter needs a token")
         self.settings = settings
@@ -195,9 +280,14 @@ class TelegramAdapter:
             .base_file_url(settings.base_file_url)
             .rate_limiter(AIORateLimiter(max_retries=FLOOD_RETRIES))
             .concurrent_updates(True)
+            .connect_timeout(request_timeout_s)
+            .write_timeout(request_timeout_s)
+            .read_timeout(request_timeout_s)
             .build()
         )
         self.port = TelegramPort(self.application)
+        self._in_hand: set[asyncio.Task[None]] = set()
+        self._room = asyncio.Semaphore(MAX_UPDATES_IN_HAND)
         self._register_handlers()
 
     def _register_handlers(self) -> None:
@@ -240,18 +330,38 @@ class TelegramAdapter:
         log.info("telegram: serving as @%s (%s)", app.bot.username, self.settings.mode)
 
     async def stop(self) -> None:
-        """Stop receiving updates, finish the ones in hand, and disconnect."""
+        """Stop receiving updates, let the ones in hand finish for a while (then cancel
+        them), and disconnect."""
         app = self.application
         if app.updater is not None and app.updater.running:
             await app.updater.stop()
         if app.running:
-            await app.stop()
+            await app.stop()  # hands over the updates already fetched
+        await self._finish_in_hand()
         await app.shutdown()
+
+    async def _finish_in_hand(self) -> None:
+        if not self._in_hand:
+            return
+        _, late = await asyncio.wait(set(self._in_hand), timeout=STOP_GRACE_S)
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
 
     # -- updates --------------------------------------------------------------------------
 
     async def _hand_over(self, event: Event) -> None:
-        await self.dialog.handle(event, self.port)
+        """Start handling ``event`` in a task of its own; PTB's slot is free once it starts."""
+        await self._room.acquire()
+        task = asyncio.create_task(self._handle(event), name=f"telegram {type(event).__name__}")
+        self._in_hand.add(task)
+        task.add_done_callback(self._in_hand.discard)
+
+    async def _handle(self, event: Event) -> None:
+        try:
+            await self.dialog.handle(event, self.port)
+        finally:
+            self._room.release()
 
     async def _on_command(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         message = update.effective_message

@@ -18,6 +18,7 @@ from datetime import timedelta
 
 from bot.core import buttons
 from bot.core.answer_writes import AnswerWrites, WaitingAnswer, store_unavailable
+from bot.core.budget import PacedPort, unpaced
 from bot.core.events import (
     ButtonPress,
     Command,
@@ -229,6 +230,7 @@ class Dialog:
 
     async def handle(self, event: Event, port: ChatPort) -> None:
         """Act on one event. Never raises: failures are logged and the user gets an apology."""
+        port = PacedPort(port, self._pacer.budget)  # every call counted in its chat's budget
         try:
             await self._dispatch(event, port)
         except StoreUnavailable as error:
@@ -695,6 +697,8 @@ class Dialog:
                 latency_ms=_ms_since(started),
             )
             raise
+        if not message_ids:  # none when the only message's id was lost (`DeliveryUnknown`)
+            return
         try:
             # Shielded: a stop now must not leave a delivered answer without its message id.
             await asyncio.shield(self.store.set_reply_message(exchange.id, message_ids[-1]))
@@ -742,13 +746,21 @@ class Dialog:
             "the database is unavailable: the answer to exchange %s is shown and stored later",
             exchange_id,
         )
-        shown = (await reply.finish(text))[-1]
+        message_ids = await reply.finish(text)
 
         async def add_buttons() -> None:
-            await port.set_buttons(where, shown, buttons.answer_buttons(exchange_id))
+            if message_ids:  # none when the message's id was lost (`DeliveryUnknown`)
+                await port.set_buttons(where, message_ids[-1], buttons.answer_buttons(exchange_id))
 
         self.answer_writes.add(
-            WaitingAnswer(exchange_id, answer.text, answer.model, latency, shown, add_buttons)
+            WaitingAnswer(
+                exchange_id,
+                answer.text,
+                answer.model,
+                latency,
+                message_ids[-1] if message_ids else None,
+                add_buttons,
+            )
         )
 
     async def _stream(
@@ -801,10 +813,15 @@ class Dialog:
         await reply.finish(words)
 
     async def _keep_typing(self, port: ChatPort, where: Place) -> None:
-        while True:
-            with contextlib.suppress(Exception):
-                await port.typing(where)
-            await asyncio.sleep(port.typing_interval_s)
+        # While an answer is pending its chat keeps a call in reserve for it, so typing and
+        # partial edits (made only from what is spare) never delay the answer.
+        budget = self._pacer.budget
+        with budget.reserve(port, where):
+            while True:
+                if budget.spare(port, where):
+                    with contextlib.suppress(Exception):
+                        await unpaced(port).typing(where)
+                await asyncio.sleep(port.typing_interval_s)
 
     async def _not_a_photo(self, event: NotAPhoto, port: ChatPort) -> None:
         if not event.where.private and not event.addressed:

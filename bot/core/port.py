@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from bot.core.events import ButtonPress, Place
+from bot.core.limits import CallLimit
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +25,12 @@ class Button:
 
 class MessageGone(Exception):
     """The message to edit no longer exists (a user or moderator deleted it)."""
+
+
+class DeliveryUnknown(Exception):
+    """A message was sent, and no answer came back (a read timeout after the request went
+    out): it is probably in the chat, but its id is unknown. Ports do not send it again, as
+    the platforms have no way to tell a second copy from a new message."""
 
 
 class ChatPort(Protocol):
@@ -50,6 +57,15 @@ class ChatPort(Protocol):
         (Discord's ephemeral replies); where not, admin commands are for private chats."""
         ...
 
+    @property
+    def overall_call_limit(self) -> CallLimit:
+        """How many calls the bot may make to the platform in all (`bot.core.budget`)."""
+        ...
+
+    def call_limit(self, where: Place) -> CallLimit:
+        """How many calls the bot may make to one chat (typing and edits count too)."""
+        ...
+
     def text_length(self, text: str) -> int:
         """The length of ``text`` as the platform counts it against `message_limit`."""
         ...
@@ -62,7 +78,10 @@ class ChatPort(Protocol):
         reply_to: str | None = None,
         buttons: Sequence[Button] = (),
     ) -> str:
-        """Send plain text (never interpreted as markup); returns the new message's id."""
+        """Send plain text (never interpreted as markup); returns the new message's id.
+
+        Raises `DeliveryUnknown` when the platform may have taken the message without the
+        port learning its id (a send that surely did not arrive is retried by the port)."""
         ...
 
     async def edit(

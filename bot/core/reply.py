@@ -1,8 +1,9 @@
 """An answer as the user sees it: one or more messages, edited as the text streams in.
 
-Edits are paced per chat (about one a second: Telegram and Discord both throttle bots that
-edit faster), the text is split at the platform's length limit on a paragraph or sentence
-boundary, and the rating buttons go on the last message once the answer is complete.
+Partial edits and the place-in-line notice are paced per chat (about one a second) and made
+only from the chat's spare call budget (`bot.core.budget`); the final text goes out at once.
+The text is split at the platform's length limit on a paragraph or sentence boundary, and
+the rating buttons go on the last message once the answer is complete.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import logging
 import time
 from collections.abc import Sequence
 
+from bot.core.budget import CallBudget, unpaced
 from bot.core.events import Place
-from bot.core.port import Button, ChatPort, MessageGone
+from bot.core.port import Button, ChatPort, DeliveryUnknown, MessageGone
 from bot.core.text import split_message
 
 log = logging.getLogger(__name__)
@@ -29,10 +31,12 @@ async def send_long(port: ChatPort, where: Place, text: str, *, reply_to: str | 
 
 
 class EditPacer:
-    """Hands out edit slots per chat, ``interval_s`` apart, first come first served."""
+    """Hands out slots for partial edits per chat, ``interval_s`` apart, first come first
+    served; and holds the call budget that decides whether a slot may be used."""
 
-    def __init__(self, interval_s: float) -> None:
+    def __init__(self, interval_s: float, budget: CallBudget | None = None) -> None:
         self.interval_s = interval_s
+        self.budget = budget or CallBudget()
         self._next_slot: dict[str, float] = {}
 
     async def wait_turn(self, chat_id: str) -> None:
@@ -55,11 +59,13 @@ class StreamingReply:
     def __init__(
         self, port: ChatPort, where: Place, pacer: EditPacer, *, reply_to: str | None
     ) -> None:
-        self._port = port
+        self._port = unpaced(port)  # calls are counted here, each as urgent or spare
         self._where = where
         self._pacer = pacer
+        self._budget = pacer.budget
         self._reply_to = reply_to
-        self._message_ids: list[str] = []
+        # None: a message sent whose id never came back (`DeliveryUnknown`).
+        self._message_ids: list[str | None] = []
         self._shown: list[tuple[str, tuple[Button, ...]]] = []
         self._text = ""
         self._dirty = asyncio.Event()
@@ -68,15 +74,15 @@ class StreamingReply:
 
     @property
     def message_ids(self) -> list[str]:
-        """The platform ids of the messages shown so far, first to last."""
-        return list(self._message_ids)
+        """The platform ids of the messages shown so far, first to last (those known)."""
+        return [message_id for message_id in self._message_ids if message_id is not None]
 
     async def status(self, text: str) -> None:
         """Show a notice (e.g. the place in the queue) until the answer starts."""
         if self._text:
             return
         await self._pacer.wait_turn(self._where.chat_id)
-        await self._render(text, ())
+        await self._render(text, (), urgent=False)
 
     def stream(self, text: str) -> None:
         """The answer so far; shown at the chat's next free edit slot."""
@@ -89,8 +95,7 @@ class StreamingReply:
         """Show the final text, with ``buttons`` on its last message; returns the message ids."""
         await self._stop_flushing()
         self._text = text
-        await self._pacer.wait_turn(self._where.chat_id)
-        await self._render(text, tuple(buttons))
+        await self._render(text, tuple(buttons), urgent=True)
         return self.message_ids
 
     async def abandon(self) -> None:
@@ -105,7 +110,8 @@ class StreamingReply:
             try:
                 # Shielded: cancelling the flusher must not cut a send short, or a message
                 # could reach the chat without us knowing its id.
-                await asyncio.shield(self._render(self._text, ()))
+                if not await asyncio.shield(self._render(self._text, (), urgent=False)):
+                    self._dirty.set()  # no spare call now: try again at the next slot
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -120,30 +126,59 @@ class StreamingReply:
                 await self._flusher
             self._flusher = None
 
-    async def _render(self, text: str, buttons: tuple[Button, ...]) -> None:
+    async def _render(self, text: str, buttons: tuple[Button, ...], *, urgent: bool) -> bool:
+        """Show ``text``; False when a spare call did not fit and the rest is not shown."""
         async with self._lock:
             parts = split_message(
                 text or PLACEHOLDER, self._port.message_limit, self._port.text_length
             )
             for index, part in enumerate(parts):
                 last = index == len(parts) - 1
-                await self._show(index, part, buttons if last else ())
+                if not await self._show(index, part, buttons if last else (), urgent):
+                    return False
+            return True
 
-    async def _show(self, index: int, text: str, buttons: tuple[Button, ...]) -> None:
+    def _may_call(self, urgent: bool) -> bool:
+        if urgent:
+            self._budget.spent(self._port, self._where)
+            return True
+        return self._budget.spare(self._port, self._where)
+
+    async def _show(self, index: int, text: str, buttons: tuple[Button, ...], urgent: bool) -> bool:
         if index < len(self._message_ids):
             if self._shown[index] == (text, buttons):
-                return  # platforms refuse an edit that changes nothing
+                return True  # platforms refuse an edit that changes nothing
+            if not self._may_call(urgent):
+                return False
+            await self._replace(index, text, buttons)
+            return True
+        if not self._may_call(urgent):
+            return False
+        reply_to = self._reply_to if index == 0 else None
+        self._message_ids.append(await self._send(text, buttons, reply_to))
+        self._shown.append((text, buttons))
+        return True
+
+    async def _replace(self, index: int, text: str, buttons: tuple[Button, ...]) -> None:
+        message_id = self._message_ids[index]
+        if message_id is not None:
             try:
-                await self._port.edit(self._where, self._message_ids[index], text, buttons=buttons)
+                await self._port.edit(self._where, message_id, text, buttons=buttons)
                 self._shown[index] = (text, buttons)
                 return
             except MessageGone:
                 log.info("a message of an answer was deleted; sending that part again")
-                message_id = await self._port.send(self._where, text, buttons=buttons)
-                self._message_ids[index] = message_id
-                self._shown[index] = (text, buttons)
-                return
-        reply_to = self._reply_to if index == 0 else None
-        message_id = await self._port.send(self._where, text, reply_to=reply_to, buttons=buttons)
-        self._message_ids.append(message_id)
-        self._shown.append((text, buttons))
+                self._budget.spent(self._port, self._where)
+        self._message_ids[index] = await self._send(text, buttons, None)
+        self._shown[index] = (text, buttons)
+
+    async def _send(
+        self, text: str, buttons: tuple[Button, ...], reply_to: str | None
+    ) -> str | None:
+        try:
+            return await self._port.send(self._where, text, reply_to=reply_to, buttons=buttons)
+        except DeliveryUnknown:
+            # Probably shown, so not sent again; a later change of this part goes out as a
+            # new message (the one whose id was lost stays as it was).
+            log.warning("a message of an answer may not have arrived; not sending it twice")
+            return None
