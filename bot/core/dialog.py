@@ -620,9 +620,13 @@ class Dialog:
         asked_at = time.monotonic() if asked_at is None else asked_at
         self._answering.add(exchange.id)
         try:
-            await self._answer_into(
-                handle, exchange, port, who, where, reply_to, language, asked_at
-            )
+            # While an answer is pending, up to its final message, its chat keeps a call in
+            # reserve for it, so typing and partial edits (made only from what is spare)
+            # never delay the answer.
+            with self._pacer.budget.reserve(port, where):
+                await self._answer_into(
+                    handle, exchange, port, who, where, reply_to, language, asked_at
+                )
         finally:
             self._answering.discard(exchange.id)
 
@@ -813,15 +817,13 @@ class Dialog:
         await reply.finish(words)
 
     async def _keep_typing(self, port: ChatPort, where: Place) -> None:
-        # While an answer is pending its chat keeps a call in reserve for it, so typing and
-        # partial edits (made only from what is spare) never delay the answer.
+        # Only from the chat's spare calls: the answer's own call is kept in reserve.
         budget = self._pacer.budget
-        with budget.reserve(port, where):
-            while True:
-                if budget.spare(port, where):
-                    with contextlib.suppress(Exception):
-                        await unpaced(port).typing(where)
-                await asyncio.sleep(port.typing_interval_s)
+        while True:
+            if budget.spare(port, where):
+                with contextlib.suppress(Exception):
+                    await unpaced(port).typing(where)
+            await asyncio.sleep(port.typing_interval_s)
 
     async def _not_a_photo(self, event: NotAPhoto, port: ChatPort) -> None:
         if not event.where.private and not event.addressed:

@@ -16,7 +16,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from bot.core.budget import UNLIMITED
 from bot.core.events import ButtonPress, Place
+from bot.core.limits import CallLimit
 from bot.core.port import Button, MessageGone
 
 PLATFORM = "web"
@@ -137,6 +139,13 @@ class WebPort:
     @property
     def answers_admin_commands_privately(self) -> bool:
         return True  # a visitor's chat is theirs alone
+
+    @property
+    def overall_call_limit(self) -> CallLimit:
+        return UNLIMITED  # the page is served by the bot itself: no platform throttles it
+
+    def call_limit(self, where: Place) -> CallLimit:
+        return UNLIMITED
 
     def text_length(self, text: str) -> int:
         return len(text)
