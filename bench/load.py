@@ -108,6 +108,7 @@ READY_GUARD_S = 60.0  # how long `dishbot run` may take to start polling; a guar
 STOP_GUARD_S = 20.0
 LAG_TICK_S = 0.05
 THROUGHPUT_PHOTOS = 2  # per user, one after another, in the throughput phase
+KILL_PRESSES = 10  # rating buttons pressed while the bot is down
 
 
 # -- options ------------------------------------------------------------------------------
@@ -150,8 +151,12 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
     parser.add_argument(
         "--rate-limit", type=int, default=6, help="limits.questions_per_minute (6: default)"
     )
-    parser.add_argument("--answer-timeout", type=float, default=150.0, help="a user waits")
-    parser.add_argument("--settle", type=float, default=60.0, help="wait after a restart")
+    parser.add_argument(
+        "--answer-timeout", type=float, default=120.0, help="how long a user waits, s"
+    )
+    parser.add_argument(
+        "--settle", type=float, default=30.0, help="at the end, wait while this changes, s"
+    )
     parser.add_argument("--spread", type=float, default=5.0, help="a round's arrivals, s")
     kill = parser.add_mutually_exclusive_group()
     kill.add_argument("--no-kill", action="store_true", help="skip the kill-and-restart run")
@@ -161,8 +166,8 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
     args = parser.parse_args(argv)
     if args.quick:
         args.users, args.photos, args.abusive, args.flood = 20, 2, 2, 15
-        args.prefill_ms, args.token_ms, args.spread = 50.0, 10.0, 1.0
-        args.settle = min(args.settle, 30.0)
+        args.prefill_ms, args.token_ms, args.spread = 50.0, 10.0, 0.5
+        args.settle = min(args.settle, 10.0)
     phases = ("throughput", "load", "kill")
     if args.no_kill:
         phases = ("throughput", "load")
@@ -677,6 +682,7 @@ class Tally:
 class Row:
     status: str
     error: str | None
+    reply_message_id: str | None
 
 
 def exchange_rows(database: Path) -> dict[Key, Row]:
@@ -684,9 +690,10 @@ def exchange_rows(database: Path) -> dict[Key, Row]:
     with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
         db.execute("PRAGMA busy_timeout = 5000")
         found = db.execute(
-            "SELECT platform, chat_id, question_message_id, status, error FROM exchanges"
+            "SELECT platform, chat_id, question_message_id, status, error, reply_message_id"
+            " FROM exchanges"
         ).fetchall()
-    return {(p, c, str(m)): Row(s, e) for p, c, m, s, e in found}
+    return {(p, c, str(m)): Row(s, e, r) for p, c, m, s, e, r in found}
 
 
 def ratings_stored(database: Path) -> int:
@@ -740,7 +747,8 @@ def _count(result: Tally, question: Question, row: Row | None, flooded: set[str]
     elif row is None:
         result.lost["no word at all, no record"] += 1
     elif row.status == "answered":
-        result.lost["answered in the database, never shown"] += 1
+        shown = "no reply_message_id" if row.reply_message_id is None else "a reply_message_id"
+        result.lost[f"answered in the database ({shown}), never shown"] += 1
     elif row.status == "pending":
         result.lost[f"still pending{', no word' if not question.told else ''}"] += 1
     else:
@@ -816,6 +824,8 @@ class Bench:
         self._bots += 1
         env = bot_environment(self.data_dir, self.telegram, self.discord, model, self.options)
         bot = BotProcess(env, self.workdir / f"dishbot-{self._bots}.log")
+        for person in self.people + self.abusers:
+            person.asked_at.clear()  # a new process starts with a new rate limiter
         await bot.start(self.telegram, self.discord)
         return bot
 
@@ -937,16 +947,34 @@ class Bench:
             await asyncio.sleep(0.05)
 
     async def _settle(self, questions: Sequence[Question]) -> None:
-        """Wait until every question that will get a word has one (or `settle_s` passes)."""
-        waiting = [q for q in questions if not q.abusive and q.kind != "not a photo"]
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(
-                asyncio.gather(*(q.settled.wait() for q in waiting)), self.options.settle_s
-            )
-        unsettled = sum(not q.settled.is_set() for q in waiting)
-        if unsettled:
-            print(f"  {unsettled} question(s) got no word within {self.options.settle_s:g} s")
-        await asyncio.sleep(2.0)  # the flood's refusals, which nobody waits for
+        """Wait until nothing is left to come: every question from a normal user has a word,
+        no exchange row is pending and every answer stored was shown; or until nothing has
+        changed for `settle_s` (what is still missing then is counted as lost)."""
+        progress, changed = None, time.monotonic()
+        while True:
+            waiting = self._still_waiting(questions)
+            now = time.monotonic()
+            if not any(waiting):
+                return
+            if waiting != progress:
+                progress, changed = waiting, now
+            elif now - changed > self.options.settle_s:
+                print(f"  after {self.options.settle_s:g} s without change: {waiting}")
+                return
+            await asyncio.sleep(0.5)
+
+    def _still_waiting(self, questions: Sequence[Question]) -> tuple[int, int, int]:
+        """Normal users' questions without a word, pending rows, stored answers not shown."""
+        rows = exchange_rows(self.database)
+        unanswered = sum(
+            not q.settled.is_set() and not q.abusive and q.kind != "not a photo" for q in questions
+        )
+        pending = unshown = 0
+        for question in questions:
+            row = rows.get(question.key)
+            pending += row is not None and row.status == "pending"
+            unshown += row is not None and row.status == "answered" and not question.finals
+        return unanswered, pending, unshown
 
     # ---------------------------------------------------------------- 3. kill and restart
 
@@ -966,9 +994,11 @@ class Bench:
         """A wave of photos; SIGKILL once answers stream; more photos and button presses
         while the bot is down; start it again; count."""
         self._begin("kill")
-        answered_before = [
-            q for q in self.tracker.questions.values() if q.finals and q.phase != "kill"
-        ]
+        answered_before = [q for q in self.tracker.questions.values() if q.finals]
+        if len(answered_before) < KILL_PRESSES:  # answers whose buttons to press while down
+            first = [p for p in self.people if p.platform == "telegram"][:KILL_PRESSES]
+            await asyncio.gather(*(self._ask_in_turn(person, 1) for person in first))
+            answered_before = [q for q in self.tracker.questions.values() if q.finals]
         wave = self.people[: max(4, len(self.people) // 2)]
         asking = [asyncio.create_task(self._wave_photo(p)) for p in wave]
         try:
@@ -980,7 +1010,8 @@ class Bench:
         down = [p for p in self.people if p.platform == "telegram"][: max(2, len(wave) // 4)]
         for person in down:
             person.send_photo(self.photos.next(), "sent while the bot was down")
-        for question in [q for q in answered_before if q.key[0] == "telegram"][:20]:
+        telegram = [q for q in answered_before if q.key[0] == "telegram"]
+        for question in telegram[-KILL_PRESSES:]:
             person = next(p for p in self.people if p.name == question.person)
             person.rate(question, up=True)
             self.pressed += 1
@@ -1004,11 +1035,11 @@ class Bench:
             )
 
     async def _wave_photo(self, person: Person) -> None:
+        """One photo, not waited for: what becomes of it is counted once all is settled."""
         await asyncio.sleep(self.rng.uniform(0, 2.0))
-        await person.pace(self.options.rate_limit)
         if self.tracker.bot_down and person.platform == "discord":
             return  # Discord does not replay to a new session what a dead client missed
-        await self._wait(person.send_photo(self.photos.next(), None))
+        person.send_photo(self.photos.next(), None)
 
     @staticmethod
     async def _until(condition: Callable[[], bool], guard_s: float) -> None:
