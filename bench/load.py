@@ -109,6 +109,7 @@ STOP_GUARD_S = 20.0
 LAG_TICK_S = 0.05
 THROUGHPUT_PHOTOS = 2  # per user, one after another, in the throughput phase
 KILL_PRESSES = 10  # rating buttons pressed while the bot is down
+LOST_EXAMPLES = 5  # lost questions named in the report
 
 
 # -- options ------------------------------------------------------------------------------
@@ -566,15 +567,18 @@ class BotProcess:
         self.process.kill()
         await self.process.wait()
 
-    async def stop(self) -> None:
+    async def stop(self) -> bool:
+        """SIGTERM; False when it had to be killed, not having stopped within the guard."""
         if self.process is None or self.process.returncode is not None:
-            return
+            return True
         self.process.send_signal(signal.SIGTERM)
         try:
             await asyncio.wait_for(self.process.wait(), STOP_GUARD_S)
         except TimeoutError:
             self.process.kill()
             await self.process.wait()
+            return False
+        return True
 
 
 def bot_environment(
@@ -668,6 +672,7 @@ class Tally:
     not_photos: Counter[str] = field(default_factory=Counter)
     latencies: list[float] = field(default_factory=list)
     sent_while_down: int = 0
+    lost_examples: list[str] = field(default_factory=list)
 
     @property
     def accepted(self) -> int:
@@ -727,7 +732,14 @@ def tally(phase: str, questions: Sequence[Question], rows: Mapping[Key, Row]) ->
             continue
         result.sent += 1
         result.sent_while_down += question.while_down
+        lost_before = result.lost_count
         _count(result, question, row, told_to_slow_down)
+        if result.lost_count > lost_before and len(result.lost_examples) < LOST_EXAMPLES:
+            who = "abusive " if question.abusive else ""
+            result.lost_examples.append(
+                f"{question.kind} from {who}{question.person}, message {question.key[2]}"
+                f"{' (sent while down)' if question.while_down else ''}"
+            )
     return result
 
 
@@ -793,8 +805,10 @@ class Bench:
         self.people: list[Person] = []
         self.abusers: list[Person] = []
         self.pressed = 0
+        self.rated: set[Key] = set()  # each answer is rated once: a rating is per user
         self._bots = 0
         self._calls_before = (0, 0)
+        self._ratings_before = 0
         self._began = 0.0
 
     async def run(self) -> Figures:
@@ -829,11 +843,34 @@ class Bench:
         await bot.start(self.telegram, self.discord)
         return bot
 
+    def _rate(self, person: Person, question: Question, up: bool) -> None:
+        person.rate(question, up)
+        self.pressed += 1
+        self.rated.add(question.key)
+
+    def _unrated_telegram_answers(self) -> list[Question]:
+        return [
+            q
+            for q in self.tracker.questions.values()
+            if q.finals and q.key[0] == "telegram" and q.key not in self.rated and not q.abusive
+        ]
+
+    def _ratings(self) -> tuple[int, int]:
+        """Rating buttons pressed in this phase, and ratings stored in it."""
+        return self.pressed, ratings_stored(self.database) - self._ratings_before
+
+    async def _stop(self, bot: BotProcess) -> None:
+        if not await bot.stop():
+            self.figures.notes.append(
+                f"{bot.log.name}: did not stop within {STOP_GUARD_S:g} s of SIGTERM; killed"
+            )
+
     def _begin(self, phase: str) -> None:
         self.tracker.phase = phase
         self.pressed = 0
         print(f"[{time.strftime('%H:%M:%S')}] {phase} ...", flush=True)
         self._calls_before = (len(self.telegram.calls()), len(self.discord.calls()))
+        self._ratings_before = ratings_stored(self.database) if self.database.exists() else 0
         self._began = time.monotonic()
         self.load.start()
 
@@ -862,7 +899,7 @@ class Bench:
                 cpu, wall = bot.cpu_s() - cpu0, time.monotonic() - wall0
                 result = await self._end("throughput")
             finally:
-                await bot.stop()
+                await self._stop(bot)
         self.figures.throughput_answered = result.answered
         if result.answered:
             self.figures.cpu_ms_per_question = 1000 * cpu / result.answered
@@ -892,15 +929,18 @@ class Bench:
 
     # ---------------------------------------------------------------- 2. load and soak
 
-    async def phase_load(self) -> None:
+    def _batching_model(self) -> BatchingOpenAIServer:
         options = self.options
-        model = BatchingOpenAIServer(
+        return BatchingOpenAIServer(
             capacity=options.capacity,
             prefill_s=options.prefill_ms / 1000,
             token_s=options.token_ms / 1000,
             answer_tokens=options.answer_tokens,
         )
-        async with model:
+
+    async def phase_load(self) -> None:
+        options = self.options
+        async with self._batching_model() as model:
             bot = await self._start_bot(model)
             try:
                 self._begin("load")
@@ -917,9 +957,9 @@ class Bench:
                 await self._settle(self.tracker.of_phase("load"))
                 self.figures.peak_rss_mb = max(self.figures.peak_rss_mb, bot.memory_mb()[1])
                 await self._end("load")
-                self.figures.ratings["load"] = (self.pressed, ratings_stored(self.database))
+                self.figures.ratings["load"] = self._ratings()
             finally:
-                await bot.stop()
+                await self._stop(bot)
 
     async def _one_round(self, person: Person) -> None:
         await asyncio.sleep(self.rng.uniform(0, self.options.spread_s))  # not all at once
@@ -932,8 +972,7 @@ class Bench:
             await person.pace(self.options.rate_limit)
             await self._wait(person.follow_up(question, self.rng.choice(FOLLOW_UPS)))
         await asyncio.sleep(self.rng.uniform(0.1, 0.5))
-        person.rate(question, up=self.rng.random() < 0.7)
-        self.pressed += 1
+        self._rate(person, question, up=self.rng.random() < 0.7)
 
     async def _flood(self, abuser: Person) -> None:
         """Photos far over the rate limit, junk posing as photos, files that are not."""
@@ -949,7 +988,8 @@ class Bench:
     async def _settle(self, questions: Sequence[Question]) -> None:
         """Wait until nothing is left to come: every question from a normal user has a word,
         no exchange row is pending and every answer stored was shown; or until nothing has
-        changed for `settle_s` (what is still missing then is counted as lost)."""
+        changed for `settle_s` (what is still missing then is counted as lost). A rating
+        pressed is waited for too."""
         progress, changed = None, time.monotonic()
         while True:
             waiting = self._still_waiting(questions)
@@ -963,8 +1003,9 @@ class Bench:
                 return
             await asyncio.sleep(0.5)
 
-    def _still_waiting(self, questions: Sequence[Question]) -> tuple[int, int, int]:
-        """Normal users' questions without a word, pending rows, stored answers not shown."""
+    def _still_waiting(self, questions: Sequence[Question]) -> tuple[int, int, int, int]:
+        """Normal users' questions without a word, pending rows, stored answers not shown,
+        button presses not yet stored."""
         rows = exchange_rows(self.database)
         unanswered = sum(
             not q.settled.is_set() and not q.abusive and q.kind != "not a photo" for q in questions
@@ -974,19 +1015,13 @@ class Bench:
             row = rows.get(question.key)
             pending += row is not None and row.status == "pending"
             unshown += row is not None and row.status == "answered" and not question.finals
-        return unanswered, pending, unshown
+        unrated = self._ratings_before + self.pressed - ratings_stored(self.database)
+        return unanswered, pending, unshown, max(0, unrated)
 
     # ---------------------------------------------------------------- 3. kill and restart
 
     async def phase_kill(self) -> None:
-        options = self.options
-        model = BatchingOpenAIServer(
-            capacity=options.capacity,
-            prefill_s=options.prefill_ms / 1000,
-            token_s=options.token_ms / 1000,
-            answer_tokens=options.answer_tokens,
-        )
-        async with model:
+        async with self._batching_model() as model:
             bot = await self._start_bot(model)
             await self._kill_run(model, bot)
 
@@ -994,11 +1029,11 @@ class Bench:
         """A wave of photos; SIGKILL once answers stream; more photos and button presses
         while the bot is down; start it again; count."""
         self._begin("kill")
-        answered_before = [q for q in self.tracker.questions.values() if q.finals]
-        if len(answered_before) < KILL_PRESSES:  # answers whose buttons to press while down
+        unrated = self._unrated_telegram_answers()
+        if len(unrated) < KILL_PRESSES:  # answers whose buttons to press while down
             first = [p for p in self.people if p.platform == "telegram"][:KILL_PRESSES]
             await asyncio.gather(*(self._ask_in_turn(person, 1) for person in first))
-            answered_before = [q for q in self.tracker.questions.values() if q.finals]
+            unrated = self._unrated_telegram_answers()
         wave = self.people[: max(4, len(self.people) // 2)]
         asking = [asyncio.create_task(self._wave_photo(p)) for p in wave]
         try:
@@ -1010,11 +1045,9 @@ class Bench:
         down = [p for p in self.people if p.platform == "telegram"][: max(2, len(wave) // 4)]
         for person in down:
             person.send_photo(self.photos.next(), "sent while the bot was down")
-        telegram = [q for q in answered_before if q.key[0] == "telegram"]
-        for question in telegram[-KILL_PRESSES:]:
+        for question in unrated[-KILL_PRESSES:]:
             person = next(p for p in self.people if p.name == question.person)
-            person.rate(question, up=True)
-            self.pressed += 1
+            self._rate(person, question, up=True)
         await asyncio.sleep(1.0)
         self.tracker.bot_down = False
         started = time.monotonic()
@@ -1025,9 +1058,9 @@ class Bench:
             await self._settle(self.tracker.of_phase("kill"))
             self.figures.peak_rss_mb = max(self.figures.peak_rss_mb, restarted.memory_mb()[1])
             result = await self._end("kill")
-            self.figures.ratings["kill"] = (self.pressed, ratings_stored(self.database))
+            self.figures.ratings["kill"] = self._ratings()
         finally:
-            await restarted.stop()
+            await self._stop(restarted)
         if result.lost_count and not (REPO / "bot" / "core" / "recovery.py").exists():
             self.figures.notes.append(
                 "kill: bot/core/recovery.py is absent: a restarted bot does not yet answer or "
@@ -1075,10 +1108,12 @@ def report(figures: Figures, options: Options) -> int:
             if counts:
                 listed = ", ".join(f"{reason}: {n}" for reason, n in counts.most_common())
                 print(f"  {t.phase} {title}: {listed}")
+        for example in t.lost_examples:
+            print(f"    lost: {example}")
         if t.sent_while_down:
             print(f"  {t.phase}: {t.sent_while_down} sent while the bot was down")
     for phase, (pressed, stored) in figures.ratings.items():
-        print(f"  ratings after {phase}: {pressed} pressed in the phase, {stored} stored in all")
+        print(f"  {phase} ratings: {pressed} buttons pressed, {stored} ratings stored")
     print()
     _print_figures(figures)
     for note in figures.notes:
