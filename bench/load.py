@@ -169,7 +169,7 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
         args.users, args.photos, args.abusive, args.flood = 20, 2, 2, 15
         args.prefill_ms, args.token_ms, args.spread = 50.0, 10.0, 0.5
         args.settle = min(args.settle, 10.0)
-    phases = ("throughput", "load", "kill")
+    phases: tuple[str, ...] = ("throughput", "load", "kill")
     if args.no_kill:
         phases = ("throughput", "load")
     elif args.kill_only:
@@ -1153,8 +1153,8 @@ def _print_figures(figures: Figures) -> None:
             )
         )
     for phase, (share, lag) in figures.bench_load.items():
-        load = f"{share:.0%} of a core, loop lag p99 {lag * 1000:.0f} ms"
-        rows.append((f"bench process ({phase})", load))
+        own = f"{share:.0%} of a core, loop lag p99 {lag * 1000:.0f} ms"
+        rows.append((f"bench process ({phase})", own))
     width = max(len(name) for name, _ in rows) if rows else 0
     for name, value in rows:
         print(f"{name:<{width}}  {value}")

@@ -355,6 +355,10 @@ class BatchingOpenAIServer(FakeOpenAIServer):
         self._slots = asyncio.Semaphore(self.capacity)
         await super().start()
 
+    async def __aenter__(self) -> BatchingOpenAIServer:
+        await self.start()
+        return self
+
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         await request.read()  # the photo and history: the simulated model reads nothing
         await self._count_in_flight(+1)
