@@ -757,7 +757,9 @@ def _count(result: Tally, question: Question, row: Row | None, flooded: set[str]
     elif question.told and (row is None or row.status == "failed"):
         result.apologised[(row.error if row else None) or "no record"] += 1
     elif row is None:
-        result.lost["no word at all, no record"] += 1
+        # On Discord, a message the killed process had from the gateway is gone: a new
+        # session is not sent what the dead one missed.
+        result.lost[f"no word at all, no record ({question.key[0]})"] += 1
     elif row.status == "answered":
         shown = "no reply_message_id" if row.reply_message_id is None else "a reply_message_id"
         result.lost[f"answered in the database ({shown}), never shown"] += 1
@@ -1040,8 +1042,8 @@ class Bench:
             await self._until(lambda: model.answered >= 1 and model.in_flight >= 2, 60.0)
         except TimeoutError:
             self.figures.notes.append("kill: no answers were streaming; killed anyway")
+        self.tracker.bot_down = True  # from the moment the signal is sent
         await bot.kill()
-        self.tracker.bot_down = True
         down = [p for p in self.people if p.platform == "telegram"][: max(2, len(wave) // 4)]
         for person in down:
             person.send_photo(self.photos.next(), "sent while the bot was down")
