@@ -323,3 +323,87 @@ def _error_response(status: int, message: str, retry_after: str | None) -> web.R
     headers = {"Retry-After": retry_after} if retry_after is not None else None
     error = {"message": message, "type": "invalid_request_error", "code": status}
     return web.json_response({"error": error}, status=status, headers=headers)
+
+
+# -- a simulated model for load benchmarks ------------------------------------------------
+
+
+@dataclass
+class BatchingOpenAIServer(FakeOpenAIServer):
+    """An OpenAI-compatible server that behaves like a continuously batching model server.
+
+    Up to ``capacity`` answers generate at once; more wait for a free slot, in arrival order,
+    as lmdeploy's and vLLM's schedulers make them. An answer takes ``prefill_s``, then
+    ``token_s`` per token for ``answer_tokens`` tokens, one stream chunk each, whatever the
+    batch size: a full batch costs no more per step (the GPU has room), so throughput is
+    ``capacity / (prefill_s + answer_tokens * token_s)`` answers a second.
+
+    ``instant()`` answers at once (no slot limit, no delays, the whole answer in one write):
+    the model is then never the bottleneck, so what limits throughput is the bot.
+
+    Requests are counted, not recorded (a load run sends thousands of photos); every answer
+    starts with `ANSWER_MARK`, so a reader can tell a partial answer from the bot's own words.
+    """
+
+    capacity: int = 16
+    prefill_s: float = 0.0
+    token_s: float = 0.0
+    answer_tokens: int = 24
+    answered: int = field(default=0, init=False)
+    hung_up: int = field(default=0, init=False)
+
+    ANSWER_MARK = "[model]"
+
+    @classmethod
+    def instant(cls, answer_tokens: int = 24) -> BatchingOpenAIServer:
+        """A model that answers at once: the bot's own cost is all that is left to measure."""
+        return cls(capacity=1_000_000, answer_tokens=answer_tokens)
+
+    @property
+    def is_instant(self) -> bool:
+        """Whether answers come at once (no prefill, no per-token delay)."""
+        return self.prefill_s == 0 and self.token_s == 0
+
+    async def start(self) -> None:
+        """Listen on a random port of 127.0.0.1, with ``capacity`` generation slots."""
+        self._slots = asyncio.Semaphore(self.capacity)
+        await super().start()
+
+    async def __aenter__(self) -> BatchingOpenAIServer:
+        await self.start()
+        return self
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        await request.read()  # the photo and history: the simulated model reads nothing
+        await self._count_in_flight(+1)
+        try:
+            async with self._slots:
+                response = await self._generate(request)
+            self.answered += 1
+            return response
+        except (asyncio.CancelledError, ConnectionResetError):
+            self.hung_up += 1
+            raise
+        finally:
+            await self._count_in_flight(-1)
+
+    async def _generate(self, request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        pieces = [f"{self.ANSWER_MARK} "] + [f"dish{i} " for i in range(self.answer_tokens)]
+        if self.is_instant:
+            events = [_chunk({"role": "assistant", "content": ""}, None)]
+            events += [_chunk({"content": piece}, None) for piece in pieces]
+            events.append(_chunk({}, "stop"))
+            await response.write(b"".join(_event(e) for e in events) + b"data: [DONE]\n\n")
+            await response.write_eof()
+            return response
+        await response.write(_event(_chunk({"role": "assistant", "content": ""}, None)))
+        await asyncio.sleep(self.prefill_s)
+        for piece in pieces:
+            await asyncio.sleep(self.token_s)
+            await response.write(_event(_chunk({"content": piece}, None)))
+        await response.write(_event(_chunk({}, "stop")))
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
