@@ -10,6 +10,8 @@ from bot.store.records import (
     PhotoRecord,
     RatingRecord,
     ReportTarget,
+    ReviewedCorrection,
+    ReviewItem,
     TrainingRunRecord,
     UserRecord,
 )
@@ -27,6 +29,8 @@ __all__ = [
     "PhotoRecord",
     "RatingRecord",
     "ReportTarget",
+    "ReviewItem",
+    "ReviewedCorrection",
     "RunInProgress",
     "RunStage",
     "Store",

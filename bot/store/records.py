@@ -100,6 +100,27 @@ class CorrectionRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class ReviewedCorrection:
+    """One user's correction as a reviewer sees it: with who wrote it."""
+
+    id: int
+    text: str
+    status: CorrectionStatus
+    updated_at: datetime
+    author: UserRecord
+
+
+@dataclass(frozen=True, slots=True)
+class ReviewItem:
+    """An answer with corrections waiting for review: the photo of its conversation (a
+    follow-up's is its first question's), the answer, and every correction of it."""
+
+    exchange: ExchangeRecord
+    photo_sha256: str | None
+    corrections: tuple[ReviewedCorrection, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class ModelVersionRecord:
     """A model version: what to load, how to serve it, where it came from, how it scored."""
 

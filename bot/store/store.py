@@ -44,6 +44,8 @@ from bot.store.records import (
     PhotoRecord,
     RatingRecord,
     ReportTarget,
+    ReviewedCorrection,
+    ReviewItem,
     TrainingRunRecord,
     UserRecord,
     snapshot,
@@ -203,6 +205,11 @@ class Store:
     async def set_user_banned(self, user_id: int, banned: bool) -> None:
         """Ban or unban a user."""
         await self._update_user(user_id, banned=banned)
+
+    async def set_user_trust(self, user_id: int, trust: int) -> None:
+        """Weigh a user's feedback: above 0 their corrections are accepted without waiting
+        for others to agree, below 0 their feedback is ignored, 0 is ordinary."""
+        await self._update_user(user_id, trust=trust)
 
     async def set_user_language(self, user_id: int, language: str) -> None:
         """Remember the language a user wants answers in."""
@@ -615,6 +622,88 @@ class Store:
                 .order_by(Correction.id)
             )
             return [snapshot(CorrectionRecord, row) for row in rows]
+
+    async def corrections_to_review(self, *, limit: int = 50) -> list[ReviewItem]:
+        """Answers with corrections waiting for review (status new), the most recently
+        corrected first, each with all its corrections and their authors."""
+        async with self._read() as session:
+            waiting = (
+                select(Correction.exchange_id, func.max(Correction.updated_at).label("latest"))
+                .where(Correction.status == CorrectionStatus.NEW)
+                .group_by(Correction.exchange_id)
+                .subquery()
+            )
+            exchanges = await session.scalars(
+                select(Exchange)
+                .join(waiting, waiting.c.exchange_id == Exchange.id)
+                .order_by(waiting.c.latest.desc(), Exchange.id.desc())
+                .limit(limit)
+            )
+            return [await self._review_item(session, exchange) for exchange in exchanges.all()]
+
+    async def _review_item(self, session: AsyncSession, exchange: Exchange) -> ReviewItem:
+        rows = await session.execute(
+            select(Correction, User)
+            .join(User, User.id == Correction.user_id)
+            .where(Correction.exchange_id == exchange.id)
+            .order_by(Correction.id)
+        )
+        corrections = tuple(
+            ReviewedCorrection(
+                correction.id,
+                correction.text,
+                correction.status,
+                correction.updated_at,
+                snapshot(UserRecord, user),
+            )
+            for correction, user in rows.all()
+        )
+        photo = exchange.photo_sha256
+        parent_id, turns = exchange.parent_id, 0
+        while photo is None and parent_id is not None and turns < MAX_CONVERSATION_TURNS:
+            parent = await session.get(Exchange, parent_id)
+            if parent is None:
+                break
+            photo, parent_id, turns = parent.photo_sha256, parent.parent_id, turns + 1
+        return ReviewItem(snapshot(ExchangeRecord, exchange), photo, corrections)
+
+    async def accept_correction(
+        self, correction_id: int, text: str | None = None
+    ) -> CorrectionRecord:
+        """An admin's verdict: this correction (its text replaced by ``text`` when given, a
+        fix) is what the answer should have been, and the answer's other corrections are
+        rejected. Training takes it however few users agreed. Raises `NotFound`."""
+        fixed = text.strip() if text is not None else None
+        if fixed == "":
+            raise ValueError("a correction needs some text")
+        async with self._write() as session:
+            correction = await session.get(Correction, correction_id)
+            if correction is None:
+                raise NotFound(f"correction {correction_id} does not exist")
+            await session.execute(
+                update(Correction)
+                .where(
+                    Correction.exchange_id == correction.exchange_id,
+                    Correction.id != correction_id,
+                )
+                .values(status=CorrectionStatus.REJECTED, updated_at=utcnow())
+            )
+            correction.status = CorrectionStatus.ACCEPTED
+            if fixed is not None:
+                correction.text = fixed
+            await session.flush()
+            return snapshot(CorrectionRecord, correction)
+
+    async def reject_corrections(self, exchange_id: int) -> int:
+        """An admin's verdict: none of the answer's corrections is right; training leaves
+        them out however many users agreed. Returns how many were rejected."""
+        async with self._write() as session:
+            result = await session.execute(
+                update(Correction)
+                .where(Correction.exchange_id == exchange_id)
+                .values(status=CorrectionStatus.REJECTED, updated_at=utcnow())
+            )
+            return int(result.rowcount)  # type: ignore[attr-defined]
 
     async def remember_correction_prompt(
         self, exchange_id: int, user_id: int, platform: str, chat_id: str, message_id: str
