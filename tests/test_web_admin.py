@@ -8,6 +8,7 @@ import logging
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,23 +20,33 @@ from bot.adapters.web import WebAdapter
 from bot.adapters.web.admin_auth import LOGINS_PER_MINUTE_PER_ADDRESS
 from bot.core.admin import Admin
 from bot.settings import Settings, WebSettings
-from bot.store import RunStage, Store, TrainingRunRecord
+from bot.store import CorrectionStatus, RunStage, Store, TrainingRunRecord
 from bot.training.evaluation import Evaluation, SampleResult
 from engine.engine import Engine
 from engine.types import ModelSpec
-from tests.factories import add_photo
+from tests.factories import add_photo, add_user, answered
 from tests.scripted_backend import ScriptedBackend
 from tests.test_runs import BASE_PATH, FakeTrainer, add_feedback, make_supervisor, settings_for
 from tests.web_console import Console, web_console
 
 PASSWORD = "correct horse battery staple"
-PAGES = ["/admin", "/admin/training", "/admin/models", "/admin/training/events"]
+PAGES = [
+    "/admin",
+    "/admin/review",
+    "/admin/training",
+    "/admin/models",
+    "/admin/training/events",
+]
 ACTIONS = [
     "/admin/logout",
     "/admin/training/start",
     "/admin/training/cancel",
     "/admin/models/activate",
     "/admin/models/rollback",
+    "/admin/review/accept",
+    "/admin/review/reject",
+    "/admin/review/trust",
+    "/admin/review/ban",
 ]
 
 
@@ -116,6 +127,29 @@ async def two_versions(store: Store) -> None:
     await store.activate_model_version("run-1")
 
 
+@dataclass
+class Corrected:
+    exchange_id: int
+    correction_id: int
+    author_id: int
+    other_id: int
+    photo_sha256: str
+
+
+async def a_corrected_answer(store: Store) -> Corrected:
+    """An answer with two users' corrections waiting for review (one of them hostile)."""
+    asker = await add_user(store, "501")
+    author = await add_user(store, "502")
+    other = await add_user(store, "503")
+    photo = await add_photo(store, (30, 120, 220))
+    exchange = await answered(
+        store, asker, photo=photo, question="<b>what</b> is this?", answer="<img src=x>叉烧"
+    )
+    correction = await store.record_correction(exchange.id, author.id, "肠粉")
+    await store.record_correction(exchange.id, other.id, "<script>alert('x')</script>")
+    return Corrected(exchange.id, correction.id, author.id, other.id, photo.sha256)
+
+
 # -- who gets in --------------------------------------------------------------------------
 
 
@@ -136,12 +170,19 @@ async def test_every_admin_action_is_refused_without_a_session(
 ) -> None:
     await two_versions(store)
     await add_feedback(store)
+    item = await a_corrected_answer(store)
+    ids = {"correction": str(item.correction_id), "exchange": str(item.exchange_id)}
+    user = {"user": str(item.author_id), "trust": "1", "banned": "1"}
     async with admin_console(store, data_dir) as (console, _), browser(console) as stranger:
-        response = await stranger.post(path, csrf=None, name="base")
+        response = await stranger.post(path, csrf=None, name="base", **ids, **user)
 
     assert response.status == 403
     assert (await store.active_model_version()).name == "run-1"  # type: ignore[union-attr]
     assert await store.training_runs() == []
+    assert len(await store.corrections_to_review()) == 1
+    author = await store.get_user(item.author_id)
+    assert author is not None
+    assert (author.trust, author.banned) == (0, False)
 
 
 async def test_a_web_visitor_is_not_an_admin(store: Store, data_dir: Path) -> None:
@@ -403,3 +444,81 @@ async def _watch(web: AdminBrowser, until: Any) -> list[dict[str, Any]]:
                     return seen
         finally:
             response.close()
+
+
+async def test_the_review_page_shows_each_answer_with_its_corrections_escaped(
+    store: Store, data_dir: Path
+) -> None:
+    item = await a_corrected_answer(store)
+    async with admin_console(store, data_dir) as (console, _), browser(console) as admin:
+        await admin.log_in()
+        html = await admin.open("/admin/review")
+
+    assert f'src="/admin/photos/{item.photo_sha256}"' in html
+    assert "&lt;b&gt;what&lt;/b&gt; is this?" in html
+    assert "&lt;img src=x&gt;叉烧" in html
+    assert "肠粉" in html
+    assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;" in html
+    assert "<script>alert" not in html
+    assert "<img src=x>" not in html
+
+
+async def test_an_admin_accepts_a_correction_in_review(store: Store, data_dir: Path) -> None:
+    item = await a_corrected_answer(store)
+    async with admin_console(store, data_dir) as (console, _), browser(console) as admin:
+        await admin.log_in()
+        await admin.open("/admin/review")
+        accepted = await admin.post("/admin/review/accept", correction=str(item.correction_id))
+        html = await admin.open("/admin/review")
+
+    assert accepted.status == 303
+    statuses = {c.user_id: c.status for c in await store.corrections(item.exchange_id)}
+    assert statuses == {
+        item.author_id: CorrectionStatus.ACCEPTED,
+        item.other_id: CorrectionStatus.REJECTED,
+    }
+    assert "No corrections are waiting for review." in html
+
+
+async def test_an_admin_fixes_and_accepts_a_correction(store: Store, data_dir: Path) -> None:
+    item = await a_corrected_answer(store)
+    async with admin_console(store, data_dir) as (console, _), browser(console) as admin:
+        await admin.log_in()
+        await admin.open("/admin/review")
+        await admin.post(
+            "/admin/review/accept", correction=str(item.correction_id), text="布拉肠粉"
+        )
+
+    accepted = [c for c in await store.corrections(item.exchange_id) if c.id == item.correction_id]
+    assert [(c.text, c.status) for c in accepted] == [("布拉肠粉", CorrectionStatus.ACCEPTED)]
+
+
+async def test_an_admin_rejects_an_answers_corrections(store: Store, data_dir: Path) -> None:
+    item = await a_corrected_answer(store)
+    async with admin_console(store, data_dir) as (console, _), browser(console) as admin:
+        await admin.log_in()
+        await admin.open("/admin/review")
+        await admin.post("/admin/review/reject", exchange=str(item.exchange_id))
+
+    statuses = {c.status for c in await store.corrections(item.exchange_id)}
+    assert statuses == {CorrectionStatus.REJECTED}
+
+
+async def test_an_admin_trusts_one_user_and_bans_another(store: Store, data_dir: Path) -> None:
+    item = await a_corrected_answer(store)
+    async with admin_console(store, data_dir) as (console, _), browser(console) as admin:
+        await admin.log_in()
+        await admin.open("/admin/review")
+        await admin.post("/admin/review/trust", user=str(item.author_id), trust="1")
+        await admin.post("/admin/review/ban", user=str(item.other_id), banned="1")
+        html = await admin.open("/admin/review")
+        bad = await admin.post("/admin/review/ban", user="../1", banned="1")
+
+    author, other = await store.get_user(item.author_id), await store.get_user(item.other_id)
+    assert author is not None
+    assert other is not None
+    assert (author.trust, author.banned) == (1, False)
+    assert (other.trust, other.banned) == (0, True)
+    assert "Stop trusting" in html
+    assert "Lift the ban" in html
+    assert bad.status == 400

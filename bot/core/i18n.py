@@ -355,6 +355,26 @@ MESSAGES: Final[dict[str, dict[Language, str]]] = {
     "admin_web_expected": {"en": "Expected", "zh": "期望答案"},
     "admin_web_photo": {"en": "Photo", "zh": "照片"},
     "admin_web_no_evaluation": {"en": "Not evaluated.", "zh": "没有评估结果。"},
+    "admin_web_review": {"en": "Review", "zh": "审核"},
+    "admin_web_nothing_to_review": {
+        "en": "No corrections are waiting for review.",
+        "zh": "没有等待审核的更正。",
+    },
+    "admin_web_answer": {"en": "The model's answer", "zh": "模型的回答"},
+    "admin_web_correction": {"en": "Correction", "zh": "更正"},
+    "admin_web_user": {"en": "By", "zh": "提交者"},
+    "admin_web_trusted": {"en": "trusted", "zh": "可信"},
+    "admin_web_banned": {"en": "banned", "zh": "已封禁"},
+    "admin_web_trust": {"en": "Trust", "zh": "设为可信"},
+    "admin_web_untrust": {"en": "Stop trusting", "zh": "取消可信"},
+    "admin_web_ban": {"en": "Ban", "zh": "封禁"},
+    "admin_web_unban": {"en": "Lift the ban", "zh": "解除封禁"},
+    "admin_web_fix_placeholder": {
+        "en": "fix the text (optional)",
+        "zh": "修改文字（可选）",
+    },
+    "admin_web_accept": {"en": "Accept", "zh": "接受"},
+    "admin_web_reject": {"en": "Reject all", "zh": "全部拒绝"},
 }
 
 # The engine's reasons for refusing an image, for Chinese speakers. Reasons with figures in

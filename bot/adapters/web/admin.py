@@ -52,6 +52,7 @@ class AdminRoutes:
     def register(self, app: web.Application) -> None:
         """Add the admin routes to ``app``."""
         from bot.adapters.web.admin_models import ModelPages
+        from bot.adapters.web.admin_review import ReviewPages
         from bot.adapters.web.admin_training import TrainingPages
 
         app.router.add_get(LOGIN_PATH, self.login_page)
@@ -61,6 +62,7 @@ class AdminRoutes:
         app.router.add_get("/admin/photos/{sha256}", self.page(self.photo))
         TrainingPages(self).register(app)
         ModelPages(self).register(app)
+        ReviewPages(self).register(app)
 
     # -- the guard --------------------------------------------------------------------------
 
