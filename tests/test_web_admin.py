@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import re
@@ -522,3 +523,25 @@ async def test_an_admin_trusts_one_user_and_bans_another(store: Store, data_dir:
     assert "Stop trusting" in html
     assert "Lift the ban" in html
     assert bad.status == 400
+
+
+async def test_the_overview_charts_questions_latency_and_ratings_per_version(
+    store: Store, data_dir: Path
+) -> None:
+    asker, rater = await add_user(store, "601"), await add_user(store, "602")
+    exchange = await answered(store, asker, photo=await add_photo(store))
+    await store.record_rating(exchange.id, rater.id, 1)
+    async with admin_console(store, data_dir) as (console, _), browser(console) as admin:
+        await admin.log_in()
+        html = await admin.open("/admin")
+
+    images = re.findall(r'src="data:image/svg\+xml;base64,([^"]+)"', html)
+    charts = [base64.b64decode(image).decode() for image in images]
+    assert len(charts) == 3
+    questions, latency, ratings = charts
+    assert "Questions per day" in questions
+    assert exchange.created_at.date().isoformat() in questions
+    assert "p95" in latency
+    assert "internvl2-2b" in ratings  # the version that answered, rated 👍
+    assert not any("kozea.github.io" in chart for chart in charts)  # no script from a CDN
+    assert "The queue now" in html

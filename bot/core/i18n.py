@@ -356,6 +356,14 @@ MESSAGES: Final[dict[str, dict[Language, str]]] = {
     "admin_web_photo": {"en": "Photo", "zh": "照片"},
     "admin_web_no_evaluation": {"en": "Not evaluated.", "zh": "没有评估结果。"},
     "admin_web_review": {"en": "Review", "zh": "审核"},
+    "admin_web_chart_questions": {"en": "Questions per day", "zh": "每天的提问"},
+    "admin_web_chart_latency": {
+        "en": "Answer latency per day (seconds)",
+        "zh": "每天的回答耗时（秒）",
+    },
+    "admin_web_chart_ratings": {"en": "👍 rate per model version", "zh": "各模型版本的 👍 比例"},
+    "admin_web_answered": {"en": "answered", "zh": "已回答"},
+    "admin_web_failed": {"en": "failed", "zh": "失败"},
     "admin_web_nothing_to_review": {
         "en": "No corrections are waiting for review.",
         "zh": "没有等待审核的更正。",

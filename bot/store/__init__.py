@@ -3,6 +3,7 @@
 from bot.store.models import CorrectionStatus, ExchangeStatus, RunStage
 from bot.store.records import (
     CorrectionRecord,
+    DayStats,
     ExchangeOwner,
     ExchangeRecord,
     ForgetReport,
@@ -14,12 +15,14 @@ from bot.store.records import (
     ReviewItem,
     TrainingRunRecord,
     UserRecord,
+    VersionRatings,
 )
 from bot.store.store import NothingToRollBack, RunInProgress, Store
 
 __all__ = [
     "CorrectionRecord",
     "CorrectionStatus",
+    "DayStats",
     "ExchangeOwner",
     "ExchangeRecord",
     "ExchangeStatus",
@@ -36,4 +39,5 @@ __all__ = [
     "Store",
     "TrainingRunRecord",
     "UserRecord",
+    "VersionRatings",
 ]

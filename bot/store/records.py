@@ -6,7 +6,7 @@ import os
 import socket
 import uuid
 from dataclasses import dataclass, fields
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any, TypeVar
 
 from bot.store.models import CorrectionStatus, ExchangeStatus, RunStage
@@ -97,6 +97,33 @@ class CorrectionRecord:
     text: str
     status: CorrectionStatus
     updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class DayStats:
+    """One day's questions (UTC): how many, how they ended, how long answers took."""
+
+    day: date
+    questions: int
+    answered: int
+    failed: int
+    latency_p50_ms: int | None  # of the answered ones
+    latency_p95_ms: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class VersionRatings:
+    """The 👍 and 👎 given to one model version's answers."""
+
+    model_version: str
+    up: int
+    down: int
+
+    @property
+    def up_rate(self) -> float | None:
+        """The share of ratings that are 👍 (None without ratings)."""
+        total = self.up + self.down
+        return self.up / total if total else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 from collections.abc import AsyncIterator, Collection, Sequence
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Select, delete, exists, false, func, select, update
+from sqlalchemy import Select, case, delete, exists, false, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import IntegrityError
@@ -37,6 +38,7 @@ from bot.store.models import (
 from bot.store.photos import PhotoFiles, sha256_hex
 from bot.store.records import (
     CorrectionRecord,
+    DayStats,
     ExchangeOwner,
     ExchangeRecord,
     ForgetReport,
@@ -48,6 +50,7 @@ from bot.store.records import (
     ReviewItem,
     TrainingRunRecord,
     UserRecord,
+    VersionRatings,
     snapshot,
 )
 
@@ -56,6 +59,7 @@ log = logging.getLogger(__name__)
 RATING_VALUES = (-1, 1)
 _ACTIVATION_LOCK = 0x646973680001  # pg_advisory_xact_lock key for model activation
 MAX_CONVERSATION_TURNS = 50
+STATS_CHUNK_ROWS = 1000  # exchanges read at a time for the daily figures
 # A ✏️ prompt nobody answered is dropped after this long (the answer itself stays).
 CORRECTION_PROMPT_KEPT = timedelta(days=7)
 ORPHANS_PER_SWEEP = 100  # `orphaned_exchanges` at a time: recovery comes back for more
@@ -622,6 +626,46 @@ class Store:
                 .order_by(Correction.id)
             )
             return [snapshot(CorrectionRecord, row) for row in rows]
+
+    async def question_days(self, since: datetime) -> list[DayStats]:
+        """Per UTC day since ``since``, oldest first: questions asked, answered and failed,
+        and the answer latency's p50 and p95 (of the answered ones)."""
+        days: dict[date, list[int]] = {}
+        latencies: dict[date, list[int]] = {}
+        async with self._read() as session:
+            rows = await session.stream(
+                select(Exchange.created_at, Exchange.status, Exchange.latency_ms)
+                .where(Exchange.created_at >= since)
+                .execution_options(yield_per=STATS_CHUNK_ROWS)
+            )
+            async for created_at, status, latency_ms in rows:
+                day = created_at.date()
+                counts = days.setdefault(day, [0, 0, 0])
+                counts[0] += 1
+                counts[1] += status == ExchangeStatus.ANSWERED
+                counts[2] += status == ExchangeStatus.FAILED
+                if status == ExchangeStatus.ANSWERED and latency_ms is not None:
+                    latencies.setdefault(day, []).append(latency_ms)
+        return [
+            DayStats(day, *days[day], *_percentiles(latencies.get(day, []), 0.5, 0.95))
+            for day in sorted(days)
+        ]
+
+    async def ratings_by_model_version(self) -> list[VersionRatings]:
+        """👍 and 👎 per model version that answered, by the version's name."""
+        async with self._read() as session:
+            rows = await session.execute(
+                select(
+                    Exchange.model_version,
+                    func.sum(case((Rating.value > 0, 1), else_=0)),
+                    func.sum(case((Rating.value < 0, 1), else_=0)),
+                )
+                .join(Rating, Rating.exchange_id == Exchange.id)
+                .where(Exchange.model_version.is_not(None))
+                .group_by(Exchange.model_version)
+                .order_by(Exchange.model_version)
+            )
+            return [VersionRatings(name, int(up or 0), int(down or 0)) for name, up, down in rows]
 
     async def corrections_to_review(self, *, limit: int = 50) -> list[ReviewItem]:
         """Answers with corrections waiting for review (status new), the most recently
@@ -1229,6 +1273,14 @@ class Store:
         async with self._read() as session:
             run = await session.scalar(select(TrainingRun).where(TrainingRun.is_running))
             return snapshot(TrainingRunRecord, run) if run else None
+
+
+def _percentiles(values: list[int], *quantiles: float) -> list[int | None]:
+    """The nearest-rank quantiles of ``values`` (None each when there are none)."""
+    if not values:
+        return [None for _ in quantiles]
+    ordered = sorted(values)
+    return [ordered[max(0, math.ceil(q * len(ordered)) - 1)] for q in quantiles]
 
 
 def _alive(pid: int) -> bool:

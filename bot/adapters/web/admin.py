@@ -52,14 +52,15 @@ class AdminRoutes:
     def register(self, app: web.Application) -> None:
         """Add the admin routes to ``app``."""
         from bot.adapters.web.admin_models import ModelPages
+        from bot.adapters.web.admin_overview import OverviewPage
         from bot.adapters.web.admin_review import ReviewPages
         from bot.adapters.web.admin_training import TrainingPages
 
         app.router.add_get(LOGIN_PATH, self.login_page)
         app.router.add_post(LOGIN_PATH, self.login)
         app.router.add_post("/admin/logout", self.action(self.logout))
-        app.router.add_get("/admin", self.page(self.overview))
         app.router.add_get("/admin/photos/{sha256}", self.page(self.photo))
+        OverviewPage(self).register(app)
         TrainingPages(self).register(app)
         ModelPages(self).register(app)
         ReviewPages(self).register(app)
@@ -169,11 +170,6 @@ class AdminRoutes:
         return response
 
     # -- pages ------------------------------------------------------------------------------
-
-    async def overview(self, request: web.Request) -> web.StreamResponse:
-        """The queue right now."""
-        stats = self.admin.engine.stats()
-        return self.render("admin/overview.html", request, {"stats": stats})
 
     async def photo(self, request: web.Request) -> web.StreamResponse:
         """A stored photo by its sha256 (admins only: photos are the users')."""

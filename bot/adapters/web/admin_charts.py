@@ -9,7 +9,7 @@ it holds (a dish name, a version name) cannot reach the page.
 from __future__ import annotations
 
 import base64
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import pygal
 from pygal.style import Style
@@ -47,7 +47,7 @@ def loss_curve(points: Sequence[tuple[int, float]], title: str) -> str:
     return as_image(chart.render(is_unicode=True))
 
 
-def lines(title: str, labels: Sequence[str], series: dict[str, Sequence[float | None]]) -> str:
+def lines(title: str, labels: Sequence[str], series: Mapping[str, Sequence[float | None]]) -> str:
     """One line per series over ``labels`` (days, say), as a ``data:`` URL."""
     chart = pygal.Line(title=title, x_label_rotation=30, **_config())
     chart.x_labels = list(labels)
@@ -56,7 +56,7 @@ def lines(title: str, labels: Sequence[str], series: dict[str, Sequence[float | 
     return as_image(chart.render(is_unicode=True))
 
 
-def bars(title: str, labels: Sequence[str], series: dict[str, Sequence[float | None]]) -> str:
+def bars(title: str, labels: Sequence[str], series: Mapping[str, Sequence[float | None]]) -> str:
     """Grouped bars, one group per label, as a ``data:`` URL."""
     chart = pygal.Bar(title=title, **_config())
     chart.x_labels = list(labels)
