@@ -34,6 +34,7 @@ PASSWORD = "correct horse battery staple"
 PAGES = [
     "/admin",
     "/admin/review",
+    "/admin/dataset",
     "/admin/training",
     "/admin/models",
     "/admin/training/events",
@@ -48,6 +49,7 @@ ACTIONS = [
     "/admin/review/reject",
     "/admin/review/trust",
     "/admin/review/ban",
+    "/admin/dataset/export",
 ]
 
 
@@ -184,6 +186,7 @@ async def test_every_admin_action_is_refused_without_a_session(
     author = await store.get_user(item.author_id)
     assert author is not None
     assert (author.trust, author.banned) == (0, False)
+    assert not (data_dir / "training" / "exports").exists()
 
 
 async def test_a_web_visitor_is_not_an_admin(store: Store, data_dir: Path) -> None:
@@ -545,3 +548,26 @@ async def test_the_overview_charts_questions_latency_and_ratings_per_version(
     assert "internvl2-2b" in ratings  # the version that answered, rated 👍
     assert not any("kozea.github.io" in chart for chart in charts)  # no script from a CDN
     assert "The queue now" in html
+
+
+async def test_the_dataset_page_previews_the_export_and_the_button_exports(
+    store: Store, data_dir: Path
+) -> None:
+    await add_feedback(store, photos=3)
+    item = await a_corrected_answer(store)
+    await store.accept_correction(item.correction_id)
+    async with admin_console(store, data_dir) as (console, admin), browser(console) as web:
+        await web.log_in()
+        html = await web.open("/admin/dataset")
+        exported = await web.post("/admin/dataset/export")
+        told = await web.open(exported.headers["Location"])
+        exports = list(admin.exports_dir().iterdir())
+
+    assert re.search(r'id="samples">4<', html)  # 3 approved answers and the accepted fix
+    assert "exported" in html
+    assert "肠粉" in html  # among the dishes, and in a record
+    assert f'src="/admin/photos/{item.photo_sha256}"' in html
+    assert exported.status == 303
+    assert [path.name for path in exports] == [exported.headers["Location"].split("=")[1]]
+    assert (exports[0] / "train.jsonl").read_text(encoding="utf-8")
+    assert exports[0].name in told

@@ -356,6 +356,23 @@ MESSAGES: Final[dict[str, dict[Language, str]]] = {
     "admin_web_photo": {"en": "Photo", "zh": "照片"},
     "admin_web_no_evaluation": {"en": "Not evaluated.", "zh": "没有评估结果。"},
     "admin_web_review": {"en": "Review", "zh": "审核"},
+    "admin_web_dataset": {"en": "Dataset", "zh": "数据集"},
+    "admin_web_dataset_now": {
+        "en": "An export made now would contain",
+        "zh": "现在导出的话会包含",
+    },
+    "admin_web_samples": {"en": "Samples", "zh": "样本"},
+    "admin_web_train": {"en": "Train", "zh": "训练集"},
+    "admin_web_val": {"en": "Validation", "zh": "验证集"},
+    "admin_web_photos": {"en": "Photos", "zh": "照片"},
+    "admin_web_by_reason": {"en": "Answers by what became of them", "zh": "回答的去向"},
+    "admin_web_top_dishes": {"en": "Most frequent dishes", "zh": "最常见的菜"},
+    "admin_web_sample_records": {"en": "A sample of the records", "zh": "部分样本"},
+    "admin_web_export": {"en": "Export", "zh": "导出"},
+    "admin_web_exported": {
+        "en": "Exported to the exports directory as {name}.",
+        "zh": "已导出到导出目录：{name}。",
+    },
     "admin_web_chart_questions": {"en": "Questions per day", "zh": "每天的提问"},
     "admin_web_chart_latency": {
         "en": "Answer latency per day (seconds)",

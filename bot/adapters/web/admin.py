@@ -51,6 +51,7 @@ class AdminRoutes:
 
     def register(self, app: web.Application) -> None:
         """Add the admin routes to ``app``."""
+        from bot.adapters.web.admin_dataset import DatasetPages
         from bot.adapters.web.admin_models import ModelPages
         from bot.adapters.web.admin_overview import OverviewPage
         from bot.adapters.web.admin_review import ReviewPages
@@ -64,6 +65,7 @@ class AdminRoutes:
         TrainingPages(self).register(app)
         ModelPages(self).register(app)
         ReviewPages(self).register(app)
+        DatasetPages(self).register(app)
 
     # -- the guard --------------------------------------------------------------------------
 
@@ -106,7 +108,7 @@ class AdminRoutes:
         session = request.get(ADMIN_SESSION)
         full = {
             "lang": language,
-            "words": {key: say(key, language) for key in ADMIN_WORDS},
+            "words": {key: MESSAGES[key][language] for key in ADMIN_WORDS},  # unformatted
             "csrf_token": self.sessions.csrf_token(session) if session else "",
             "path": request.path,
             **context,
