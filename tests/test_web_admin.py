@@ -18,7 +18,7 @@ from aiohttp import ClientResponse, CookieJar
 from aiohttp.test_utils import TestClient
 
 from bot.adapters.web import WebAdapter
-from bot.adapters.web.admin_auth import LOGINS_PER_MINUTE_PER_ADDRESS
+from bot.adapters.web.admin_auth import LOGINS_PER_MINUTE_PER_ADDRESS, AdminSessions
 from bot.core.admin import Admin
 from bot.settings import Settings, WebSettings
 from bot.store import CorrectionStatus, RunStage, Store, TrainingRunRecord
@@ -571,3 +571,64 @@ async def test_the_dataset_page_previews_the_export_and_the_button_exports(
     assert [path.name for path in exports] == [exported.headers["Location"].split("=")[1]]
     assert (exports[0] / "train.jsonl").read_text(encoding="utf-8")
     assert exports[0].name in told
+
+
+async def test_a_login_form_posted_from_another_site_is_refused(
+    store: Store, data_dir: Path
+) -> None:
+    async with admin_console(store, data_dir) as (console, _), browser(console) as victim:
+        forged = await victim.client.post(
+            "/admin/login",
+            data={"password": PASSWORD},
+            headers={"Origin": "https://evil.example"},
+            allow_redirects=False,
+        )
+        page = await victim.client.get("/admin", allow_redirects=False)
+
+    assert forged.status == 403
+    assert page.status == 303
+
+
+async def test_a_login_goes_to_the_overview_whatever_address_it_names(
+    store: Store, data_dir: Path
+) -> None:
+    async with admin_console(store, data_dir) as (console, _), browser(console) as admin:
+        response = await admin.client.post(
+            "/admin/login?next=https://evil.example/&return_to=//evil.example",
+            data={"password": PASSWORD},
+            allow_redirects=False,
+        )
+
+    assert response.headers["Location"] == "/admin"
+
+
+def test_an_expired_or_altered_session_cookie_is_refused() -> None:
+    now = [1_000_000.0]
+    sessions = AdminSessions(b"s" * 32, PASSWORD, ttl_s=60, clock=lambda: now[0])
+    cookie = sessions.log_in_with_password(PASSWORD)
+    assert cookie is not None
+    session_id, expiry, signature = cookie.split(".")
+    longer = f"{session_id}.{int(expiry) + 3600}.{signature}"
+
+    assert sessions.session(cookie) == session_id
+    assert sessions.session(longer) is None  # the expiry is signed
+    assert AdminSessions(b"t" * 32, PASSWORD).session(cookie) is None  # another secret
+    now[0] += 61
+    assert sessions.session(cookie) is None
+
+
+async def test_the_training_stream_ends_when_the_admin_logs_out(
+    store: Store, data_dir: Path
+) -> None:
+    async with admin_console(store, data_dir) as (console, _), browser(console) as admin:
+        await admin.log_in()
+        await admin.open("/admin/training")
+        stream = await admin.client.get("/admin/training/events")
+        first = await stream.content.readline()
+        await admin.post("/admin/logout")
+        async with asyncio.timeout(10):  # a safety net, not a timing claim
+            rest = await stream.content.read()
+
+    assert first.startswith(b"data: ")
+    assert stream.content.at_eof()
+    assert b"data:" not in rest

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import aiohttp_jinja2
+import yarl
 from aiohttp import web
 
 from bot.adapters.web.admin_auth import SESSION_COOKIE, AdminSessions
@@ -69,11 +70,15 @@ class AdminRoutes:
 
     # -- the guard --------------------------------------------------------------------------
 
+    def session_of(self, request: web.Request) -> str | None:
+        """The live admin session of a request's cookie, or None."""
+        return self.sessions.session(request.cookies.get(SESSION_COOKIE))
+
     def page(self, handler: Handler) -> Handler:
         """``handler`` for admins only: anyone else is sent to the login page."""
 
         async def guarded(request: web.Request) -> web.StreamResponse:
-            session = self.sessions.session(request.cookies.get(SESSION_COOKIE))
+            session = self.session_of(request)
             if session is None:
                 raise web.HTTPSeeOther(LOGIN_PATH)
             request[ADMIN_SESSION] = session
@@ -86,7 +91,7 @@ class AdminRoutes:
         token; 403 for anyone else."""
 
         async def guarded(request: web.Request) -> web.StreamResponse:
-            session = self.sessions.session(request.cookies.get(SESSION_COOKIE))
+            session = self.session_of(request)
             if session is None:
                 raise web.HTTPForbidden(text=say("admin_web_login_needed", page_language(request)))
             form = await _form(request)
@@ -127,7 +132,9 @@ class AdminRoutes:
         return self._login_form(request)
 
     async def login(self, request: web.Request) -> web.StreamResponse:
-        """The password form was sent."""
+        """The password form was sent (from this site: a form on another is refused)."""
+        if not _same_origin(request):
+            raise web.HTTPForbidden(text=say("web_session_expired", page_language(request)))
         form = await _form(request)
         password = form.get("password", "")
         return await self._log_in(request, lambda: self.sessions.log_in_with_password(password))
@@ -187,6 +194,16 @@ class AdminRoutes:
         content_type = f"image/{photo.format.lower()}"
         headers = {"Content-Type": content_type, "Cache-Control": "private, max-age=3600"}
         return web.FileResponse(path, headers=headers)
+
+
+def _same_origin(request: web.Request) -> bool:
+    """Whether a request's Origin, when the browser sends one, is this server's host (its
+    scheme aside: behind a TLS proxy the page is https and the request here http)."""
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return True
+    here = yarl.URL(f"http://{request.host}").host_port_subcomponent
+    return yarl.URL(origin).host_port_subcomponent == here
 
 
 def see_other(location: str) -> web.Response:

@@ -10,6 +10,7 @@ run, so a page opened mid-run draws the whole curve.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -44,6 +45,7 @@ class TrainingPages:
         self.admin = routes.admin
         self.store = routes.store
         self._losses: dict[int, dict[int, float]] = {}  # run id -> iteration -> loss
+        self._closing = asyncio.Event()
 
     def register(self, app: web.Application) -> None:
         """Add the training routes to ``app``."""
@@ -52,6 +54,11 @@ class TrainingPages:
         app.router.add_get("/admin/training/events", routes.page(self.events))
         app.router.add_post("/admin/training/start", routes.action(self.start))
         app.router.add_post("/admin/training/cancel", routes.action(self.cancel))
+        app.on_shutdown.append(self._close_streams)
+
+    async def _close_streams(self, app: web.Application) -> None:
+        # Open streams would otherwise hold the server's shutdown until its timeout.
+        self._closing.set()
 
     async def page(self, request: web.Request) -> web.StreamResponse:
         """The run under way (if any), the start and cancel buttons, and past runs."""
@@ -100,7 +107,8 @@ class TrainingPages:
         )
         await response.prepare(request)
         last: str | None = None
-        while True:
+        # Until the server stops, or the session ends (logged out, expired) under the page.
+        while not self._closing.is_set() and self.routes.session_of(request) is not None:
             runs = await self.store.training_runs(limit=1)
             state = self._live(runs[0], language) if runs else {"id": None}
             text = json.dumps(state)
@@ -109,7 +117,9 @@ class TrainingPages:
                 last = text
             else:
                 await response.write(b": keepalive\n\n")
-            await asyncio.sleep(WATCH_INTERVAL_S)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), WATCH_INTERVAL_S)
+        return response
 
     # -- what a run shows -------------------------------------------------------------------
 
