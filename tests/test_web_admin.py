@@ -421,6 +421,8 @@ async def test_an_admin_cancels_the_run(store: Store, data_dir: Path) -> None:
         await web.open("/admin/training")
         await web.post("/admin/training/start")
         await _watch(web, until=lambda state: state["stage"] == "training")
+        second = await web.post("/admin/training/start")
+        told_busy = await web.open(second.headers["Location"])
         cancelled = await web.post("/admin/training/cancel")
         busy_again = await web.post("/admin/training/cancel")
 
@@ -428,6 +430,8 @@ async def test_an_admin_cancels_the_run(store: Store, data_dir: Path) -> None:
     assert cancelled.status == 303
     assert runs[0].stage is RunStage.CANCELLED
     assert busy_again.headers["Location"].endswith("m=retrain_nothing_running")
+    assert "A run is already going: one at a time." in told_busy
+    assert len(runs) == 1
 
 
 async def _watch(web: AdminBrowser, until: Any) -> list[dict[str, Any]]:

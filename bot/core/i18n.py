@@ -327,6 +327,10 @@ MESSAGES: Final[dict[str, dict[Language, str]]] = {
         "zh": "无论评估结果如何都上线新模型",
     },
     "admin_web_cancel_run": {"en": "Cancel the run", "zh": "取消训练"},
+    "admin_web_run_busy": {
+        "en": "A run is already going: one at a time.",
+        "zh": "已经有一个训练在进行中：一次只能进行一个。",
+    },
     "admin_web_run_not_started": {
         "en": "The run could not start: the log says why.",
         "zh": "训练无法开始：原因见日志。",

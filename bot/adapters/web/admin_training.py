@@ -79,7 +79,7 @@ class TrainingPages:
         try:
             run_id = await self.admin.runs.start(None, None, force=force)
         except RunInProgress:
-            return _back("retrain_busy")
+            return _back("admin_web_run_busy")
         except DishbotError as exc:
             log.warning("a training run could not start: %s", exc)
             return _back("admin_web_run_not_started")
@@ -175,7 +175,12 @@ class TrainingPages:
 # Why nothing happened, named in the address after an action (only these: no page of another
 # site can put words of its own on this one).
 _MESSAGES = frozenset(
-    {"retrain_unavailable", "retrain_busy", "admin_web_run_not_started", "retrain_nothing_running"}
+    {
+        "retrain_unavailable",
+        "admin_web_run_busy",
+        "admin_web_run_not_started",
+        "retrain_nothing_running",
+    }
 )
 
 
