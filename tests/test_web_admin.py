@@ -18,7 +18,11 @@ from aiohttp import ClientResponse, CookieJar
 from aiohttp.test_utils import TestClient
 
 from bot.adapters.web import WebAdapter
-from bot.adapters.web.admin_auth import LOGINS_PER_MINUTE_PER_ADDRESS, AdminSessions
+from bot.adapters.web.admin_auth import (
+    LOGINS_PER_MINUTE,
+    LOGINS_PER_MINUTE_PER_ADDRESS,
+    AdminSessions,
+)
 from bot.core.admin import Admin
 from bot.settings import Settings, WebSettings
 from bot.store import CorrectionStatus, RunStage, Store, TrainingRunRecord
@@ -636,3 +640,11 @@ async def test_the_training_stream_ends_when_the_admin_logs_out(
     assert first.startswith(b"data: ")
     assert stream.content.at_eof()
     assert b"data:" not in rest
+
+
+def test_login_attempts_are_limited_overall_across_addresses() -> None:
+    sessions = AdminSessions(b"s" * 32, PASSWORD)
+    allowed = [sessions.may_try(f"10.0.{n // 250}.{n % 250}") for n in range(LOGINS_PER_MINUTE)]
+
+    assert all(allowed)
+    assert not sessions.may_try("10.9.9.9")  # a new address, but the minute's attempts are used
