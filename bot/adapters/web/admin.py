@@ -4,7 +4,8 @@ and the admin-only photos.
 Every ``/admin`` page without a live admin session redirects to the login page; every admin
 POST without one, or without the session's CSRF token (form field ``csrf`` or header
 ``X-CSRF-Token``), is refused with 403. The pages themselves live beside this module
-(`admin_training`, `admin_models`); each registers through `AdminRoutes`.
+(`admin_overview`, `admin_review`, `admin_dataset`, `admin_training`, `admin_models`), each
+registering its routes through this guard.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class AdminRoutes:
 
     def register(self, app: web.Application) -> None:
         """Add the admin routes to ``app``."""
+        # Here, not at the top: the pages import this module's guard and helpers.
         from bot.adapters.web.admin_dataset import DatasetPages
         from bot.adapters.web.admin_models import ModelPages
         from bot.adapters.web.admin_overview import OverviewPage
