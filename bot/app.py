@@ -83,8 +83,9 @@ class App:
         """The dialog's limits from the settings."""
         return DialogConfig(questions_per_minute=self.settings.limits.questions_per_minute)
 
-    def build_adapters(self, dialog: Dialog) -> list[Adapter]:
-        """An adapter for each configured chat platform (not yet started)."""
+    def build_adapters(self, dialog: Dialog, admin: Admin | None = None) -> list[Adapter]:
+        """An adapter for each configured chat platform (not yet started); the web console's
+        admin pages use ``admin`` (and its run supervisor)."""
         adapters: list[Adapter] = []
         if self.settings.telegram.token is not None:
             from bot.adapters.telegram import TelegramAdapter
@@ -97,7 +98,10 @@ class App:
         if self.settings.web.enabled:
             from bot.adapters.web import WebAdapter
 
-            adapters.append(WebAdapter(self.settings, dialog, self.metrics, peers=tuple(adapters)))
+            peers = tuple(adapters)
+            adapters.append(
+                WebAdapter(self.settings, dialog, self.metrics, peers=peers, admin=admin)
+            )
         return adapters
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
@@ -156,7 +160,7 @@ class App:
                     dialog = Dialog(
                         store, engine, self.dialog_config(), admin=admin, observer=self.metrics
                     )
-                    adapters = self.build_adapters(dialog)
+                    adapters = self.build_adapters(dialog, admin)
                     recovery = Recovery(
                         store,
                         dialog,

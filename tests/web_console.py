@@ -19,6 +19,7 @@ from aiohttp import ClientResponse, CookieJar, FormData
 from aiohttp.test_utils import TestClient, TestServer
 
 from bot.adapters.web import WebAdapter
+from bot.core.admin import Admin
 from bot.core.dialog import Dialog, DialogConfig
 from bot.metrics import Metrics
 from bot.settings import Settings
@@ -53,6 +54,8 @@ async def web_console(
     start_engine: bool = True,
     dialog_config: DialogConfig | None = None,
     peers: tuple[object, ...] = (),
+    settings: Settings | None = None,
+    admin: Admin | None = None,
 ) -> AsyncIterator[Console]:
     """The web console over ``store``; the engine (scripted unless given) started if asked."""
     engine = engine or Engine(
@@ -67,8 +70,8 @@ async def web_console(
         dialog_config or DialogConfig(edit_interval_s=0.05, questions_per_minute=60),
         observer=metrics,
     )
-    settings = Settings(data_dir=data_dir)
-    adapter = WebAdapter(settings, dialog, metrics, peers=peers)
+    settings = settings or Settings(data_dir=data_dir)
+    adapter = WebAdapter(settings, dialog, metrics, peers=peers, admin=admin)
     server = TestServer(adapter.app)
     await server.start_server()
     if start_engine:

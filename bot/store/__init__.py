@@ -3,6 +3,7 @@
 from bot.store.models import CorrectionStatus, ExchangeStatus, RunStage
 from bot.store.records import (
     CorrectionRecord,
+    DayStats,
     ExchangeOwner,
     ExchangeRecord,
     ForgetReport,
@@ -10,14 +11,18 @@ from bot.store.records import (
     PhotoRecord,
     RatingRecord,
     ReportTarget,
+    ReviewedCorrection,
+    ReviewItem,
     TrainingRunRecord,
     UserRecord,
+    VersionRatings,
 )
 from bot.store.store import NothingToRollBack, RunInProgress, Store
 
 __all__ = [
     "CorrectionRecord",
     "CorrectionStatus",
+    "DayStats",
     "ExchangeOwner",
     "ExchangeRecord",
     "ExchangeStatus",
@@ -27,9 +32,12 @@ __all__ = [
     "PhotoRecord",
     "RatingRecord",
     "ReportTarget",
+    "ReviewItem",
+    "ReviewedCorrection",
     "RunInProgress",
     "RunStage",
     "Store",
     "TrainingRunRecord",
     "UserRecord",
+    "VersionRatings",
 ]

@@ -6,7 +6,7 @@ import os
 import socket
 import uuid
 from dataclasses import dataclass, fields
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any, TypeVar
 
 from bot.store.models import CorrectionStatus, ExchangeStatus, RunStage
@@ -97,6 +97,54 @@ class CorrectionRecord:
     text: str
     status: CorrectionStatus
     updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class DayStats:
+    """One day's questions (UTC): how many, how they ended, how long answers took."""
+
+    day: date
+    questions: int
+    answered: int
+    failed: int
+    latency_p50_ms: int | None  # of the answered ones
+    latency_p95_ms: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class VersionRatings:
+    """The 👍 and 👎 given to one model version's answers."""
+
+    model_version: str
+    up: int
+    down: int
+
+    @property
+    def up_rate(self) -> float | None:
+        """The share of ratings that are 👍 (None without ratings)."""
+        total = self.up + self.down
+        return self.up / total if total else None
+
+
+@dataclass(frozen=True, slots=True)
+class ReviewedCorrection:
+    """One user's correction as a reviewer sees it: with who wrote it."""
+
+    id: int
+    text: str
+    status: CorrectionStatus
+    updated_at: datetime
+    author: UserRecord
+
+
+@dataclass(frozen=True, slots=True)
+class ReviewItem:
+    """An answer with corrections waiting for review: the photo of its conversation (a
+    follow-up's is its first question's), the answer, and every correction of it."""
+
+    exchange: ExchangeRecord
+    photo_sha256: str | None
+    corrections: tuple[ReviewedCorrection, ...]
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 from collections.abc import AsyncIterator, Collection, Sequence
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Select, delete, exists, false, func, select, update
+from sqlalchemy import Select, case, delete, exists, false, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import IntegrityError
@@ -37,6 +38,7 @@ from bot.store.models import (
 from bot.store.photos import PhotoFiles, sha256_hex
 from bot.store.records import (
     CorrectionRecord,
+    DayStats,
     ExchangeOwner,
     ExchangeRecord,
     ForgetReport,
@@ -44,8 +46,11 @@ from bot.store.records import (
     PhotoRecord,
     RatingRecord,
     ReportTarget,
+    ReviewedCorrection,
+    ReviewItem,
     TrainingRunRecord,
     UserRecord,
+    VersionRatings,
     snapshot,
 )
 
@@ -54,6 +59,7 @@ log = logging.getLogger(__name__)
 RATING_VALUES = (-1, 1)
 _ACTIVATION_LOCK = 0x646973680001  # pg_advisory_xact_lock key for model activation
 MAX_CONVERSATION_TURNS = 50
+STATS_CHUNK_ROWS = 1000  # exchanges read at a time for the daily figures
 # A ✏️ prompt nobody answered is dropped after this long (the answer itself stays).
 CORRECTION_PROMPT_KEPT = timedelta(days=7)
 ORPHANS_PER_SWEEP = 100  # `orphaned_exchanges` at a time: recovery comes back for more
@@ -203,6 +209,11 @@ class Store:
     async def set_user_banned(self, user_id: int, banned: bool) -> None:
         """Ban or unban a user."""
         await self._update_user(user_id, banned=banned)
+
+    async def set_user_trust(self, user_id: int, trust: int) -> None:
+        """Weigh a user's feedback: above 0 their corrections are accepted without waiting
+        for others to agree, below 0 their feedback is ignored, 0 is ordinary."""
+        await self._update_user(user_id, trust=trust)
 
     async def set_user_language(self, user_id: int, language: str) -> None:
         """Remember the language a user wants answers in."""
@@ -615,6 +626,128 @@ class Store:
                 .order_by(Correction.id)
             )
             return [snapshot(CorrectionRecord, row) for row in rows]
+
+    async def question_days(self, since: datetime) -> list[DayStats]:
+        """Per UTC day since ``since``, oldest first: questions asked, answered and failed,
+        and the answer latency's p50 and p95 (of the answered ones)."""
+        days: dict[date, list[int]] = {}
+        latencies: dict[date, list[int]] = {}
+        async with self._read() as session:
+            rows = await session.stream(
+                select(Exchange.created_at, Exchange.status, Exchange.latency_ms)
+                .where(Exchange.created_at >= since)
+                .execution_options(yield_per=STATS_CHUNK_ROWS)
+            )
+            async for created_at, status, latency_ms in rows:
+                day = created_at.date()
+                counts = days.setdefault(day, [0, 0, 0])
+                counts[0] += 1
+                counts[1] += status == ExchangeStatus.ANSWERED
+                counts[2] += status == ExchangeStatus.FAILED
+                if status == ExchangeStatus.ANSWERED and latency_ms is not None:
+                    latencies.setdefault(day, []).append(latency_ms)
+        return [
+            DayStats(day, *days[day], *_percentiles(latencies.get(day, []), 0.5, 0.95))
+            for day in sorted(days)
+        ]
+
+    async def ratings_by_model_version(self) -> list[VersionRatings]:
+        """👍 and 👎 per model version that answered, by the version's name."""
+        async with self._read() as session:
+            rows = await session.execute(
+                select(
+                    Exchange.model_version,
+                    func.sum(case((Rating.value > 0, 1), else_=0)),
+                    func.sum(case((Rating.value < 0, 1), else_=0)),
+                )
+                .join(Rating, Rating.exchange_id == Exchange.id)
+                .where(Exchange.model_version.is_not(None))
+                .group_by(Exchange.model_version)
+                .order_by(Exchange.model_version)
+            )
+            return [VersionRatings(name, int(up or 0), int(down or 0)) for name, up, down in rows]
+
+    async def corrections_to_review(self, *, limit: int = 50) -> list[ReviewItem]:
+        """Answers with corrections waiting for review (status new), the most recently
+        corrected first, each with all its corrections and their authors."""
+        async with self._read() as session:
+            waiting = (
+                select(Correction.exchange_id, func.max(Correction.updated_at).label("latest"))
+                .where(Correction.status == CorrectionStatus.NEW)
+                .group_by(Correction.exchange_id)
+                .subquery()
+            )
+            exchanges = await session.scalars(
+                select(Exchange)
+                .join(waiting, waiting.c.exchange_id == Exchange.id)
+                .order_by(waiting.c.latest.desc(), Exchange.id.desc())
+                .limit(limit)
+            )
+            return [await self._review_item(session, exchange) for exchange in exchanges.all()]
+
+    async def _review_item(self, session: AsyncSession, exchange: Exchange) -> ReviewItem:
+        rows = await session.execute(
+            select(Correction, User)
+            .join(User, User.id == Correction.user_id)
+            .where(Correction.exchange_id == exchange.id)
+            .order_by(Correction.id)
+        )
+        corrections = tuple(
+            ReviewedCorrection(
+                correction.id,
+                correction.text,
+                correction.status,
+                correction.updated_at,
+                snapshot(UserRecord, user),
+            )
+            for correction, user in rows.all()
+        )
+        photo = exchange.photo_sha256
+        parent_id, turns = exchange.parent_id, 0
+        while photo is None and parent_id is not None and turns < MAX_CONVERSATION_TURNS:
+            parent = await session.get(Exchange, parent_id)
+            if parent is None:
+                break
+            photo, parent_id, turns = parent.photo_sha256, parent.parent_id, turns + 1
+        return ReviewItem(snapshot(ExchangeRecord, exchange), photo, corrections)
+
+    async def accept_correction(
+        self, correction_id: int, text: str | None = None
+    ) -> CorrectionRecord:
+        """An admin's verdict: this correction (its text replaced by ``text`` when given, a
+        fix) is what the answer should have been, and the answer's other corrections are
+        rejected. Training takes it however few users agreed. Raises `NotFound`."""
+        fixed = text.strip() if text is not None else None
+        if fixed == "":
+            raise ValueError("a correction needs some text")
+        async with self._write() as session:
+            correction = await session.get(Correction, correction_id)
+            if correction is None:
+                raise NotFound(f"correction {correction_id} does not exist")
+            await session.execute(
+                update(Correction)
+                .where(
+                    Correction.exchange_id == correction.exchange_id,
+                    Correction.id != correction_id,
+                )
+                .values(status=CorrectionStatus.REJECTED, updated_at=utcnow())
+            )
+            correction.status = CorrectionStatus.ACCEPTED
+            if fixed is not None:
+                correction.text = fixed
+            await session.flush()
+            return snapshot(CorrectionRecord, correction)
+
+    async def reject_corrections(self, exchange_id: int) -> int:
+        """An admin's verdict: none of the answer's corrections is right; training leaves
+        them out however many users agreed. Returns how many were rejected."""
+        async with self._write() as session:
+            result = await session.execute(
+                update(Correction)
+                .where(Correction.exchange_id == exchange_id)
+                .values(status=CorrectionStatus.REJECTED, updated_at=utcnow())
+            )
+            return int(result.rowcount)  # type: ignore[attr-defined]
 
     async def remember_correction_prompt(
         self, exchange_id: int, user_id: int, platform: str, chat_id: str, message_id: str
@@ -1140,6 +1273,14 @@ class Store:
         async with self._read() as session:
             run = await session.scalar(select(TrainingRun).where(TrainingRun.is_running))
             return snapshot(TrainingRunRecord, run) if run else None
+
+
+def _percentiles(values: list[int], *quantiles: float) -> list[int | None]:
+    """The nearest-rank quantiles of ``values`` (None each when there are none)."""
+    if not values:
+        return [None for _ in quantiles]
+    ordered = sorted(values)
+    return [ordered[max(0, math.ceil(q * len(ordered)) - 1)] for q in quantiles]
 
 
 def _alive(pid: int) -> bool:

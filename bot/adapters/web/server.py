@@ -1,7 +1,7 @@
 """The web adapter: one aiohttp application serving the chat page and the operations routes.
 
-Each face registers its own routes (`chat.ChatRoutes`, `ops.OpsRoutes`); the admin console
-will be one more (`admin.py`, templates under ``templates/admin/``). Static files come from
+Each face registers its own routes (`chat.ChatRoutes`, `ops.OpsRoutes`, and the admin
+console's `admin.AdminRoutes`, templates under ``templates/admin/``). Static files come from
 ``static/`` only; every response carries headers that keep the page from loading anything
 from elsewhere or being framed.
 """
@@ -17,10 +17,13 @@ import aiohttp_jinja2
 import jinja2
 from aiohttp import web
 
+from bot.adapters.web.admin import AdminRoutes
+from bot.adapters.web.admin_auth import AdminSessions
 from bot.adapters.web.chat import ChatRoutes
 from bot.adapters.web.identity import Identities, load_secret
 from bot.adapters.web.ops import OpsRoutes
 from bot.adapters.web.port import Conversations, WebPort
+from bot.core.admin import Admin
 from bot.core.dialog import Dialog
 from bot.errors import DishbotError
 from bot.metrics import Metrics
@@ -71,8 +74,11 @@ class WebAdapter:
         metrics: Metrics,
         *,
         peers: Sequence[object] = (),
+        admin: Admin | None = None,
     ) -> None:
-        """``peers`` are the app's other chat adapters, whose connection `/readyz` reports.
+        """``peers`` are the app's other chat adapters, whose connection `/readyz` reports;
+        ``admin`` is the app's `Admin` (with its run supervisor), which the admin pages use
+        (without one they get an `Admin` over the dialog's store and engine, without runs).
 
         With peers, a console that cannot listen (a second `dishbot run` on the same host,
         say) is logged and left out, and the chat bots go on; alone, it is an error.
@@ -85,7 +91,12 @@ class WebAdapter:
         self._in_hand: set[asyncio.Task[None]] = set()
         self._runner: web.AppRunner | None = None
         metrics.watch(dialog.engine, dialog.store)
-        identities = Identities(load_secret(settings.data_dir))
+        secret = load_secret(settings.data_dir)
+        identities = Identities(secret)
+        password = settings.web.admin_password
+        self.admin_sessions = AdminSessions(
+            secret, password.get_secret_value() if password is not None else None
+        )
         self.app = web.Application(middlewares=[_security_headers])
         aiohttp_jinja2.setup(
             self.app,
@@ -94,6 +105,8 @@ class WebAdapter:
         )
         ChatRoutes(dialog, self.port, identities, self._hand_over).register(self.app)
         OpsRoutes(dialog.engine, dialog.store, metrics, peers).register(self.app)
+        admin = admin or Admin(settings, dialog.store, dialog.engine)
+        AdminRoutes(admin, self.admin_sessions).register(self.app)
         # aiohttp refuses paths that leave this directory, and follows no symlink out of it.
         self.app.router.add_static("/static", HERE / "static", follow_symlinks=False)
         self.app.on_shutdown.append(self._close_pages)
@@ -130,6 +143,10 @@ class WebAdapter:
         shown = f"[{host}]" if ":" in host else host
         self.url = f"http://{shown}:{port}/"
         log.info("web console: %s", self.url)
+        token = self.admin_sessions.login_token
+        if token is not None:
+            # As Jupyter does: whoever can read this log may administer; the link works once.
+            log.info("web admin, one-time login link: %sadmin/login?token=%s", self.url, token)
 
     async def stop(self) -> None:
         """Let answers in progress finish (for a while), then stop listening."""

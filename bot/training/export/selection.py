@@ -11,6 +11,9 @@ The rules, applied to one answer at a time:
   accepted, the strongest kind wins (admin, reviewed, trusted, agreed, in that order); a
   tie within the kind is a dispute and holds the answer back, except between admins,
   where the latest word stands. Rejected corrections count for nothing.
+  An admin's verdict in review (the web console's Review page: `Store.accept_correction`,
+  `Store.reject_corrections`) thereby overrides agreement: an accepted correction is
+  trained on however few users gave it, rejected ones stay out however many did.
 * Otherwise an answer with at least ``min_votes`` more 👍 than 👎 is a sample whose target
   is the model's own answer.
 * Everything else is held back or excluded, and the reason is counted.
