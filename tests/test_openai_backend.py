@@ -15,7 +15,14 @@ import pytest
 from PIL import Image
 
 from engine.backends.openai import OpenAIBackend, OpenAIConfig
-from engine.errors import Cancelled, GenerationFailed, ModelLoadFailed, RequestRefused
+from engine.engine import Engine, EngineConfig, Request
+from engine.errors import (
+    Cancelled,
+    GenerationFailed,
+    ModelLoadFailed,
+    ModelUnavailable,
+    RequestRefused,
+)
 from engine.images import DecodedImage
 from engine.prompts import DISHBOT_SYSTEM_PROMPT
 from engine.types import (
@@ -28,6 +35,7 @@ from engine.types import (
     ModelSpec,
     Turn,
 )
+from tests.factories import jpeg_bytes
 from tests.openai_server import FakeOpenAIServer, RecordedRequest, Reply
 
 MODEL = ModelSpec(path="internvl2-2b", name="InternVL2-2B")
@@ -591,3 +599,57 @@ async def test_a_refused_request_is_the_requests_fault_not_a_sign_the_server_is_
     events = await collect(backend, make_job())
 
     assert isinstance(failure(events), RequestRefused)
+
+
+@pytest.mark.parametrize("status", [400, 413, 422])
+async def test_a_request_the_server_cannot_take_is_refused_as_the_requests_fault(
+    server: FakeOpenAIServer, backend: OpenAIBackend, status: int
+) -> None:
+    server.default_reply = Reply(status=status, error="too many image tokens")
+
+    error = failure(await collect(backend, make_job()))
+
+    assert isinstance(error, RequestRefused)
+    assert "too many image tokens" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("status", "explanation"),
+    [
+        (401, "refused the API key (401)"),
+        (403, "refused the API key (403)"),
+        (404, "no chat-completions endpoint"),
+        (405, "no chat-completions endpoint"),
+    ],
+)
+async def test_a_server_refusing_every_request_is_a_backend_fault_an_operator_can_fix(
+    server: FakeOpenAIServer, backend: OpenAIBackend, status: int, explanation: str
+) -> None:
+    # An expired key or a wrong base_url fails every question alike: the backend is down.
+    server.default_reply = Reply(status=status, error="not for you")
+
+    error = failure(await collect(backend, make_job()))
+
+    assert isinstance(error, GenerationFailed)
+    assert not isinstance(error, RequestRefused)
+    assert explanation in str(error)
+    assert "not for you" in str(error)  # the server's own words too
+    assert server.attempts == 1  # asking again would get the same answer
+
+
+async def test_an_expired_api_key_opens_the_circuit_so_questions_are_refused_at_once(
+    server: FakeOpenAIServer,
+) -> None:
+    backend = OpenAIBackend(config(server, api_key=API_KEY))
+    async with Engine(backend, MODEL, EngineConfig(circuit_failures=2)) as engine:
+        server.default_reply = Reply(status=401, error="invalid api key")  # expired after load
+        for user in (1, 2):
+            handle = await engine.submit(
+                Request(key=f"telegram:{user}", question="这是什么菜？", images=(jpeg_bytes(),))
+            )
+            with pytest.raises(GenerationFailed):
+                await handle.result()
+
+        with pytest.raises(ModelUnavailable):
+            await engine.submit(Request(key="telegram:3", question="?", images=(jpeg_bytes(),)))
+        assert engine.stats().circuit == "open"

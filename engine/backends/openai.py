@@ -15,8 +15,11 @@ What it promises:
 * A request that fails before the user saw any text (connection dropped, HTTP 5xx, 429) is
   retried with exponential backoff; once text has been streamed a failure fails the job,
   because retrying would show the user a second, different beginning. Other 4xx answers are
-  never retried: the job fails with `RequestRefused` and the server's own message (the
-  request's fault, so the engine's circuit breaker does not count it).
+  never retried. 400, 413 and 422 (this request is malformed or too large) fail the job with
+  `RequestRefused` and the server's own message: the request's fault, so the engine's circuit
+  breaker does not count it. Any other (401/403: the API key is refused; 404/405: base_url
+  has no chat-completions endpoint) would refuse every question alike, so it fails the job
+  with `GenerationFailed`, a backend fault, in words an operator can act on.
 * A server that is down fails the job at once, without retries: a refused connection, or
   one that cannot be opened within ``connect_timeout_s``. Waiting to retry would only make
   the user wait for the same failure; the engine's circuit breaker decides when to try again.
@@ -63,6 +66,9 @@ MAX_RETRY_DELAY_S = 30.0
 
 # How much of a server's error body goes into an error message or a log line.
 ERROR_EXCERPT_CHARS = 500
+# 4xx answers about the request itself (malformed, too large, a prompt over the context);
+# any other 4xx (a refused API key, a wrong base_url) would refuse every question alike.
+REQUEST_FAULT_STATUSES = frozenset({400, 413, 422})
 
 Emit = Callable[[BackendEvent], None]
 
@@ -403,7 +409,7 @@ class OpenAIBackend:
         try:
             async with session.post(url, json=body) as response:
                 if response.status != 200:
-                    raise await _status_error(response)
+                    raise await _status_error(response, self._shown_url)
                 try:
                     return await _read_stream(response, answer)
                 except BaseException:
@@ -462,13 +468,26 @@ def _data_urls(images: Sequence[DecodedImage]) -> list[str]:
     ]
 
 
-async def _status_error(response: aiohttp.ClientResponse) -> Exception:
-    """The error for a non-200 answer: retryable for 429 and 5xx, final for the rest."""
+async def _status_error(response: aiohttp.ClientResponse, shown_url: str) -> Exception:
+    """The error for a non-200 answer: retryable for 429 and 5xx; `RequestRefused` (the
+    request's fault) when the server cannot take this one request; otherwise a backend fault,
+    since every other question would be turned away the same way."""
     message = await _error_message(response)
     status = response.status
     if status == 429 or status >= 500:
         return _RetryableError(f"the server answered {status}: {message}", _retry_after_s(response))
-    return RequestRefused(f"the server refused the request ({status}): {message}")
+    if status in REQUEST_FAULT_STATUSES:
+        return RequestRefused(f"the server refused the request ({status}): {message}")
+    if status in (401, 403):
+        return GenerationFailed(
+            f"the model server at {shown_url} refused the API key ({status}): {message}"
+        )
+    if status in (404, 405):
+        return GenerationFailed(
+            f"the model server at {shown_url} has no chat-completions endpoint ({status}): "
+            f"check base_url: {message}"
+        )
+    return GenerationFailed(f"the model server at {shown_url} answered {status}: {message}")
 
 
 async def _error_message(response: aiohttp.ClientResponse) -> str:
