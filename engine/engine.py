@@ -15,7 +15,8 @@ accepted request ends exactly once.
 A circuit breaker (`engine.circuit`) watches the backend: after ``circuit_failures`` backend
 faults in a row, new questions are refused with `ModelUnavailable` and those waiting in the
 queue end with it at once; after ``circuit_reset_s`` one question probes the backend, and its
-answer reopens the service.
+answer reopens the service. A backend fault is a failed generation or a request the model had
+a fair share of its time for (`STALL_SHARE`) without saying a word.
 
 A conversation longer than the model's context (``context_tokens``) is trimmed oldest turns
 first (`engine.context`); the handle's ``turns_left_out`` says how many were left out.
@@ -66,6 +67,10 @@ from engine.types import (
 log = logging.getLogger(__name__)
 
 STATS_WINDOW = 1000  # recent requests the wait and service figures are computed over
+# A request that ends at its deadline without a word is a stalled backend (a fault the circuit
+# counts) only if the model had at least this share of the request's time for it; one that
+# was started late, after a long queue, just ran out of time.
+STALL_SHARE = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -565,12 +570,15 @@ class Engine:
         work.handle._put(Started())
 
     def _deadline_passed(self, ticket: Ticket[_Work]) -> None:
-        if ticket.payload.job is not None:
-            ticket.payload.job.cancelled.set()
-        if ticket.payload.text:
+        work = ticket.payload
+        if work.job is not None:
+            work.job.cancelled.set()
+        if work.text:
             self._end(ticket, DeadlineExceeded("no answer in time: generating took too long"))
-        else:
+        elif _had_time_to_speak(ticket):
             self._end(ticket, GenerationStalled("no answer in time: the model said nothing"))
+        else:
+            self._end(ticket, DeadlineExceeded("no answer in time: it started too late"))
 
     def _batch_finished(self, task: asyncio.Task[None]) -> None:
         self._batches.discard(task)
@@ -641,6 +649,14 @@ class Engine:
             if work.last_position != ahead:
                 work.last_position = ahead
                 work.handle._put(Queued(ahead))
+
+
+def _had_time_to_speak(ticket: Ticket[_Work]) -> bool:
+    """Whether the model had a fair share of the request's time (`STALL_SHARE`) by its
+    deadline: silence that long is a stall, a shorter one only a late start."""
+    assert ticket.started_at is not None
+    allowed = ticket.deadline - ticket.admitted_at
+    return ticket.deadline - ticket.started_at >= STALL_SHARE * allowed
 
 
 def _is_backend_fault(outcome: EngineError) -> bool:

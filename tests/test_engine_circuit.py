@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 
 import pytest
 
@@ -15,7 +16,7 @@ from engine.errors import (
     ModelUnavailable,
     RequestRefused,
 )
-from engine.types import ModelSpec
+from engine.types import BackendEvent, GenerationJob, JobDelta, JobFinished, ModelSpec
 from tests.factories import jpeg_bytes
 from tests.scripted_backend import ScriptedBackend
 
@@ -196,3 +197,55 @@ async def test_the_circuit_stays_closed_while_answers_keep_coming(
         await outcome(await engine.submit(ask(question)))
 
     assert engine.stats().circuit == "closed"
+
+
+class BusyBackend:
+    """A healthy model that is simply busy: one question at a time, each answered in full after
+    ``prefill_s`` of silence (deaf to cancellation meanwhile, as a prefill is)."""
+
+    name = "busy"
+    capacity = 1
+    max_batches = 1
+
+    def __init__(self, prefill_s: float) -> None:
+        self.prefill_s = prefill_s
+
+    async def load(self, model: ModelSpec) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def generate(self, jobs: Sequence[GenerationJob]) -> AsyncGenerator[BackendEvent, None]:
+        await asyncio.sleep(self.prefill_s)
+        for index in range(len(jobs)):
+            yield JobDelta(index, "Char siu.")
+            yield JobFinished(index, "Char siu.")
+
+
+async def test_an_overloaded_but_healthy_model_never_opens_the_circuit() -> None:
+    # Questions come three times faster than they are answered, so many start with only a
+    # sliver of their time left and end before the model's first word: that is the queue's
+    # doing, not a hung model, and nobody may be turned away as "model unavailable".
+    config = EngineConfig(
+        circuit_failures=3, circuit_reset_s=RESET_S, request_timeout_s=1.0, max_pending=50
+    )
+    async with Engine(BusyBackend(prefill_s=0.3), BASE, config) as engine:
+
+        async def one_user(user: int) -> Answer | Exception:
+            try:
+                return await outcome(await engine.submit(ask(key=f"telegram:{user}")))
+            except ModelUnavailable as refused:
+                return refused
+
+        users = []
+        for user in range(25):
+            users.append(asyncio.create_task(one_user(user)))
+            await asyncio.sleep(0.1)
+        outcomes = await asyncio.gather(*users)
+
+        assert engine.stats().circuit == "closed"
+    assert any(isinstance(result, Answer) for result in outcomes)
+    late = [result for result in outcomes if not isinstance(result, Answer)]
+    assert late  # the overload really happened
+    assert all(type(result) is DeadlineExceeded for result in late), late
