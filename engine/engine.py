@@ -15,8 +15,9 @@ accepted request ends exactly once.
 A circuit breaker (`engine.circuit`) watches the backend: after ``circuit_failures`` backend
 faults in a row, new questions are refused with `ModelUnavailable` and those waiting in the
 queue end with it at once; after ``circuit_reset_s`` one question probes the backend, and its
-answer reopens the service. A backend fault is a failed generation or a request the model had
-a fair share of its time for (`STALL_SHARE`) without saying a word.
+answer reopens the service. A backend fault is a failed generation, a request the model had
+a fair share of its time for (`STALL_SHARE`) without saying a word, or a request that expired
+in the queue because stalled requests still hold every batch (a stuck in-process backend).
 
 A conversation longer than the model's context (``context_tokens``) is trimmed oldest turns
 first (`engine.context`); the handle's ``turns_left_out`` says how many were left out.
@@ -213,6 +214,7 @@ class _Work:
     last_position: int | None = None
     deadline_timer: asyncio.TimerHandle | None = None
     probe: bool = False  # admitted as the half-open circuit's probe
+    stalled: bool = False  # ended at its deadline as `GenerationStalled`
 
 
 def _percentile(values: Sequence[float], fraction: float) -> float | None:
@@ -247,7 +249,8 @@ class Engine:
         self._tickets: dict[int, Ticket[_Work]] = {}
         self._wakeup = asyncio.Event()
         self._dispatcher: asyncio.Task[None] | None = None
-        self._batches: set[asyncio.Task[None]] = set()
+        # Each batch in flight and its tickets (which may end before the batch does).
+        self._batches: dict[asyncio.Task[None], list[Ticket[_Work]]] = {}
         self._batch_done = asyncio.Event()
         self._paused = False
         self._closed = True
@@ -532,7 +535,21 @@ class Engine:
 
     def _expire_waiting(self) -> None:
         for ticket in self._scheduler.expired():
-            self._end(ticket, DeadlineExceeded("no answer in time: the queue was too long"))
+            if self._backend_stuck():
+                # It could not start only because stalled requests still hold the backend:
+                # the same fault, so it counts towards opening the circuit.
+                self._end(ticket, GenerationStalled("no answer in time: the model is stuck"))
+            else:
+                self._end(ticket, DeadlineExceeded("no answer in time: the queue was too long"))
+
+    def _backend_stuck(self) -> bool:
+        """Whether every batch in flight has stalled: all its requests have ended, one of them
+        at its deadline without a word, and the backend still has not let go of it."""
+        return bool(self._batches) and all(
+            all(t.state is TicketState.ENDED for t in batch)
+            and any(t.payload.stalled for t in batch)
+            for batch in self._batches.values()
+        )
 
     def _dispatch(self) -> None:
         while (
@@ -545,7 +562,7 @@ class Engine:
             for ticket in batch:
                 self._start(ticket)
             task = asyncio.create_task(self._run_batch(batch), name=f"engine-batch-{batch[0].id}")
-            self._batches.add(task)
+            self._batches[task] = batch
             task.add_done_callback(self._batch_finished)
 
     def _start(self, ticket: Ticket[_Work]) -> None:
@@ -576,12 +593,14 @@ class Engine:
         if work.text:
             self._end(ticket, DeadlineExceeded("no answer in time: generating took too long"))
         elif _had_time_to_speak(ticket):
-            self._end(ticket, GenerationStalled("no answer in time: the model said nothing"))
+            work.stalled = self._end(
+                ticket, GenerationStalled("no answer in time: the model said nothing")
+            )
         else:
             self._end(ticket, DeadlineExceeded("no answer in time: it started too late"))
 
     def _batch_finished(self, task: asyncio.Task[None]) -> None:
-        self._batches.discard(task)
+        self._batches.pop(task, None)
         self._batch_done.set()
         self._wakeup.set()
 

@@ -24,7 +24,9 @@ class ScriptedBackend:
     Questions starting with "fail" fail that job; "crash" raises out of the batch;
     "slow" takes 100 steps; "long" answers with `LONG_ANSWER` (over 9000 characters,
     in paragraphs); "refuse" fails with `RequestRefused` (the request's fault); "hang"
-    never says a word until cancelled. Set ``down`` to make every batch raise, as an
+    never says a word until cancelled; "freeze" never says a word and ignores cancellation, as
+    an in-process backend whose worker thread is stuck (its batch ends only when the engine
+    stops). Set ``down`` to make every batch raise, as an
     in-process backend whose GPU has failed does.
     """
 
@@ -110,6 +112,8 @@ class ScriptedBackend:
         if job.question.startswith("refuse"):
             queue.put_nowait(JobFailed(index, RequestRefused("the prompt is too long")))
             return
+        if job.question.startswith("freeze"):
+            await asyncio.Event().wait()  # only task cancellation (engine stop) gets it out
         if job.question.startswith("hang"):
             await job.cancelled.wait()
             queue.put_nowait(JobFailed(index, Cancelled("cancelled")))

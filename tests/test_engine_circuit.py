@@ -13,6 +13,7 @@ from engine.errors import (
     Cancelled,
     DeadlineExceeded,
     GenerationFailed,
+    GenerationStalled,
     ModelUnavailable,
     RequestRefused,
 )
@@ -249,3 +250,20 @@ async def test_an_overloaded_but_healthy_model_never_opens_the_circuit() -> None
     late = [result for result in outcomes if not isinstance(result, Answer)]
     assert late  # the overload really happened
     assert all(type(result) is DeadlineExceeded for result in late), late
+
+
+async def test_questions_queued_behind_a_stuck_backend_open_the_circuit(
+    backend: ScriptedBackend,
+) -> None:
+    # A stuck in-process backend keeps its batch slot after its question stalled, so later
+    # questions can only expire in the queue; they are casualties of the same fault.
+    config = EngineConfig(circuit_failures=3, circuit_reset_s=RESET_S, request_timeout_s=0.2)
+    async with Engine(backend, BASE, config) as engine:
+        stuck = await engine.submit(ask("freeze"))
+        assert isinstance(await outcome(stuck), GenerationStalled)
+        behind = [await outcome(await engine.submit(ask(key=f"telegram:{u}"))) for u in (2, 3)]
+        assert all(isinstance(result, DeadlineExceeded) for result in behind)
+
+        with pytest.raises(ModelUnavailable):  # refused at once, not after another wait
+            await engine.submit(ask(key="telegram:4"))
+        assert engine.stats().circuit == "open"
