@@ -73,15 +73,19 @@ TELEGRAM_FAULTS: dict[str, Callable[[TelegramEmulator, str], None]] = {
     "timeout": lambda telegram, method: telegram.hang_next(method, HANG_S, processed=True),
     "stuck": lambda telegram, method: telegram.hang_next(method, HANG_S),
     "reset": lambda telegram, method: telegram.reset_next(method),
+    # Telegram took the call, then a proxy closed the connection before the answer came.
+    "dropped": lambda telegram, method: telegram.reset_next(method, processed=True),
 }
+# Faults that leave the bot not knowing whether a send took effect: it may have, so it is
+# not sent again (the test after next).
+OUTCOME_UNKNOWN = ("stuck", "reset")
 
 
 TELEGRAM_CASES = [
     (method, fault)
     for method in ("sendMessage", "editMessageText")
     for fault in TELEGRAM_FAULTS
-    # A send that got no answer may have arrived: it is not sent again (next test).
-    if (method, fault) != ("sendMessage", "stuck")
+    if method != "sendMessage" or fault not in OUTCOME_UNKNOWN
 ]
 
 
@@ -126,12 +130,16 @@ async def _answered(store: Store) -> Any:
     return exchange
 
 
-async def test_a_telegram_send_that_may_have_arrived_is_not_sent_twice(store: Store) -> None:
-    # Telegram does not answer a send in time: it may have shown the message or not, and
-    # has no way to tell a second copy from a new message. Not sending it again keeps every
-    # message once; that part may be missing (a long timeout makes this rare in production).
+@pytest.mark.parametrize("fault", OUTCOME_UNKNOWN)
+async def test_a_telegram_send_that_may_have_arrived_is_not_sent_twice(
+    store: Store, fault: str
+) -> None:
+    # Telegram does not answer a send (in time, or the connection closes once the request
+    # went out): it may have shown the message or not, and has no way to tell a second copy
+    # from a new message. Not sending it again keeps every message once; that part may be
+    # missing (a long timeout makes this rare in production).
     async with telegram_bot(store) as (telegram, _dialog):
-        exchange = await _long_answer_with_a_fault(telegram, store, "sendMessage:stuck")
+        exchange = await _long_answer_with_a_fault(telegram, store, f"sendMessage:{fault}")
 
     messages = telegram.messages_in(ADA.id)
     assert len([m for m in messages if "reply_markup" in m]) == 1
@@ -159,6 +167,8 @@ DISCORD_FAULTS: dict[str, Callable[[DiscordEmulator, str], None]] = {
     "timeout": lambda discord_, route: discord_.hang_next(route, DISCORD_HANG_S, processed=True),
     "stuck": lambda discord_, route: discord_.hang_next(route, DISCORD_HANG_S),
     "reset": lambda discord_, route: discord_.reset_next(route),
+    # Discord took the request, then a proxy closed the connection before the answer came.
+    "dropped": lambda discord_, route: discord_.reset_next(route, processed=True),
 }
 
 
@@ -226,8 +236,8 @@ FOLLOW_UP_CASES = [
     (route, fault)
     for route in (FOLLOW_UP, EDIT_FOLLOW_UP)
     for fault in DISCORD_FAULTS
-    # A webhook takes no nonce: a follow-up that got no answer is not sent again.
-    if (route, fault) != (FOLLOW_UP, "stuck")
+    # A webhook takes no nonce: a follow-up that got no answer is not sent again (last test).
+    if route != FOLLOW_UP or fault not in OUTCOME_UNKNOWN
 ]
 
 
@@ -254,3 +264,30 @@ async def test_a_dish_command_answer_arrives_once_with_its_buttons_despite_a_fau
     assert " ".join(texts).replace("\\", "").split() == LONG_ANSWER.split()
     assert exchange.status is ExchangeStatus.ANSWERED
     assert [c for c in emulator.calls(route) if c.status != 200 or c.late], "it did happen"
+
+
+@pytest.mark.parametrize("fault", OUTCOME_UNKNOWN)
+async def test_a_dish_command_follow_up_that_may_have_arrived_is_not_sent_twice(
+    store: Store, monkeypatch: pytest.MonkeyPatch, fault: str
+) -> None:
+    # As with Telegram: a follow-up carries no nonce, so one that got no answer is not sent
+    # again; every message is shown once, and that part may be missing.
+    async with discord_bot(store, monkeypatch) as (emulator, channel_id, ada):
+        photo = emulator.add_file(jpeg_bytes(size=(96, 64)), "dish.jpg")
+        emulator.slash_command(
+            "dish", {"photo": photo, "question": "long story please"}, ada, channel_id
+        )
+        await emulator.wait_until(lambda: bool(emulator.calls(FOLLOW_UP)), 15)
+        DISCORD_FAULTS[fault](emulator, FOLLOW_UP)
+        await emulator.wait_until(
+            lambda: any(m["components"] for m in emulator.messages_in(channel_id)), 30
+        )
+        exchange = await _answered(store)
+
+    messages = [m for m in emulator.messages_in(channel_id) if m["author"]["bot"]]
+    assert len([m for m in messages if m["components"]]) == 1
+    texts = [m["content"] for m in messages]
+    assert len(texts) == len(set(texts))
+    [failed] = [c for c in emulator.calls(FOLLOW_UP) if c.status != 200]
+    assert [c for c in emulator.calls(FOLLOW_UP) if c.json == failed.json] == [failed]
+    assert exchange.status is ExchangeStatus.ANSWERED
