@@ -693,10 +693,11 @@ class DiscordEmulator:
         failure = _ScriptedFailure(0, 0, "", None, times, hang_s=seconds, processed=processed)
         self._failures.setdefault(route, deque()).append(failure)
 
-    def reset_next(self, route: str, times: int = 1) -> None:
+    def reset_next(self, route: str, times: int = 1, *, processed: bool = False) -> None:
         """Close the connection of the next ``times`` requests of ``route`` without an
-        answer, before the request takes effect."""
-        failure = _ScriptedFailure(0, 0, "", None, times, reset=True)
+        answer, before the request takes effect; with ``processed``, after it did (the
+        message is posted, as when a proxy drops the connection while Discord answers)."""
+        failure = _ScriptedFailure(0, 0, "", None, times, processed=processed, reset=True)
         self._failures.setdefault(route, deque()).append(failure)
 
     async def disconnect(self, code: int = 4000) -> None:
@@ -864,7 +865,7 @@ class DiscordEmulator:
             if route.needs_auth and request.headers.get("Authorization") != f"Bot {self.token}":
                 raise DiscordError(401, 0, "401: Unauthorized")
             failure = self._scripted_failure(call)
-            if failure is not None and failure.reset:
+            if failure is not None and failure.reset and not failure.processed:
                 call.status, call.response = 0, "the connection was closed without an answer"
                 self._record(call)
                 if request.transport is not None:
@@ -875,7 +876,7 @@ class DiscordEmulator:
                 self._record(call)
                 await asyncio.sleep(failure.hang_s)
                 return web.Response(status=504)
-            if failure is not None and not failure.hang_s:
+            if failure is not None and not failure.hang_s and not failure.reset:
                 raise DiscordError(
                     failure.status, failure.code, failure.message, retry_after=failure.retry_after
                 )
@@ -885,6 +886,12 @@ class DiscordEmulator:
                 # A payload of the wrong shape: Discord answers 400, never a 500 (which
                 # discord.py would retry for seconds).
                 raise DiscordError(400, 50035, f"Invalid Form Body ({malformed!r})") from None
+            if failure is not None and failure.reset:  # processed, and now no answer comes
+                call.late = True
+                self._record(call)
+                if request.transport is not None:
+                    request.transport.abort()
+                return web.Response()
             if failure is not None:  # processed, and now the answer is late
                 call.late = True
                 self._record(call)

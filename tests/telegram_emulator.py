@@ -50,7 +50,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from types import TracebackType
-from typing import Any
+from typing import Any, NoReturn
 
 from aiohttp import web
 
@@ -277,6 +277,13 @@ class ApiError(Exception):
         if self.retry_after is not None:
             body["parameters"] = {"retry_after": self.retry_after}
         return web.json_response(body, status=self.error_code)
+
+
+def _hang_up(request: web.Request, description: str) -> NoReturn:
+    """Close the client's connection without an answer."""
+    if request.transport is not None:
+        request.transport.abort()
+    raise ApiError(0, description)
 
 
 def _bad_request(reason: str) -> ApiError:
@@ -616,10 +623,11 @@ class TelegramEmulator:
         failure = _ScriptedFailure(0, "", None, times, hang_s=seconds, processed=processed)
         self._failures.setdefault(method.lower(), deque()).append(failure)
 
-    def reset_next(self, method: str, times: int = 1) -> None:
+    def reset_next(self, method: str, times: int = 1, *, processed: bool = False) -> None:
         """Close the connection of the next ``times`` calls of ``method`` without an answer,
-        before the call takes effect."""
-        failure = _ScriptedFailure(0, "", None, times, reset=True)
+        before the call takes effect; with ``processed``, after it did (the message is sent,
+        as when a proxy drops the connection while Telegram answers)."""
+        failure = _ScriptedFailure(0, "", None, times, processed=processed, reset=True)
         self._failures.setdefault(method.lower(), deque()).append(failure)
 
     # ----------------------------------------------------------------- what the bot did
@@ -734,14 +742,12 @@ class TelegramEmulator:
         if token != self.token:
             raise ApiError(401, "Unauthorized")
         failure = self._scripted_failure(call.method)
-        if failure is not None and failure.reset:
-            if request.transport is not None:
-                request.transport.abort()
-            raise ApiError(0, "the connection was closed without an answer")
+        if failure is not None and failure.reset and not failure.processed:
+            _hang_up(request, "the connection was closed without an answer")
         if failure is not None and failure.hang_s and not failure.processed:
             await asyncio.sleep(failure.hang_s)
             raise ApiError(504, "Gateway Timeout")
-        if failure is not None and not failure.hang_s:
+        if failure is not None and not failure.hang_s and not failure.reset:
             raise ApiError(failure.error_code, failure.description, failure.retry_after)
         if call.method.lower() == "getupdates":
             return await self._get_updates(call.params)
@@ -749,6 +755,9 @@ class TelegramEmulator:
         if handler is None:
             raise ApiError(404, "Not Found: method not found")
         result = handler(call.params, call.files)
+        if failure is not None and failure.reset:  # processed, and now no answer comes
+            call.result = result
+            _hang_up(request, "the call took effect, then the connection was closed")
         if failure is not None:  # processed, and now the answer is late
             call.result, call.description = result, "answered after the client's timeout"
             self._record(call)

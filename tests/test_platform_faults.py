@@ -7,7 +7,8 @@ The real python-telegram-bot and discord.py against the emulators, which script 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import asyncio
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -17,10 +18,13 @@ import pytest
 import yarl
 from discord.gateway import DiscordWebSocket
 from pydantic import SecretStr
+from sqlalchemy.exc import OperationalError
 
 from bot.adapters.discord import DiscordAdapter
 from bot.adapters.telegram import TelegramAdapter
 from bot.core.dialog import Dialog, DialogConfig
+from bot.core.events import PhotoFile, PhotoQuestion, Place
+from bot.core.port import Button, DeliveryUnknown
 from bot.settings import DiscordSettings, TelegramSettings
 from bot.store import Store
 from bot.store.models import ExchangeStatus
@@ -28,6 +32,7 @@ from engine.engine import Engine
 from engine.types import ModelSpec
 from tests.discord_emulator import DiscordEmulator
 from tests.factories import jpeg_bytes
+from tests.recording_port import GUARD_S, RecordingPort, person, private_chat
 from tests.scripted_backend import LONG_ANSWER, ScriptedBackend
 from tests.telegram_emulator import TelegramEmulator
 from tests.telegram_emulator import User as TelegramUser
@@ -73,15 +78,19 @@ TELEGRAM_FAULTS: dict[str, Callable[[TelegramEmulator, str], None]] = {
     "timeout": lambda telegram, method: telegram.hang_next(method, HANG_S, processed=True),
     "stuck": lambda telegram, method: telegram.hang_next(method, HANG_S),
     "reset": lambda telegram, method: telegram.reset_next(method),
+    # Telegram took the call, then a proxy closed the connection before the answer came.
+    "dropped": lambda telegram, method: telegram.reset_next(method, processed=True),
 }
+# Faults that leave the bot not knowing whether a send took effect: it may have, so it is
+# not sent again (the test after next).
+OUTCOME_UNKNOWN = ("stuck", "reset")
 
 
 TELEGRAM_CASES = [
     (method, fault)
     for method in ("sendMessage", "editMessageText")
     for fault in TELEGRAM_FAULTS
-    # A send that got no answer may have arrived: it is not sent again (next test).
-    if (method, fault) != ("sendMessage", "stuck")
+    if method != "sendMessage" or fault not in OUTCOME_UNKNOWN
 ]
 
 
@@ -126,12 +135,16 @@ async def _answered(store: Store) -> Any:
     return exchange
 
 
-async def test_a_telegram_send_that_may_have_arrived_is_not_sent_twice(store: Store) -> None:
-    # Telegram does not answer a send in time: it may have shown the message or not, and
-    # has no way to tell a second copy from a new message. Not sending it again keeps every
-    # message once; that part may be missing (a long timeout makes this rare in production).
+@pytest.mark.parametrize("fault", OUTCOME_UNKNOWN)
+async def test_a_telegram_send_that_may_have_arrived_is_not_sent_twice(
+    store: Store, fault: str
+) -> None:
+    # Telegram does not answer a send (in time, or the connection closes once the request
+    # went out): it may have shown the message or not, and has no way to tell a second copy
+    # from a new message. Not sending it again keeps every message once; that part may be
+    # missing (a long timeout makes this rare in production).
     async with telegram_bot(store) as (telegram, _dialog):
-        exchange = await _long_answer_with_a_fault(telegram, store, "sendMessage:stuck")
+        exchange = await _long_answer_with_a_fault(telegram, store, f"sendMessage:{fault}")
 
     messages = telegram.messages_in(ADA.id)
     assert len([m for m in messages if "reply_markup" in m]) == 1
@@ -159,6 +172,8 @@ DISCORD_FAULTS: dict[str, Callable[[DiscordEmulator, str], None]] = {
     "timeout": lambda discord_, route: discord_.hang_next(route, DISCORD_HANG_S, processed=True),
     "stuck": lambda discord_, route: discord_.hang_next(route, DISCORD_HANG_S),
     "reset": lambda discord_, route: discord_.reset_next(route),
+    # Discord took the request, then a proxy closed the connection before the answer came.
+    "dropped": lambda discord_, route: discord_.reset_next(route, processed=True),
 }
 
 
@@ -226,8 +241,8 @@ FOLLOW_UP_CASES = [
     (route, fault)
     for route in (FOLLOW_UP, EDIT_FOLLOW_UP)
     for fault in DISCORD_FAULTS
-    # A webhook takes no nonce: a follow-up that got no answer is not sent again.
-    if (route, fault) != (FOLLOW_UP, "stuck")
+    # A webhook takes no nonce: a follow-up that got no answer is not sent again (last test).
+    if route != FOLLOW_UP or fault not in OUTCOME_UNKNOWN
 ]
 
 
@@ -254,3 +269,119 @@ async def test_a_dish_command_answer_arrives_once_with_its_buttons_despite_a_fau
     assert " ".join(texts).replace("\\", "").split() == LONG_ANSWER.split()
     assert exchange.status is ExchangeStatus.ANSWERED
     assert [c for c in emulator.calls(route) if c.status != 200 or c.late], "it did happen"
+
+
+@pytest.mark.parametrize("fault", OUTCOME_UNKNOWN)
+async def test_a_dish_command_follow_up_that_may_have_arrived_is_not_sent_twice(
+    store: Store, monkeypatch: pytest.MonkeyPatch, fault: str
+) -> None:
+    # As with Telegram: a follow-up carries no nonce, so one that got no answer is not sent
+    # again; every message is shown once, and that part may be missing.
+    async with discord_bot(store, monkeypatch) as (emulator, channel_id, ada):
+        photo = emulator.add_file(jpeg_bytes(size=(96, 64)), "dish.jpg")
+        emulator.slash_command(
+            "dish", {"photo": photo, "question": "long story please"}, ada, channel_id
+        )
+        await emulator.wait_until(lambda: bool(emulator.calls(FOLLOW_UP)), 15)
+        DISCORD_FAULTS[fault](emulator, FOLLOW_UP)
+        await emulator.wait_until(
+            lambda: any(m["components"] for m in emulator.messages_in(channel_id)), 30
+        )
+        exchange = await _answered(store)
+
+    messages = [m for m in emulator.messages_in(channel_id) if m["author"]["bot"]]
+    assert len([m for m in messages if m["components"]]) == 1
+    texts = [m["content"] for m in messages]
+    assert len(texts) == len(set(texts))
+    [failed] = [c for c in emulator.calls(FOLLOW_UP) if c.status != 200]
+    assert [c for c in emulator.calls(FOLLOW_UP) if c.json == failed.json] == [failed]
+    assert exchange.status is ExchangeStatus.ANSWERED
+
+
+# -- the last part's id is lost --------------------------------------------------------------
+
+
+class LastPartLost(RecordingPort):
+    """A chat where the send of the answer's last part takes effect and its answer is lost
+    (`DeliveryUnknown`): the message is shown, and the bot never learns its id."""
+
+    async def send(
+        self,
+        where: Place,
+        text: str,
+        *,
+        reply_to: str | None = None,
+        buttons: Sequence[Button] = (),
+    ) -> str:
+        message_id = await super().send(where, text, reply_to=reply_to, buttons=buttons)
+        if text.strip() and LONG_ANSWER.strip().endswith(text.strip()):
+            raise DeliveryUnknown("the connection closed before Telegram answered")
+        return message_id
+
+
+async def _ask_for_the_long_answer(store: Store, port: RecordingPort, config: DialogConfig) -> Any:
+    """Ask for the long answer (several messages) in a private chat and return the exchange,
+    once it is stored and nothing more is done with it."""
+    engine = Engine(ScriptedBackend(step_s=0.01), ModelSpec("scripted", "m"))
+    async with engine:
+        dialog = Dialog(store, engine, config)
+
+        async def download() -> bytes:
+            return jpeg_bytes(size=(96, 64))
+
+        question = PhotoQuestion(
+            person("42"), private_chat("42"), "7", PhotoFile(download), "long story please"
+        )
+        await asyncio.wait_for(dialog.handle(question, port), GUARD_S)
+        # With the database down, the answer is stored in the background, then its buttons
+        # go on: the worker doing it ends once nothing waits.
+        background = dialog.answer_writes._worker
+        if background is not None:
+            await asyncio.wait_for(background, GUARD_S)
+        await dialog.close()
+    return await _answered(store)
+
+
+def _parts_shown(port: RecordingPort) -> list[str]:
+    return [text for text in port.texts("42") if text.strip()]
+
+
+async def test_buttons_and_the_reply_id_never_go_on_an_earlier_part_when_the_last_is_lost(
+    store: Store,
+) -> None:
+    port = LastPartLost()
+    exchange = await _ask_for_the_long_answer(store, port, NO_MORE_PARTIALS)
+
+    assert "\n\n".join(_parts_shown(port)).split() == LONG_ANSWER.split()
+    with_buttons = [m for m in port.messages.values() if m.buttons]
+    assert len(with_buttons) == 1, "the buttons went out with the last part, and only there"
+    assert LONG_ANSWER.strip().endswith(with_buttons[0].text.strip())
+    assert exchange.status is ExchangeStatus.ANSWERED
+    # A reply to an earlier part is not a reply to the answer: no id is better than a wrong one.
+    assert exchange.reply_message_id is None
+
+
+async def test_buttons_added_once_the_database_is_back_skip_an_answer_whose_last_id_is_lost(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    finish = store.finish_exchange
+    failures = iter(range(3))  # the dialog's tries fail; the background write succeeds
+
+    async def down_for_a_while(exchange_id: int, **values: Any) -> Any:
+        if next(failures, None) is not None:
+            raise OperationalError("UPDATE exchanges", {}, Exception("database is locked"))
+        return await finish(exchange_id, **values)
+
+    monkeypatch.setattr(store, "finish_exchange", down_for_a_while)
+    port = LastPartLost()
+    config = DialogConfig(
+        edit_interval_s=60.0, questions_per_minute=60, answer_write_retries_s=(0.01, 0.01)
+    )
+    exchange = await _ask_for_the_long_answer(store, port, config)
+
+    assert "\n\n".join(_parts_shown(port)).split() == LONG_ANSWER.split()
+    assert [m.text for m in port.messages.values() if m.buttons] == [], (
+        "no rating buttons under a part that does not end the answer"
+    )
+    assert exchange.status is ExchangeStatus.ANSWERED
+    assert exchange.reply_message_id is None

@@ -98,18 +98,26 @@ T = TypeVar("T")
 # Failures on the way, not refusals: a 5xx (after discord.py's own retries), a connection
 # refused, reset or closed before an answer, and no answer in time.
 TRANSIENT = (discord.DiscordServerError, aiohttp.ClientError, TimeoutError)
+# Of those, the ones that surely did not take effect: a 5xx answer, and no connection made.
+# A connection reset or closed once the request may have been written (aiohttp cannot tell
+# when), or no answer in time, leaves it unknown: Discord may be carrying it out.
+NOT_DELIVERED = (
+    discord.DiscordServerError,
+    aiohttp.ClientConnectorError,
+    aiohttp.ConnectionTimeoutError,
+)
 
 
 async def _retrying(call: Callable[[], Awaitable[T]], *, repeatable: bool, timeout_s: float) -> T:
     """``call`` within ``timeout_s``, made again after transient failures: always when it is
     ``repeatable`` (an edit, a send under a nonce), else only when it surely did not take
-    effect; a send whose outcome is unknown (no answer in time) raises `DeliveryUnknown`."""
+    effect (`NOT_DELIVERED`); a send whose outcome is unknown raises `DeliveryUnknown`."""
     for pause in (*CALL_RETRY_PAUSES_S, None):
         try:
             return await asyncio.wait_for(call(), timeout_s)
         except TRANSIENT as error:
-            if not repeatable and isinstance(error, TimeoutError):
-                raise DeliveryUnknown("no answer from Discord in time") from error
+            if not repeatable and not isinstance(error, NOT_DELIVERED):
+                raise DeliveryUnknown(f"no answer from Discord: {error!r}") from error
             if pause is None:
                 raise
             log.warning("discord: %r; trying again in %g s", error, pause)

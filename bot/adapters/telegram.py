@@ -28,7 +28,7 @@ from telegram import (
     Update,
 )
 from telegram.constants import ChatAction, ChatType
-from telegram.error import BadRequest, NetworkError, TelegramError, TimedOut
+from telegram.error import BadRequest, NetworkError, TelegramError
 from telegram.ext import (
     AIORateLimiter,
     Application,
@@ -107,16 +107,41 @@ COMMANDS = {
 T = TypeVar("T")
 
 
+# Failures before the request reached Telegram whole: no connection, no free connection, or
+# the request could not be written.
+NOT_SENT = (
+    httpx.ConnectError,
+    httpx.ConnectTimeout,
+    httpx.PoolTimeout,
+    httpx.WriteError,
+    httpx.WriteTimeout,
+)
+
+
 def _surely_not_delivered(error: NetworkError) -> bool:
     """Whether a failed call surely did not take effect, so it may be made again.
 
-    A 5xx, a refused connection, a request that could not be written, and a connection closed
-    before any answer did not; a read timeout after the request went out may have (Telegram
-    is often slow to answer what it did).
+    A 5xx answer, and a request that never reached Telegram whole (`NOT_SENT`), did not.
+    Once the request went out, a read timeout or a connection closed before the answer (a
+    proxy resetting it) may have: Telegram may be carrying it out.
     """
-    if isinstance(error, TimedOut):
-        return not isinstance(error.__cause__, httpx.ReadTimeout)
-    return True
+    cause = _cause_below_ptb(error)
+    if cause is None:
+        return True  # an HTTP answer PTB turned into an error (a 5xx)
+    return isinstance(cause, NOT_SENT)
+
+
+def _cause_below_ptb(error: BaseException) -> BaseException | None:
+    """The first exception in ``error``'s chain that is not PTB's own (httpx's, which PTB
+    wraps as `NetworkError` or `TimedOut`); None when PTB raised it from an answer."""
+    seen: set[int] = set()
+    link: BaseException | None = error
+    while link is not None and id(link) not in seen:
+        if not isinstance(link, TelegramError):
+            return link
+        seen.add(id(link))
+        link = link.__cause__ or link.__context__
+    return None
 
 
 async def _retrying(call: Callable[[], Awaitable[T]], *, repeatable: bool) -> T:

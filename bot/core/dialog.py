@@ -691,7 +691,7 @@ class Dialog:
             await self._show_before_storing(exchange.id, answer, latency, shown, reply, port, where)
             return
         try:
-            message_ids = await reply.finish(shown, buttons.answer_buttons(exchange.id))
+            last_message_id = await reply.finish(shown, buttons.answer_buttons(exchange.id))
         except Exception:
             # The platform would not take the answer: say so in the record rather than
             # let it look delivered.
@@ -701,11 +701,11 @@ class Dialog:
                 latency_ms=_ms_since(started),
             )
             raise
-        if not message_ids:  # none when the only message's id was lost (`DeliveryUnknown`)
+        if last_message_id is None:  # lost (`DeliveryUnknown`): an earlier part is not it
             return
         try:
             # Shielded: a stop now must not leave a delivered answer without its message id.
-            await asyncio.shield(self.store.set_reply_message(exchange.id, message_ids[-1]))
+            await asyncio.shield(self.store.set_reply_message(exchange.id, last_message_id))
         except Exception as exc:
             if not store_unavailable(exc):
                 raise
@@ -750,20 +750,17 @@ class Dialog:
             "the database is unavailable: the answer to exchange %s is shown and stored later",
             exchange_id,
         )
-        message_ids = await reply.finish(text)
+        last_message_id = await reply.finish(text)
 
         async def add_buttons() -> None:
-            if message_ids:  # none when the message's id was lost (`DeliveryUnknown`)
-                await port.set_buttons(where, message_ids[-1], buttons.answer_buttons(exchange_id))
+            # With the last message's id lost (`DeliveryUnknown`) the buttons stay off: on an
+            # earlier part they would seem to rate half an answer.
+            if last_message_id is not None:
+                await port.set_buttons(where, last_message_id, buttons.answer_buttons(exchange_id))
 
         self.answer_writes.add(
             WaitingAnswer(
-                exchange_id,
-                answer.text,
-                answer.model,
-                latency,
-                message_ids[-1] if message_ids else None,
-                add_buttons,
+                exchange_id, answer.text, answer.model, latency, last_message_id, add_buttons
             )
         )
 

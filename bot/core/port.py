@@ -28,9 +28,10 @@ class MessageGone(Exception):
 
 
 class DeliveryUnknown(Exception):
-    """A message was sent, and no answer came back (a read timeout after the request went
-    out): it is probably in the chat, but its id is unknown. Ports do not send it again, as
-    the platforms have no way to tell a second copy from a new message."""
+    """A message was sent, and no answer came back (a read timeout, or the connection closed,
+    after the request went out): it is probably in the chat, but its id is unknown. Ports do
+    not send it again, as the platforms have no way to tell a second copy from a new
+    message."""
 
 
 class ChatPort(Protocol):

@@ -73,9 +73,10 @@ class StreamingReply:
         self._lock = asyncio.Lock()
 
     @property
-    def message_ids(self) -> list[str]:
-        """The platform ids of the messages shown so far, first to last (those known)."""
-        return [message_id for message_id in self._message_ids if message_id is not None]
+    def last_message_id(self) -> str | None:
+        """The id of the last message shown (the one with the buttons); None when nothing was
+        shown or its id was lost (`DeliveryUnknown`): never an earlier message's."""
+        return self._message_ids[-1] if self._message_ids else None
 
     async def status(self, text: str) -> None:
         """Show a notice (e.g. the place in the queue) until the answer starts."""
@@ -91,12 +92,13 @@ class StreamingReply:
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._flush_forever())
 
-    async def finish(self, text: str, buttons: Sequence[Button] = ()) -> list[str]:
-        """Show the final text, with ``buttons`` on its last message; returns the message ids."""
+    async def finish(self, text: str, buttons: Sequence[Button] = ()) -> str | None:
+        """Show the final text, with ``buttons`` on its last message; returns that message's
+        id (`last_message_id`)."""
         await self._stop_flushing()
         self._text = text
         await self._render(text, tuple(buttons), urgent=True)
-        return self.message_ids
+        return self.last_message_id
 
     async def abandon(self) -> None:
         """Stop showing the answer as it streams (it will not be finished here)."""
