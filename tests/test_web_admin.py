@@ -70,6 +70,9 @@ class AdminBrowser:
             "/admin/login", data={"password": password}, allow_redirects=False
         )
 
+    async def log_in_with_token(self, token: str) -> ClientResponse:
+        return await self.client.post("/admin/login", data={"token": token}, allow_redirects=False)
+
     async def open(self, path: str) -> str:
         response = await self.client.get(path, allow_redirects=False)
         assert response.status == 200, (path, response.status)
@@ -274,6 +277,35 @@ async def test_the_one_time_login_link_is_printed_at_start_and_works_once(
     assert first_in.status == 200
     assert again.status == 401
     assert second_in.status == 303
+
+
+async def test_a_non_ascii_admin_cookie_or_csrf_token_is_refused_not_a_server_error(
+    store: Store, data_dir: Path
+) -> None:
+    await two_versions(store)
+    async with admin_console(store, data_dir) as (console, _), browser(console) as admin:
+        await admin.log_in()
+        await admin.open("/admin/models")
+        in_form = await admin.post("/admin/models/rollback", csrf="é")
+        in_header = await admin.client.post(
+            "/admin/models/rollback", headers={"X-CSRF-Token": "é"}, allow_redirects=False
+        )
+        cookie = admin.cookie() or ""
+        async with browser(console) as forger:
+            forged = {"Cookie": f"dishbot_admin={cookie[:-1]}é"}
+            page = await forger.client.get("/admin", headers=forged, allow_redirects=False)
+            password = await forger.log_in("pässwörd")
+    async with (
+        admin_console(store, data_dir, password=None) as (console, _),
+        browser(console) as guesser,
+    ):
+        token = await guesser.log_in_with_token("é" * 32)
+
+    assert (in_form.status, in_header.status) == (403, 403)
+    assert page.status == 303
+    assert password.status == 401
+    assert token.status == 401
+    assert (await store.active_model_version()).name == "run-1"  # type: ignore[union-attr]
 
 
 async def test_with_a_password_there_is_no_login_link(store: Store, data_dir: Path) -> None:

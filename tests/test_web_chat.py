@@ -241,6 +241,28 @@ async def test_static_files_cannot_be_read_outside_their_directory(
     assert "default-src 'self'" in page.headers["Content-Security-Policy"]
 
 
+async def test_a_non_ascii_cookie_or_csrf_token_is_refused_not_a_server_error(
+    store: Store, data_dir: Path
+) -> None:
+    async with web_console(store, data_dir) as console, console.visitor() as visitor:
+        await visitor.open_page()
+        visitor_id = (visitor.cookie() or "").partition(".")[0]
+        bad_token = await visitor.ask("what is this?", a_photo(), csrf="é")
+        forged = {"Cookie": f"dishbot_visitor={visitor_id}.é", "X-CSRF-Token": visitor.csrf or ""}
+        async with ClientSession(cookie_jar=DummyCookieJar()) as bare:
+            page = await bare.get(console.server.make_url("/"), headers=forged)
+            asked = await bare.post(
+                console.server.make_url("/ask"), data={"question": "hi"}, headers=forged
+            )
+            refusal = await asked.json()
+
+    assert bad_token.status == 403
+    assert page.status == 200  # the cookie is ignored: a new visitor, not an error
+    assert not page.cookies["dishbot_visitor"].value.startswith(visitor_id)
+    assert asked.status == 403
+    assert refusal["error"] == say("web_session_expired", "en")
+
+
 def _exchange(answer: dict[str, object]) -> int:
     rate = buttons.decode(str(answer["buttons"][0]["data"]))  # type: ignore[index]
     assert isinstance(rate, buttons.Rate)

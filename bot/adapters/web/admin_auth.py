@@ -21,6 +21,7 @@ import secrets
 import time
 from collections.abc import Callable
 
+from bot.adapters.web.identity import same_secret
 from bot.core.dialog import RateLimiter
 
 SESSION_COOKIE = "dishbot_admin"
@@ -77,7 +78,7 @@ class AdminSessions:
         """A new session's cookie when ``password`` is the admin password, else None."""
         if self._password is None:
             return None
-        if not hmac.compare_digest(password.encode(), self._password.encode()):
+        if not same_secret(password, self._password):
             return None
         return self._new_session()
 
@@ -85,7 +86,7 @@ class AdminSessions:
         """A new session's cookie when ``token`` is the login link's, else None. The token
         works once: a new one replaces it (see `login_token`)."""
         expected = self._login_token
-        if expected is None or not hmac.compare_digest(token.encode(), expected.encode()):
+        if expected is None or not same_secret(token, expected):
             return None
         self._login_token = secrets.token_urlsafe(LOGIN_TOKEN_BYTES)
         return self._new_session()
@@ -99,7 +100,7 @@ class AdminSessions:
         if not _SESSION_ID.fullmatch(session_id) or not expiry_text.isdigit():
             return None
         signed = self._sign(_SESSION_LABEL, f"{session_id}.{expiry_text}")
-        if not hmac.compare_digest(signature, signed):
+        if not same_secret(signature, signed):
             return None
         now = self._clock()
         if int(expiry_text) <= now or self._live.get(session_id, 0.0) <= now:
@@ -121,7 +122,7 @@ class AdminSessions:
 
     def csrf_ok(self, session_id: str, token: str | None) -> bool:
         """Whether ``token`` is this session's CSRF token."""
-        return bool(token) and hmac.compare_digest(str(token), self.csrf_token(session_id))
+        return bool(token) and same_secret(str(token), self.csrf_token(session_id))
 
     def _new_session(self) -> str:
         now = self._clock()
