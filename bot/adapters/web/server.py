@@ -95,7 +95,9 @@ class WebAdapter:
         identities = Identities(secret)
         password = settings.web.admin_password
         self.admin_sessions = AdminSessions(
-            secret, password.get_secret_value() if password is not None else None
+            secret,
+            password.get_secret_value() if password is not None else None,
+            on_new_token=self._log_login_link,
         )
         self.app = web.Application(middlewares=[_security_headers])
         aiohttp_jinja2.setup(
@@ -145,8 +147,13 @@ class WebAdapter:
         log.info("web console: %s", self.url)
         token = self.admin_sessions.login_token
         if token is not None:
-            # As Jupyter does: whoever can read this log may administer; the link works once.
-            log.info("web admin, one-time login link: %sadmin/login?token=%s", self.url, token)
+            self._log_login_link(token)
+
+    def _log_login_link(self, token: str) -> None:
+        # As Jupyter does: whoever can read this log may administer. A link works once; the
+        # next one is logged when it is made, so a used link never locks the admin out.
+        base = self.url or "/"
+        log.info("web admin, one-time login link: %sadmin/login?token=%s", base, token)
 
     async def stop(self) -> None:
         """Let answers in progress finish (for a while), then stop listening."""
