@@ -70,6 +70,9 @@ class AdminBrowser:
             "/admin/login", data={"password": password}, allow_redirects=False
         )
 
+    async def log_in_with_token(self, token: str) -> ClientResponse:
+        return await self.client.post("/admin/login", data={"token": token}, allow_redirects=False)
+
     async def open(self, path: str) -> str:
         response = await self.client.get(path, allow_redirects=False)
         assert response.status == 200, (path, response.status)
@@ -251,7 +254,7 @@ async def test_login_attempts_are_limited_per_address(store: Store, data_dir: Pa
     assert page.status == 303
 
 
-async def test_the_one_time_login_link_is_printed_at_start_and_works_once(
+async def test_the_one_time_login_link_asks_before_it_logs_in_and_works_once(
     store: Store, data_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     settings = Settings(data_dir=data_dir, web=WebSettings(port=0))
@@ -259,21 +262,94 @@ async def test_the_one_time_login_link_is_printed_at_start_and_works_once(
         adapter: WebAdapter = console.adapter
         with caplog.at_level(logging.INFO, logger="bot.adapters.web.server"):
             await adapter.start()
-        await adapter.stop()
-        printed = re.search(r"(http://\S+/admin/login\?token=(\S+))", caplog.text)
-        assert printed is not None
-        token = printed.group(2)
-        async with browser(console) as first, browser(console) as second:
-            used = await first.client.get(f"/admin/login?token={token}", allow_redirects=False)
-            again = await second.client.get(f"/admin/login?token={token}", allow_redirects=False)
-            second_in = await second.client.get("/admin", allow_redirects=False)
-            first_in = await first.client.get("/admin", allow_redirects=False)
+            await adapter.stop()
+            printed = re.search(r"(http://\S+/admin/login\?token=(\S+))", caplog.text)
+            assert printed is not None
+            token = printed.group(2)
+            async with (
+                browser(console) as previewer,
+                browser(console) as admin,
+                browser(console) as late,
+            ):
+                # A link preview or a prefetch opens the link: it sees a form, nothing more.
+                preview = await previewer.client.get(
+                    f"/admin/login?token={token}", allow_redirects=False
+                )
+                preview_html = await preview.text()
+                previewer_in = await previewer.client.get("/admin", allow_redirects=False)
+                used = await admin.log_in_with_token(token)
+                admin_in = await admin.client.get("/admin", allow_redirects=False)
+                again = await late.log_in_with_token(token)
+                late_in = await late.client.get("/admin", allow_redirects=False)
+                links = re.findall(r"http://\S+/admin/login\?token=(\S+)", caplog.text)
+                with_the_new_link = await late.log_in_with_token(links[-1])
 
     assert printed.group(1).startswith(adapter.url or "?")
+    assert preview.status == 200
+    assert 'method="post"' in preview_html
+    assert f'name="token" value="{token}"' in preview_html
+    assert previewer_in.status == 303
     assert used.status == 303
-    assert first_in.status == 200
+    assert used.headers["Location"] == "/admin"
+    assert "SameSite=Strict" in used.headers["Set-Cookie"]
+    assert admin_in.status == 200
     assert again.status == 401
-    assert second_in.status == 303
+    assert late_in.status == 303
+    # The used link is replaced by a new one, logged as the first was: nobody is locked out.
+    assert len(links) == 2
+    assert links[-1] != token
+    assert with_the_new_link.status == 303
+
+
+async def test_a_login_link_form_posted_from_another_site_is_refused(
+    store: Store, data_dir: Path
+) -> None:
+    async with (
+        admin_console(store, data_dir, password=None) as (console, _),
+        browser(console) as victim,
+    ):
+        token = console.adapter.admin_sessions.login_token or ""
+        forged = await victim.client.post(
+            "/admin/login",
+            data={"token": token},
+            headers={"Origin": "https://evil.example"},
+            allow_redirects=False,
+        )
+        page = await victim.client.get("/admin", allow_redirects=False)
+        still_works = await victim.log_in_with_token(token)
+
+    assert forged.status == 403
+    assert page.status == 303
+    assert still_works.status == 303
+
+
+async def test_a_non_ascii_admin_cookie_or_csrf_token_is_refused_not_a_server_error(
+    store: Store, data_dir: Path
+) -> None:
+    await two_versions(store)
+    async with admin_console(store, data_dir) as (console, _), browser(console) as admin:
+        await admin.log_in()
+        await admin.open("/admin/models")
+        in_form = await admin.post("/admin/models/rollback", csrf="é")
+        in_header = await admin.client.post(
+            "/admin/models/rollback", headers={"X-CSRF-Token": "é"}, allow_redirects=False
+        )
+        cookie = admin.cookie() or ""
+        async with browser(console) as forger:
+            forged = {"Cookie": f"dishbot_admin={cookie[:-1]}é"}
+            page = await forger.client.get("/admin", headers=forged, allow_redirects=False)
+            password = await forger.log_in("pässwörd")
+    async with (
+        admin_console(store, data_dir, password=None) as (console, _),
+        browser(console) as guesser,
+    ):
+        token = await guesser.log_in_with_token("é" * 32)
+
+    assert (in_form.status, in_header.status) == (403, 403)
+    assert page.status == 303
+    assert password.status == 401
+    assert token.status == 401
+    assert (await store.active_model_version()).name == "run-1"  # type: ignore[union-attr]
 
 
 async def test_with_a_password_there_is_no_login_link(store: Store, data_dir: Path) -> None:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
 from aiohttp import ClientSession, DummyCookieJar
 
+from bot.adapters.web import server
 from bot.adapters.web.chat import NEW_VISITORS_PER_MINUTE
 from bot.core import buttons
-from bot.core.dialog import DialogConfig
+from bot.core.dialog import MAX_QUESTION_LENGTH, DialogConfig
 from bot.core.i18n import say
 from bot.store import Store
 from engine.engine import Engine, EngineConfig
@@ -239,6 +241,96 @@ async def test_static_files_cannot_be_read_outside_their_directory(
     assert script.status == 200
     assert all(response.status in (403, 404) for response in escapes)
     assert "default-src 'self'" in page.headers["Content-Security-Policy"]
+
+
+async def test_a_non_ascii_cookie_or_csrf_token_is_refused_not_a_server_error(
+    store: Store, data_dir: Path
+) -> None:
+    async with web_console(store, data_dir) as console, console.visitor() as visitor:
+        await visitor.open_page()
+        visitor_id = (visitor.cookie() or "").partition(".")[0]
+        bad_token = await visitor.ask("what is this?", a_photo(), csrf="é")
+        forged = {"Cookie": f"dishbot_visitor={visitor_id}.é", "X-CSRF-Token": visitor.csrf or ""}
+        async with ClientSession(cookie_jar=DummyCookieJar()) as bare:
+            page = await bare.get(console.server.make_url("/"), headers=forged)
+            asked = await bare.post(
+                console.server.make_url("/ask"), data={"question": "hi"}, headers=forged
+            )
+            refusal = await asked.json()
+
+    assert bad_token.status == 403
+    assert page.status == 200  # the cookie is ignored: a new visitor, not an error
+    assert not page.cookies["dishbot_visitor"].value.startswith(visitor_id)
+    assert asked.status == 403
+    assert refusal["error"] == say("web_session_expired", "en")
+
+
+async def test_a_visitor_posting_too_fast_is_refused_before_anything_is_kept(
+    store: Store, data_dir: Path
+) -> None:
+    # Posts a visitor may make a minute: twice the questions, plus the feedback.
+    config = DialogConfig(edit_interval_s=0.05, questions_per_minute=1, feedback_per_minute=1)
+    async with (
+        web_console(store, data_dir, dialog_config=config) as console,
+        console.visitor() as visitor,
+    ):
+        await visitor.open_page()
+        allowed = [(await visitor.ask(f"hello {n}")).status for n in range(3)]
+        flooded = await visitor.ask("one too many")
+        refusal = await flooded.json()
+        pressed = await visitor.press("1", "x")
+        visitor_id = (visitor.cookie() or "").partition(".")[0]
+        kept = console.adapter.port.conversations.of(visitor_id).messages.values()
+
+    assert allowed == [202, 202, 202]
+    assert flooded.status == 429
+    assert refusal["error"] == say("slow_down", "en")
+    assert pressed.status == 429
+    assert "one too many" not in [message["text"] for message in kept]
+
+
+async def test_a_very_long_question_is_kept_only_up_to_the_question_limit(
+    store: Store, data_dir: Path
+) -> None:
+    async with web_console(store, data_dir) as console, console.visitor() as visitor:
+        await visitor.open_page()
+        await visitor.listen()
+        await visitor.ask("x" * (5 * MAX_QUESTION_LENGTH), a_photo())
+        asked = await visitor.next_update()
+        refusal = await visitor.bot_says()
+
+    assert asked["author"] == "visitor"
+    assert asked["text"] == "x" * MAX_QUESTION_LENGTH
+    assert refusal == say("question_too_long", "en", limit=MAX_QUESTION_LENGTH)
+
+
+async def test_when_the_console_has_its_hands_full_a_question_is_refused_as_busy(
+    store: Store, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(server, "MAX_TASKS_IN_HAND", 2)
+    async with (
+        web_console(store, data_dir) as console,
+        console.visitor() as first,
+        console.visitor() as second,
+    ):
+        await first.open_page()
+        await second.open_page()
+        await first.listen()
+        held = [(await first.ask(f"hang {n}", a_photo())).status for n in range(2)]
+        async with asyncio.timeout(ANSWER_WAIT_S):
+            while console.engine.stats().in_flight < 2:  # noqa: ASYNC110 - polls the engine
+                await asyncio.sleep(0.01)
+        refused = await second.ask("and this?", a_photo((10, 200, 30)))
+        refusal = await refused.json()
+        await console.engine.stop()  # the hanging answers end
+        second_id = (second.cookie() or "").partition(".")[0]
+        kept = console.adapter.port.conversations.of(second_id).messages
+
+    assert held == [202, 202]
+    assert refused.status == 503
+    assert refusal["error"] == say("busy", "en")
+    assert not kept  # refused before anything was shown or stored
+    assert await store.find_user("web", second_id) is None
 
 
 def _exchange(answer: dict[str, object]) -> int:

@@ -295,10 +295,14 @@ MESSAGES: Final[dict[str, dict[Language, str]]] = {
     "admin_web_title": {"en": "dishbot admin", "zh": "dishbot 管理"},
     "admin_web_login": {"en": "Log in", "zh": "登录"},
     "admin_web_password": {"en": "Admin password", "zh": "管理密码"},
+    "admin_web_token_confirm": {
+        "en": "Log in to the dishbot admin console in this browser with the one-time link?",
+        "zh": "要用这个一次性链接在此浏览器中登录 dishbot 管理后台吗？",
+    },
     "admin_web_token_hint": {
-        "en": "Open the one-time login link that dishbot printed in its log when it started "
+        "en": "Open the newest one-time login link that dishbot printed in its log "
         "(or set web.admin_password).",
-        "zh": "请打开 dishbot 启动时在日志里打印的一次性登录链接（或者设置 web.admin_password）。",
+        "zh": "请打开 dishbot 在日志里打印的最新的一次性登录链接（或者设置 web.admin_password）。",
     },
     "admin_web_login_failed": {
         "en": "That did not work: wrong password, or a login link already used.",

@@ -127,17 +127,20 @@ class AdminRoutes:
     # -- logging in and out -----------------------------------------------------------------
 
     async def login_page(self, request: web.Request) -> web.StreamResponse:
-        """The password form; or, with the one-time link's ``?token=``, the login itself."""
-        token = request.query.get("token")
-        if token is not None:
-            return await self._log_in(request, lambda: self.sessions.log_in_with_token(token))
-        return self._login_form(request)
+        """The password form; or, with the one-time link's ``?token=``, a form that logs in
+        with it when the admin presses "Log in" (opening the link alone, as a link preview or
+        a prefetch does, uses nothing up)."""
+        return self._login_form(request, token=request.query.get("token"))
 
     async def login(self, request: web.Request) -> web.StreamResponse:
-        """The password form was sent (from this site: a form on another is refused)."""
+        """The password form, or the login link's form, was sent (from this site: a form on
+        another is refused)."""
         if not _same_origin(request):
             raise web.HTTPForbidden(text=say("web_session_expired", page_language(request)))
         form = await _form(request)
+        token = form.get("token")
+        if token is not None:
+            return await self._log_in(request, lambda: self.sessions.log_in_with_token(token))
         password = form.get("password", "")
         return await self._log_in(request, lambda: self.sessions.log_in_with_password(password))
 
@@ -166,8 +169,10 @@ class AdminRoutes:
         )
         return response
 
-    def _login_form(self, request: web.Request, error: str | None = None) -> web.Response:
-        context = {"error": error, "uses_password": self.sessions.uses_password}
+    def _login_form(
+        self, request: web.Request, error: str | None = None, token: str | None = None
+    ) -> web.Response:
+        context = {"error": error, "uses_password": self.sessions.uses_password, "token": token}
         response = self.render("admin/login.html", request, context)
         if error is not None:
             response.set_status(401)

@@ -1,8 +1,9 @@
 """Who is a web admin: a password or a one-time login link, then a signed session cookie.
 
 A web admin is whoever proves ``web.admin_password`` (compared in constant time) or, when
-no password is set, opens the one-time login link printed in the log at start (as Jupyter
-does). Being an admin on Telegram or Discord makes nobody a web admin, nor does being a web
+no password is set, logs in with the one-time login link printed in the log at start (as
+Jupyter does; the link's page asks before it logs in, and each new link is logged too).
+Being an admin on Telegram or Discord makes nobody a web admin, nor does being a web
 visitor: the two cookies are separate and signed under different labels.
 
 The session cookie is ``<session id>.<expiry>.<HMAC>``; its id is random and new at each
@@ -21,6 +22,7 @@ import secrets
 import time
 from collections.abc import Callable
 
+from bot.adapters.web.identity import same_secret
 from bot.core.dialog import RateLimiter
 
 SESSION_COOKIE = "dishbot_admin"
@@ -45,13 +47,17 @@ class AdminSessions:
         *,
         ttl_s: float = SESSION_TTL_S,
         clock: Callable[[], float] = time.time,
+        on_new_token: Callable[[str], None] = lambda token: None,
     ) -> None:
+        """``on_new_token`` is told each login link token made after the first (which
+        `login_token` gives), so that the admin can be shown the new link."""
         if len(secret) < 16:
             raise ValueError("the web secret is too short")
         self._secret = secret
         self._password = password
         self._ttl_s = ttl_s
         self._clock = clock
+        self._on_new_token = on_new_token
         self._live: dict[str, float] = {}  # session id -> expiry
         self._login_token: str | None = (
             None if password else secrets.token_urlsafe(LOGIN_TOKEN_BYTES)
@@ -66,7 +72,7 @@ class AdminSessions:
 
     @property
     def login_token(self) -> str | None:
-        """The one-time login link's token, when no password is set (None once used)."""
+        """The one-time login link's token, when no password is set (a new one once used)."""
         return self._login_token
 
     def may_try(self, address: str) -> bool:
@@ -77,17 +83,19 @@ class AdminSessions:
         """A new session's cookie when ``password`` is the admin password, else None."""
         if self._password is None:
             return None
-        if not hmac.compare_digest(password.encode(), self._password.encode()):
+        if not same_secret(password, self._password):
             return None
         return self._new_session()
 
     def log_in_with_token(self, token: str) -> str | None:
         """A new session's cookie when ``token`` is the login link's, else None. The token
-        works once: a new one replaces it (see `login_token`)."""
+        works once: a new one replaces it (see `login_token`), and is told to
+        ``on_new_token``."""
         expected = self._login_token
-        if expected is None or not hmac.compare_digest(token.encode(), expected.encode()):
+        if expected is None or not same_secret(token, expected):
             return None
         self._login_token = secrets.token_urlsafe(LOGIN_TOKEN_BYTES)
+        self._on_new_token(self._login_token)
         return self._new_session()
 
     def session(self, cookie: str | None) -> str | None:
@@ -99,7 +107,7 @@ class AdminSessions:
         if not _SESSION_ID.fullmatch(session_id) or not expiry_text.isdigit():
             return None
         signed = self._sign(_SESSION_LABEL, f"{session_id}.{expiry_text}")
-        if not hmac.compare_digest(signature, signed):
+        if not same_secret(signature, signed):
             return None
         now = self._clock()
         if int(expiry_text) <= now or self._live.get(session_id, 0.0) <= now:
@@ -121,7 +129,7 @@ class AdminSessions:
 
     def csrf_ok(self, session_id: str, token: str | None) -> bool:
         """Whether ``token`` is this session's CSRF token."""
-        return bool(token) and hmac.compare_digest(str(token), self.csrf_token(session_id))
+        return bool(token) and same_secret(str(token), self.csrf_token(session_id))
 
     def _new_session(self) -> str:
         now = self._clock()

@@ -5,7 +5,9 @@ as a person of platform "web": the same limits, refusals and stored feedback as 
 and Discord. Answers reach the page over Server-Sent Events (`/events`).
 
 Routes: ``GET /`` (the page), ``GET /events`` (the stream), ``POST /ask``, ``POST /press``
-and ``POST /correct``. Every POST needs the visitor's cookie and CSRF token.
+and ``POST /correct``. Every POST needs the visitor's cookie and CSRF token, and is refused
+before its body is read when the visitor posts faster than `posts_per_minute` allows (429)
+or when the console has its hands full (503).
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from aiohttp import web
 
 from bot.adapters.web.identity import Identities
 from bot.adapters.web.port import WebPort
+from bot.adapters.web.tasks import TasksInHand
 from bot.adapters.web.uploads import BadForm, UploadTooLarge, read_ask_form
-from bot.core.dialog import Dialog, RateLimiter
+from bot.core.dialog import Dialog, DialogConfig, RateLimiter
 from bot.core.events import (
     ButtonPress,
     Command,
@@ -34,7 +37,7 @@ from bot.core.events import (
     Place,
     TextMessage,
 )
-from bot.core.i18n import MESSAGES, language_of, say
+from bot.core.i18n import MESSAGES, Language, language_of, say
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,13 @@ MAX_JSON_BYTES = 16 * 1024
 # proxy every visitor comes from its address: the limit is then shared by all new visitors.)
 NEW_VISITORS_PER_MINUTE = 20
 PAGE_WORDS = [key for key in MESSAGES if key.startswith("web_")]
+
+
+def posts_per_minute(config: DialogConfig) -> int:
+    """POSTs one visitor may make a minute: room for every question (twice: a refused one
+    is retried) and every rating or correction the dialog allows, and no more, so a flood
+    is refused before its body is read, kept or handed to the dialog."""
+    return 2 * config.questions_per_minute + config.feedback_per_minute
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,13 +84,14 @@ class ChatRoutes:
         dialog: Dialog,
         port: WebPort,
         identities: Identities,
-        hand_over: Callable[[Awaitable[None]], None],
+        tasks: TasksInHand,
     ) -> None:
         self.dialog = dialog
         self.port = port
         self.identities = identities
-        self._hand_over = hand_over  # runs a dialog call in the background, tracked
+        self._tasks = tasks  # the dialog calls running in the background
         self._new_visitors = RateLimiter(NEW_VISITORS_PER_MINUTE)
+        self._posts = RateLimiter(posts_per_minute(dialog.config))
 
     def register(self, app: web.Application) -> None:
         """Add the chat routes to ``app``."""
@@ -99,14 +110,28 @@ class ChatRoutes:
         return Visitor(visitor_id, _first_language(request.headers.get("Accept-Language")))
 
     def _checked(self, request: web.Request) -> Visitor:
-        """The visitor of a state-changing request: signed cookie and matching CSRF token."""
+        """The visitor of a state-changing request: signed cookie and matching CSRF token,
+        not posting too fast, and room to handle what they send (checked before it is read)."""
         visitor = self._visitor(request)
         language = language_of(_first_language(request.headers.get("Accept-Language")))
         if visitor is None or not self.identities.csrf_ok(
             visitor.id, request.headers.get(CSRF_HEADER)
         ):
             raise _refusal(web.HTTPForbidden, say("web_session_expired", language))
+        if not self._posts.allow(visitor.id):
+            raise _refusal(web.HTTPTooManyRequests, say("slow_down", language))
+        self._check_room(language)
         return visitor
+
+    def _check_room(self, language: Language) -> None:
+        if self._tasks.full:
+            log.warning("web request refused: %d dialog calls in hand", len(self._tasks))
+            raise _refusal(web.HTTPServiceUnavailable, say("busy", language))
+
+    def _hand_over(self, event: Event, language: Language) -> None:
+        """Let the dialog handle ``event`` in the background (503 when there is no room)."""
+        self._check_room(language)  # again: while the body was read, others may have started
+        self._tasks.start(self.dialog.handle(event, self.port))
 
     # -- the page and its stream ------------------------------------------------------------
 
@@ -188,6 +213,7 @@ class ChatRoutes:
         shown = form.question or (say("web_photo_sent", language) if form.photo else "")
         if not shown:
             raise _refusal(web.HTTPBadRequest, say("no_photo_hint", language))
+        self._check_room(language)  # before the question is shown: a refused one is not
         message_id = self.port.say_as_visitor(visitor.id, shown, photo=form.photo is not None)
         event: Event
         if form.photo is not None:
@@ -220,7 +246,7 @@ class ChatRoutes:
                 addressed=True,
                 reply_to=form.reply_to,
             )
-        self._hand_over(self.dialog.handle(event, self.port))
+        self._hand_over(event, language)
         return web.json_response({"message_id": message_id}, status=202)
 
     async def press(self, request: web.Request) -> web.Response:
@@ -231,7 +257,7 @@ class ChatRoutes:
         if not isinstance(message_id, str) or not isinstance(data, str):
             raise _refusal(web.HTTPBadRequest, say("web_bad_form", language_of(visitor.language)))
         press = ButtonPress(visitor.person, visitor.place, message_id, data)
-        self._hand_over(self.dialog.handle(press, self.port))
+        self._hand_over(press, language_of(visitor.language))
         return web.json_response({}, status=202)
 
     async def correct(self, request: web.Request) -> web.Response:
@@ -242,7 +268,7 @@ class ChatRoutes:
         if type(exchange_id) is not int or not isinstance(text, str):
             raise _refusal(web.HTTPBadRequest, say("web_bad_form", language_of(visitor.language)))
         event = CorrectionSubmitted(visitor.person, visitor.place, exchange_id, text)
-        self._hand_over(self.dialog.handle(event, self.port))
+        self._hand_over(event, language_of(visitor.language))
         return web.json_response({}, status=202)
 
 

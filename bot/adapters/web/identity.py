@@ -4,7 +4,8 @@ The cookie is ``<visitor id>.<HMAC of it>`` under a server secret kept in the da
 directory (so visitors stay who they are across restarts, and every process sharing the
 data directory agrees). A cookie that does not verify is ignored and a new visitor made: a
 forged one gets nobody's answers. The CSRF token is another HMAC of the visitor id, so a
-page of another site, which cannot read the cookie or the page, cannot make one.
+page of another site, which cannot read the cookie or the page, cannot make one. Every
+secret a request brings is compared with `same_secret`.
 """
 
 from __future__ import annotations
@@ -44,6 +45,19 @@ def load_secret(data_dir: Path) -> bytes:
     return secret
 
 
+def same_secret(given: str, expected: str) -> bool:
+    """Whether a secret a request brought is ``expected``, compared in constant time.
+
+    As bytes: `hmac.compare_digest` raises on str with non-ASCII characters, and what a
+    request brings may be anything (lone surrogates included, from undecodable bytes).
+    """
+    return hmac.compare_digest(_as_bytes(given), _as_bytes(expected))
+
+
+def _as_bytes(text: str) -> bytes:
+    return text.encode("utf-8", "surrogatepass")
+
+
 class Identities:
     """Makes and checks visitor cookies and CSRF tokens with one secret."""
 
@@ -67,7 +81,7 @@ class Identities:
         visitor_id, _, signature = cookie.partition(".")
         if not _VISITOR_ID.fullmatch(visitor_id):
             return None
-        if not hmac.compare_digest(signature, self._sign(_COOKIE_LABEL, visitor_id)):
+        if not same_secret(signature, self._sign(_COOKIE_LABEL, visitor_id)):
             return None
         return visitor_id
 
@@ -77,7 +91,7 @@ class Identities:
 
     def csrf_ok(self, visitor_id: str, token: str | None) -> bool:
         """Whether ``token`` is this visitor's CSRF token."""
-        return token is not None and hmac.compare_digest(token, self.csrf_token(visitor_id))
+        return token is not None and same_secret(token, self.csrf_token(visitor_id))
 
     def _sign(self, label: bytes, value: str) -> str:
         digest = hmac.new(self._secret, label + b"\0" + value.encode(), hashlib.sha256).digest()

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bot.core.budget import UNLIMITED
+from bot.core.dialog import MAX_QUESTION_LENGTH
 from bot.core.events import ButtonPress, Place
 from bot.core.limits import CallLimit
 from bot.core.port import Button, MessageGone
@@ -151,9 +152,12 @@ class WebPort:
         return len(text)
 
     def say_as_visitor(self, visitor_id: str, text: str, *, photo: bool) -> str:
-        """Show what the visitor asked in their chat; returns the message's id."""
+        """Show what the visitor asked in their chat; returns the message's id. Only the
+        first `MAX_QUESTION_LENGTH` characters are kept: the dialog refuses a longer question
+        anyway, and a visitor's chat should not hold more than the bot would read."""
         message_id = new_message_id()
-        message = {"kind": "message", "id": message_id, "author": "visitor", "text": text}
+        shown = text[:MAX_QUESTION_LENGTH]
+        message = {"kind": "message", "id": message_id, "author": "visitor", "text": shown}
         self.conversations.publish(visitor_id, message | {"photo": photo})
         return message_id
 

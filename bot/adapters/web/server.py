@@ -8,7 +8,6 @@ from elsewhere or being framed.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -23,6 +22,7 @@ from bot.adapters.web.chat import ChatRoutes
 from bot.adapters.web.identity import Identities, load_secret
 from bot.adapters.web.ops import OpsRoutes
 from bot.adapters.web.port import Conversations, WebPort
+from bot.adapters.web.tasks import TasksInHand
 from bot.core.admin import Admin
 from bot.core.dialog import Dialog
 from bot.errors import DishbotError
@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
 STOP_GRACE_S = 5.0  # answers in progress may finish for this long when the bot stops
+# Dialog calls running at once (each holds what its visitor sent, a photo of up to 10 MB
+# perhaps). Above `engine.max_pending`'s default, so the engine's own "busy" answer usually
+# comes first; past it, requests are refused as busy before their form is read.
+MAX_TASKS_IN_HAND = 512
 # Nothing from other origins: no CDN, no inline script, no framing by another site.
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
@@ -88,14 +92,16 @@ class WebAdapter:
         self.dialog = dialog
         self.port = WebPort(Conversations())
         self.url: str | None = None  # once started
-        self._in_hand: set[asyncio.Task[None]] = set()
+        self._in_hand = TasksInHand(MAX_TASKS_IN_HAND)
         self._runner: web.AppRunner | None = None
         metrics.watch(dialog.engine, dialog.store)
         secret = load_secret(settings.data_dir)
         identities = Identities(secret)
         password = settings.web.admin_password
         self.admin_sessions = AdminSessions(
-            secret, password.get_secret_value() if password is not None else None
+            secret,
+            password.get_secret_value() if password is not None else None,
+            on_new_token=self._log_login_link,
         )
         self.app = web.Application(middlewares=[_security_headers])
         aiohttp_jinja2.setup(
@@ -103,7 +109,7 @@ class WebAdapter:
             loader=jinja2.FileSystemLoader(HERE / "templates"),
             autoescape=True,  # every value in a page is escaped, whatever a template says
         )
-        ChatRoutes(dialog, self.port, identities, self._hand_over).register(self.app)
+        ChatRoutes(dialog, self.port, identities, self._in_hand).register(self.app)
         OpsRoutes(dialog.engine, dialog.store, metrics, peers).register(self.app)
         admin = admin or Admin(settings, dialog.store, dialog.engine)
         AdminRoutes(admin, self.admin_sessions).register(self.app)
@@ -114,11 +120,6 @@ class WebAdapter:
     async def _close_pages(self, app: web.Application) -> None:
         # Open answer streams would otherwise hold the server's shutdown until its timeout.
         self.port.conversations.close_pages()
-
-    def _hand_over(self, call: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(call)
-        self._in_hand.add(task)
-        task.add_done_callback(self._in_hand.discard)
 
     async def start(self) -> None:
         """Listen on the configured address, and say where."""
@@ -145,16 +146,17 @@ class WebAdapter:
         log.info("web console: %s", self.url)
         token = self.admin_sessions.login_token
         if token is not None:
-            # As Jupyter does: whoever can read this log may administer; the link works once.
-            log.info("web admin, one-time login link: %sadmin/login?token=%s", self.url, token)
+            self._log_login_link(token)
+
+    def _log_login_link(self, token: str) -> None:
+        # As Jupyter does: whoever can read this log may administer. A link works once; the
+        # next one is logged when it is made, so a used link never locks the admin out.
+        base = self.url or "/"
+        log.info("web admin, one-time login link: %sadmin/login?token=%s", base, token)
 
     async def stop(self) -> None:
         """Let answers in progress finish (for a while), then stop listening."""
-        if self._in_hand:
-            _, late = await asyncio.wait(set(self._in_hand), timeout=STOP_GRACE_S)
-            for task in late:
-                task.cancel()
-            await asyncio.gather(*late, return_exceptions=True)
+        await self._in_hand.finish(STOP_GRACE_S)
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
