@@ -25,7 +25,7 @@ from discord.gateway import DiscordWebSocket
 from sqlalchemy import update
 
 from bot.core.recovery import MAX_REPLAYS, Recovery
-from bot.store import ExchangeOwner, ExchangeStatus, Store
+from bot.store import ExchangeOwner, ExchangeStatus, InboxRecord, Store
 from bot.store.models import Exchange, InboxEntry, utcnow
 from bot.store.schema import upgrade
 from tests.discord_emulator import DiscordEmulator
@@ -330,7 +330,42 @@ async def test_an_update_that_took_its_handlers_down_each_time_is_dropped_and_lo
     assert await sqlite_store.inbox() == []
     assert telegram.calls("getFile") == []
     assert telegram.calls("sendMessage") == []  # not answered, nor apologised for
-    assert f"delivery {key} was handled {MAX_REPLAYS} times" in caplog.text
+    assert f"delivery {key} was handled again {MAX_REPLAYS} times" in caplog.text
+
+
+async def test_a_replay_that_failed_is_tried_again_by_the_next_sweep_of_the_same_process(
+    telegram: TelegramEmulator, sqlite_store: Store
+) -> None:
+    update = photo_update(telegram)
+    await fetched_by_a_bot_now_gone(telegram)
+    entry = (telegram_key(telegram, update), json.dumps(update))
+    await sqlite_store.add_to_inbox("telegram", [entry], owner=gone_owner(sqlite_store))
+
+    async with running_bot(telegram, sqlite_store) as bot:
+        tries: list[str] = []
+
+        class FlakyReplayer:
+            async def replay(self, entry: InboxRecord) -> None:
+                tries.append(entry.key)
+                if len(tries) == 1:
+                    raise ConnectionResetError("the platform dropped the connection")
+                await bot.adapter.replay(entry)
+
+        recovery = Recovery(
+            sqlite_store,
+            bot.dialog,
+            {"telegram": bot.adapter.port},
+            request_timeout_s=120,
+            replayers={"telegram": FlakyReplayer()},
+        )
+        await recovery.sweep()
+        await recovery.sweep()  # RECOVER_INTERVAL_S later
+        answer = await one_answer(telegram, update["message"])
+        await inbox_empties(sqlite_store)
+        await recovery.close()
+
+    assert answer["text"] == f"{MODEL} says: {QUESTION}"
+    assert len(tries) == 2
 
 
 def update_attempts(key: str, attempts: int) -> Any:

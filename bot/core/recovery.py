@@ -15,6 +15,7 @@ never showed (it died between the two) are shown, as stored, with their buttons.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Coroutine, Mapping
 from datetime import timedelta
@@ -36,8 +37,8 @@ STALE_GRACE_S = 60.0
 # A question older than this is not answered after a restart but apologised for: an answer
 # hours late to a photo the user has forgotten about helps nobody.
 RESUME_WITHIN = timedelta(hours=6)
-# A delivery handled again this often, each time by a process that then died, is dropped
-# (logged): it is what kills them.
+# A delivery handled again this often without finishing (each time by a process that then
+# died, or its replay failing) is dropped, logged: it may be what kills them.
 MAX_REPLAYS = 3
 # An answer stored but never shown is shown after a restart only this soon after it was
 # stored: later the user has asked again or moved on.
@@ -72,6 +73,9 @@ class Recovery:
         self.replayers = dict(replayers or {})
         self.stale_after = timedelta(seconds=request_timeout_s + STALE_GRACE_S)
         self._resuming: dict[int, asyncio.Task[None]] = {}
+        # Entries it claimed whose replay failed (Discord's REST down, say): tried again at
+        # the next sweep, as this process now owns them and `orphaned_inbox` skips them.
+        self._replay_again: list[InboxRecord] = []
 
     async def sweep(self) -> list[int]:
         """Claim every orphaned question and start answering it; returns their ids.
@@ -129,6 +133,9 @@ class Recovery:
         return self.dialog.busy_exchanges() | set(self._resuming)
 
     async def _replay_inbox(self) -> None:
+        again, self._replay_again = self._replay_again, []
+        for failed in again:
+            await self._replay(dataclasses.replace(failed, attempts=failed.attempts + 1))
         # Entries it claims become this process's, which `orphaned_inbox` never lists.
         while orphans := await self.store.orphaned_inbox(stale_after=self.stale_after):
             for orphan in orphans:
@@ -140,7 +147,7 @@ class Recovery:
         replayer = self.replayers.get(entry.platform)
         if entry.attempts > MAX_REPLAYS:
             log.error(
-                "%s delivery %s was handled %d times, each by a process that died: dropped: %s",
+                "%s delivery %s was handled again %d times and never finished: dropped: %s",
                 entry.platform,
                 entry.key,
                 entry.attempts - 1,
@@ -155,8 +162,8 @@ class Recovery:
             try:
                 await replayer.replay(entry)
             except Exception:
-                # Left in the inbox, its attempt counted: the next sweep tries again.
                 log.exception("could not handle %s delivery %s again", entry.platform, entry.key)
+                self._replay_again.append(entry)
             return
         await self.store.remove_from_inbox(entry.platform, [entry.key])
 
