@@ -809,6 +809,10 @@ class Bench:
         self.pressed = 0
         self.rated: set[Key] = set()  # each answer is rated once: a rating is per user
         self._bots = 0
+        # From the kill until the restarted bot holds a gateway session: a Discord message
+        # sent meanwhile reaches no bot (Discord gives a new session nothing a dead one
+        # missed), so Discord users wait; `bot_down` ends earlier, when the restart begins.
+        self._discord_unreachable = False
         self._calls_before = (0, 0)
         self._ratings_before = 0
         self._began = 0.0
@@ -1043,6 +1047,7 @@ class Bench:
         except TimeoutError:
             self.figures.notes.append("kill: no answers were streaming; killed anyway")
         self.tracker.bot_down = True  # from the moment the signal is sent
+        self._discord_unreachable = True
         await bot.kill()
         down = [p for p in self.people if p.platform == "telegram"][: max(2, len(wave) // 4)]
         for person in down:
@@ -1053,7 +1058,8 @@ class Bench:
         await asyncio.sleep(1.0)
         self.tracker.bot_down = False
         started = time.monotonic()
-        restarted = await self._start_bot(model)
+        restarted = await self._start_bot(model)  # polling, and connected to Discord
+        self._discord_unreachable = False
         self.figures.restart_s = time.monotonic() - started
         try:
             await asyncio.gather(*asking)
@@ -1072,7 +1078,7 @@ class Bench:
     async def _wave_photo(self, person: Person) -> None:
         """One photo, not waited for: what becomes of it is counted once all is settled."""
         await asyncio.sleep(self.rng.uniform(0, 2.0))
-        if self.tracker.bot_down and person.platform == "discord":
+        if self._discord_unreachable and person.platform == "discord":
             return  # Discord does not replay to a new session what a dead client missed
         person.send_photo(self.photos.next(), None)
 

@@ -11,7 +11,7 @@ from typing import Protocol
 from bot.core.admin import Admin
 from bot.core.dialog import Dialog, DialogConfig
 from bot.core.port import ChatPort
-from bot.core.recovery import Recovery
+from bot.core.recovery import Recovery, Replayer
 from bot.engine_setup import build_engine
 from bot.errors import DishbotError
 from bot.metrics import Metrics
@@ -166,6 +166,7 @@ class App:
                         dialog,
                         {adapter.port.platform: adapter.port for adapter in adapters},
                         request_timeout_s=self.settings.engine.request_timeout_s,
+                        replayers=_replayers(adapters),
                     )
                     await self._serve(adapters, stop, admin, runs, recovery)
         finally:
@@ -208,6 +209,11 @@ class App:
                 except Exception:
                     log.exception("stopping %s failed", type(adapter).__name__)
             await recovery.dialog.close()
+
+
+def _replayers(adapters: list[Adapter]) -> dict[str, Replayer]:
+    """The adapters that keep an inbox (the web chat answers within its request)."""
+    return {adapter.port.platform: adapter for adapter in adapters if isinstance(adapter, Replayer)}
 
 
 async def _recover_forever(runs: RunSupervisor, recovery: Recovery) -> None:

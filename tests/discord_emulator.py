@@ -550,6 +550,14 @@ class DiscordEmulator:
         self._publish(message)
         return copy.deepcopy(message)
 
+    def forget_undelivered(self) -> int:
+        """Drop the events kept for the next connection (see `_dispatch`), as if a client
+        now gone had received them: Discord never delivers those to a new session. Returns
+        how many there were."""
+        dropped = len(self._undelivered)
+        self._undelivered.clear()
+        return dropped
+
     def press_button(self, message_id: int, custom_id: str, user: Mapping[str, Any]) -> ApiObject:
         """A user presses the component ``custom_id`` on a bot message as it is now;
         returns the INTERACTION_CREATE payload (its ``id`` and ``token``)."""

@@ -764,12 +764,14 @@ async def test_one_process_serves_telegram_and_discord_from_one_engine_in_fair_o
             for adapter in adapters:
                 await adapter.start()
             try:
-                # The Telegram user asks twice; the Discord user asks while the first runs.
+                # The Telegram user asks twice (the second once the first runs: updates are
+                # handled side by side, in no set order); the Discord user asks meanwhile.
                 for n, question in enumerate(["slow from telegram", "telegram again"]):
                     file_id = telegram.add_file(jpeg_bytes((n, 9, 9)))
                     telegram.send_photo_message(
                         tg_user, tg_user.private_chat, file_id, caption=question
                     )
+                    await until(lambda: engine.stats().in_flight == 1)
                 await until(lambda: (engine.stats().in_flight, engine.stats().waiting) == (1, 1))
                 asked = send_photo(emulator, server.ada_dm, server.ada, "from discord")
                 await until(lambda: engine.stats().waiting == 2)

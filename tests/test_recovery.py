@@ -697,3 +697,30 @@ async def test_dishbot_killed_mid_answer_answers_each_question_once_and_keeps_fe
     assert statuses == [ExchangeStatus.ANSWERED] * 3
     assert ratings == [1]
     assert corrections == ["叉烧包"]
+
+
+async def test_dishbot_killed_while_a_photo_downloads_answers_it_once_when_started_again(
+    tmp_path: Path, telegram: TelegramEmulator
+) -> None:
+    # Telegram holds the photo: the killed bot had the update (and acknowledged it by its
+    # next poll) but had stored nothing yet, neither photo nor question.
+    telegram.hang_next("getFile", 60.0, processed=True)
+    async with FakeOpenAIServer(default_reply=ANSWER) as model:
+        settings = served_settings(tmp_path, telegram, model)
+        bots = DishbotProcesses(telegram, model, settings.data_dir, tmp_path)
+        try:
+            first = await bots.start(telegram)
+            question = send_photo(telegram, QUESTION)
+            await until(lambda: bool(telegram.calls("getFile")), GUARD_S)
+            await until(lambda: telegram.pending_updates == 0, GUARD_S)
+            first.kill()
+            await first.wait()
+
+            await bots.start(telegram)
+            answer = await one_answer(telegram, question)
+        finally:
+            await bots.stop_all()
+
+    assert answer["text"] == ANSWER.text, bots.log(2)
+    assert len(answers_to(telegram, question)) == 1
+    assert len(model.requests) == 1

@@ -11,12 +11,19 @@ messages sent before a restart. discord.py itself waits out and retries a 429, a
 (other 5xx, resets, timeouts) where that cannot show a message twice: edits always, channel
 messages under a nonce Discord enforces, interaction follow-ups only when they surely did
 not arrive.
+
+A message that reaches the bot is kept in the store's inbox (its channel and id) until its
+handling ends: the gateway never delivers it again, so the next start `replay`s what a
+process that died left there, fetching the message over REST. Interactions (slash commands,
+presses, the form) are not kept: their tokens expire after 15 minutes, and the user sees
+Discord's "the application did not respond" and can try again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import mimetypes
 import re
@@ -46,6 +53,7 @@ from bot.core.events import (
     TextMessage,
 )
 from bot.core.i18n import language_of, say
+from bot.core.inbox import Inbox
 from bot.core.limits import (
     DISCORD_ACK_SECONDS,
     DISCORD_CHANNEL_CALLS,
@@ -56,6 +64,7 @@ from bot.core.limits import (
 from bot.core.port import Button, DeliveryUnknown, MessageGone
 from bot.errors import ConfigError, DishbotError
 from bot.settings import DiscordSettings
+from bot.store import InboxRecord
 
 log = logging.getLogger(__name__)
 
@@ -393,6 +402,8 @@ class DiscordAdapter:
         self._ack_after_s = ack_after_s
         self._gateway: asyncio.Task[None] | None = None
         self._in_hand: set[asyncio.Task[Any]] = set()
+        self._replaying: set[asyncio.Task[None]] = set()
+        self.inbox = Inbox(dialog.store, PLATFORM)
         self._register_handlers()
 
     def _register_handlers(self) -> None:
@@ -553,6 +564,12 @@ class DiscordAdapter:
         where = Place(str(message.channel.id), private=message.guild is None)
         message_id, addressed = str(message.id), self._addressed(message)
         text, reply_to = self._without_mention(message), _replied_id(message)
+        # Only what the dialog may act on: chatter in a server is neither kept nor answered.
+        kept = where.private or addressed or reply_to is not None
+        key = f"{message.channel.id}:{message.id}"
+        if kept:
+            payload = {"channel_id": str(message.channel.id), "message_id": message_id}
+            await self.inbox.receive(key, json.dumps(payload))
         if message.attachments:
             event: Event = _attachment_event(
                 who,
@@ -566,6 +583,29 @@ class DiscordAdapter:
         else:
             event = TextMessage(who, where, message_id, text, addressed, reply_to)
         await self._hand_over(event)
+        # Not when cancelled (the bot stopping): the next start handles it again, and the
+        # dialog does not ask twice what it stored.
+        if kept:
+            await self.inbox.settle(key)
+
+    async def replay(self, entry: InboxRecord) -> None:
+        """Handle again, in the background, a message a process that is gone kept in the
+        inbox and never finished (see `bot.core.recovery`): fetched anew by its id."""
+        ids = json.loads(entry.payload)
+        channel_id, message_id = int(ids["channel_id"]), int(ids["message_id"])
+        try:
+            channel = self.client.get_channel(channel_id) or await self.client.fetch_channel(
+                channel_id
+            )
+            assert isinstance(channel, discord.abc.Messageable)
+            message = await channel.fetch_message(message_id)
+        except (discord.NotFound, discord.Forbidden) as gone:
+            log.warning("discord: message %s can no longer be read: %s", entry.key, gone)
+            await self.inbox.settle(entry.key)
+            return
+        task = asyncio.create_task(self._on_message(message), name=f"replay {entry.key}")
+        self._replaying.add(task)
+        task.add_done_callback(self._replaying.discard)
 
     async def _on_dish(
         self, interaction: discord.Interaction[Any], photo: discord.Attachment, question: str | None

@@ -6,11 +6,18 @@ with retries, so a 429 from Telegram delays a message rather than losing it.
 Each update is handled in a task of its own, not in PTB's update slot: PTB runs at most 256
 handlers at once, and a question holds its handler for as long as the model takes to answer,
 so with the slots taken by answers a /help or a button press would wait for minutes.
+
+Nothing fetched is lost in a crash: PTB puts each update into `Application.update_queue`
+before it acknowledges it (polling: the next getUpdates confirms it; a webhook: its 200 is
+sent after), so the queue given to PTB (`InboxQueue`) first keeps the update in the store's
+inbox; it leaves the inbox when its handling ends, and the next start `replay`s what a
+process that died left there.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -35,6 +42,7 @@ from telegram.ext import (
     CallbackQueryHandler,
     ContextTypes,
     MessageHandler,
+    TypeHandler,
     filters,
 )
 
@@ -50,6 +58,7 @@ from bot.core.events import (
     Place,
     TextMessage,
 )
+from bot.core.inbox import Inbox
 from bot.core.limits import (
     TELEGRAM_BOT_DOWNLOAD_BYTES,
     TELEGRAM_GROUP_CALLS,
@@ -61,6 +70,7 @@ from bot.core.limits import (
 from bot.core.port import Button, DeliveryUnknown, MessageGone
 from bot.core.text import utf16_length
 from bot.settings import TelegramSettings
+from bot.store import InboxRecord
 
 log = logging.getLogger(__name__)
 
@@ -282,6 +292,21 @@ def _raise_unless_unchanged(error: BadRequest) -> None:
     raise error
 
 
+class InboxQueue(asyncio.Queue[object]):
+    """PTB's update queue: an update is kept in the inbox before it is queued, that is before
+    PTB acknowledges it to Telegram."""
+
+    def __init__(self, inbox: Inbox, key: Callable[[Update], str]) -> None:
+        super().__init__()
+        self._inbox = inbox
+        self._key = key
+
+    async def put(self, item: object) -> None:
+        if isinstance(item, Update):  # PTB also queues its own stop signal
+            await self._inbox.receive(self._key(item), item.to_json())
+        await super().put(item)
+
+
 class TelegramAdapter:
     """Runs a PTB `Application` that hands every update to the dialog."""
 
@@ -298,9 +323,14 @@ class TelegramAdapter:
             raise ValueError("the Telegram adapter needs a token")
         self.settings = settings
         self.dialog = dialog
+        token = settings.token.get_secret_value()
+        # Update ids are the bot's own: a key names the bot too, should the token change.
+        self._bot_id = token.partition(":")[0]
+        self.inbox = Inbox(dialog.store, PLATFORM)
         self.application = (
             Application.builder()
-            .token(settings.token.get_secret_value())
+            .token(token)
+            .update_queue(InboxQueue(self.inbox, self._inbox_key))
             .base_url(settings.base_url)
             .base_file_url(settings.base_file_url)
             .rate_limiter(AIORateLimiter(max_retries=FLOOD_RETRIES))
@@ -312,6 +342,7 @@ class TelegramAdapter:
         )
         self.port = TelegramPort(self.application)
         self._in_hand: set[asyncio.Task[None]] = set()
+        self._handed: set[str] = set()  # inbox keys of the updates whose task is running
         self._room = asyncio.Semaphore(MAX_UPDATES_IN_HAND)
         self._register_handlers()
 
@@ -326,6 +357,9 @@ class TelegramAdapter:
         app.add_handler(MessageHandler(sent & filters.Document.ALL, self._on_document))
         app.add_handler(MessageHandler(sent & filters.TEXT, self._on_text))
         app.add_handler(CallbackQueryHandler(self._on_button))
+        # After the handlers above (group 0), every update: one none of them handed over
+        # has been handled now, and leaves the inbox.
+        app.add_handler(TypeHandler(Update, self._settle_unhanded), group=1)
         app.add_error_handler(self._on_error)
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -375,18 +409,44 @@ class TelegramAdapter:
 
     # -- updates --------------------------------------------------------------------------
 
-    async def _hand_over(self, event: Event) -> None:
+    async def replay(self, entry: InboxRecord) -> None:
+        """Handle again an update a process that is gone kept in the inbox and never finished
+        (see `bot.core.recovery`); it leaves the inbox when this handling ends."""
+        if not entry.key.startswith(f"{self._bot_id}:"):
+            log.warning("telegram: update %s was another bot's: dropped", entry.key)
+            await self.inbox.settle(entry.key)
+            return
+        update = Update.de_json(json.loads(entry.payload), self.application.bot)
+        await self.application.process_update(update)
+
+    def _inbox_key(self, update: Update) -> str:
+        return f"{self._bot_id}:{update.update_id}"
+
+    async def _hand_over(self, update: Update, event: Event) -> None:
         """Start handling ``event`` in a task of its own; PTB's slot is free once it starts."""
         await self._room.acquire()
-        task = asyncio.create_task(self._handle(event), name=f"telegram {type(event).__name__}")
+        key = self._inbox_key(update)
+        self._handed.add(key)
+        task = asyncio.create_task(
+            self._handle(key, event), name=f"telegram {type(event).__name__}"
+        )
         self._in_hand.add(task)
         task.add_done_callback(self._in_hand.discard)
 
-    async def _handle(self, event: Event) -> None:
+    async def _handle(self, key: str, event: Event) -> None:
         try:
             await self.dialog.handle(event, self.port)
         finally:
             self._room.release()
+            self._handed.discard(key)
+        # Not when cancelled (the bot stopping): the next start handles it again, and the
+        # dialog does not ask twice what it stored.
+        await self.inbox.settle(key)
+
+    async def _settle_unhanded(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        key = self._inbox_key(update)
+        if key not in self._handed:
+            await self.inbox.settle(key)
 
     async def _on_command(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         message = update.effective_message
@@ -398,13 +458,14 @@ class TelegramAdapter:
         if target and target.lower() != (self.application.bot.username or "").lower():
             return  # a command for another bot in the same group
         await self._hand_over(
+            update,
             Command(
                 who=who,
                 where=_place(message),
                 name=name.lower(),
                 argument=argument.strip(),
                 message_id=str(message.message_id),
-            )
+            ),
         )
 
     async def _on_photo(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
@@ -414,6 +475,7 @@ class TelegramAdapter:
             return
         largest = max(message.photo, key=lambda size: size.width * size.height)
         await self._hand_over(
+            update,
             PhotoQuestion(
                 who=who,
                 where=_place(message),
@@ -422,7 +484,7 @@ class TelegramAdapter:
                 question=self._without_mention(message.caption, message.caption_entities),
                 addressed=self._addressed(message, message.caption, message.caption_entities),
                 reply_to=_replied_id(message),
-            )
+            ),
         )
 
     async def _on_document(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
@@ -436,16 +498,18 @@ class TelegramAdapter:
         if not mime.startswith("image/"):
             kind = mime or "unknown"
             await self._hand_over(
+                update,
                 NotAPhoto(
                     who=who,
                     where=_place(message),
                     message_id=str(message.message_id),
                     reason=f"{document.file_name or 'the file'} is a {kind} file, not a photo",
                     addressed=addressed,
-                )
+                ),
             )
             return
         await self._hand_over(
+            update,
             PhotoQuestion(
                 who=who,
                 where=_place(message),
@@ -456,7 +520,7 @@ class TelegramAdapter:
                 question=self._without_mention(message.caption, message.caption_entities),
                 addressed=addressed,
                 reply_to=_replied_id(message),
-            )
+            ),
         )
 
     async def _on_text(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
@@ -465,6 +529,7 @@ class TelegramAdapter:
         if message is None or who is None or message.text is None:
             return
         await self._hand_over(
+            update,
             TextMessage(
                 who=who,
                 where=_place(message),
@@ -472,7 +537,7 @@ class TelegramAdapter:
                 text=self._without_mention(message.text, message.entities) or "",
                 addressed=self._addressed(message, message.text, message.entities),
                 reply_to=_replied_id(message),
-            )
+            ),
         )
 
     async def _on_button(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
@@ -486,6 +551,7 @@ class TelegramAdapter:
             return
         asker = message.reply_to_message
         await self._hand_over(
+            update,
             ButtonPress(
                 who=Person(
                     PLATFORM,
@@ -501,7 +567,7 @@ class TelegramAdapter:
                 message_id=str(message.message_id),
                 data=query.data,
                 press_id=query.id,
-            )
+            ),
         )
 
     async def _on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:

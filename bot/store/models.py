@@ -359,3 +359,29 @@ class TrainingRun(Base):
     started_at: Mapped[datetime | None] = mapped_column()
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, doc="the supervisor's heartbeat")
     finished_at: Mapped[datetime | None] = mapped_column()
+
+
+class InboxEntry(Base):
+    """Something a platform delivered and the bot has not finished handling.
+
+    Written before the platform is told it arrived (Telegram) or as soon as it arrives
+    (Discord), deleted when its handling has ended, however it ended: what a process that
+    died leaves here is handled again by the next (see `Store.orphaned_inbox`).
+    """
+
+    __tablename__ = "inbox"
+    __table_args__ = (UniqueConstraint("platform", "key"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    platform: Mapped[str] = mapped_column(String(16))
+    # Unique per platform: a Telegram update's "<bot id>:<update id>", a Discord message's
+    # "<channel id>:<message id>".
+    key: Mapped[str] = mapped_column(String(160))
+    payload: Mapped[str] = mapped_column(Text, doc="what the adapter needs to handle it again")
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Its owner, as for exchanges: the process that handles it (see `ExchangeOwner`).
+    host: Mapped[str | None] = mapped_column(String(255))
+    pid: Mapped[int | None] = mapped_column(Integer)
+    owner_token: Mapped[str | None] = mapped_column(String(32))
+    owned_since: Mapped[datetime | None] = mapped_column()

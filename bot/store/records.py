@@ -82,6 +82,22 @@ class ExchangeRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class InboxRecord:
+    """Something a platform delivered that its handler has not finished (see `InboxEntry`)."""
+
+    id: int
+    platform: str
+    key: str
+    payload: str
+    attempts: int  # how often a process took it over after its owner was gone
+    created_at: datetime
+    host: str | None  # of the owner: see `ExchangeOwner`
+    pid: int | None
+    owner_token: str | None
+    owned_since: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
 class RatingRecord:
     exchange_id: int
     user_id: int

@@ -10,7 +10,7 @@ import os
 from collections.abc import AsyncIterator, Collection, Sequence
 from datetime import date, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import Select, case, delete, exists, false, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -26,6 +26,7 @@ from bot.store.models import (
     CorrectionStatus,
     Exchange,
     ExchangeStatus,
+    InboxEntry,
     ModelActivation,
     ModelVersion,
     Photo,
@@ -42,6 +43,7 @@ from bot.store.records import (
     ExchangeOwner,
     ExchangeRecord,
     ForgetReport,
+    InboxRecord,
     ModelVersionRecord,
     PhotoRecord,
     RatingRecord,
@@ -105,6 +107,21 @@ def _exchange_asked_in(platform: str, chat_id: str, question_message_id: str) ->
         Exchange.chat_id == chat_id,
         Exchange.question_message_id == question_message_id,
     )
+
+
+class _Owned(Protocol):
+    """A row a serving process owns while it works on it (see `ExchangeOwner`)."""
+
+    @property
+    def host(self) -> str | None: ...
+    @property
+    def pid(self) -> int | None: ...
+    @property
+    def owner_token(self) -> str | None: ...
+    @property
+    def owned_since(self) -> datetime | None: ...
+    @property
+    def created_at(self) -> datetime: ...
 
 
 def _user_by_platform_id(platform: str, platform_user_id: str) -> Select[User]:
@@ -453,12 +470,21 @@ class Store:
         ]
         return orphans[:limit]
 
-    def _owner_gone(self, exchange: ExchangeRecord, stale_before: datetime) -> bool:
-        if (exchange.owned_since or exchange.created_at) <= stale_before:
+    def _owner_gone(self, row: _Owned, stale_before: datetime) -> bool:
+        if (row.owned_since or row.created_at) <= stale_before:
             return True
-        if exchange.owner_token == self.owner.token or exchange.host != self.owner.host:
+        if row.owner_token == self.owner.token or row.host != self.owner.host:
             return False
-        return exchange.pid is None or exchange.pid == self.owner.pid or not _alive(exchange.pid)
+        return row.pid is None or row.pid == self.owner.pid or not _alive(row.pid)
+
+    def _owner_values(self, owner: ExchangeOwner | None = None) -> dict[str, Any]:
+        owner = owner or self.owner
+        return {
+            "host": owner.host,
+            "pid": owner.pid,
+            "owner_token": owner.token,
+            "owned_since": utcnow(),
+        }
 
     async def claim_exchange(self, exchange: ExchangeRecord) -> ExchangeRecord | None:
         """Take over a pending exchange, as `orphaned_exchanges` listed it, for this process.
@@ -485,6 +511,161 @@ class Store:
             claimed = await session.get(Exchange, exchange.id, populate_existing=True)
             assert claimed is not None
             return snapshot(ExchangeRecord, claimed)
+
+    async def undelivered_answers(
+        self,
+        *,
+        stale_after: timedelta,
+        answered_within: timedelta,
+        busy: Collection[int] = (),
+        limit: int = ORPHANS_PER_SWEEP,
+    ) -> list[ExchangeRecord]:
+        """Answers stored but never shown, oldest first: answered within ``answered_within``,
+        with no message carrying them (`set_reply_message` never came), of an owner that is
+        gone: on this host, a pid not running (or this pid under another token); on another,
+        answered ``stale_after`` ago or more. Never this process's own.
+
+        The answer is stored before it is shown, so a process that died in between leaves
+        these. Take one over with `claim_undelivered_answer` before sending it.
+        """
+        async with self._read() as session:
+            rows = await session.scalars(
+                select(Exchange)
+                .where(
+                    Exchange.status == ExchangeStatus.ANSWERED,
+                    Exchange.reply_message_id.is_(None),
+                    Exchange.finished_at >= utcnow() - answered_within,
+                )
+                .order_by(Exchange.id)
+                .limit(MAX_PENDING_SCANNED)
+            )
+            answered = [snapshot(ExchangeRecord, row) for row in rows]
+        stale_before = utcnow() - stale_after
+        found = [
+            exchange
+            for exchange in answered
+            if exchange.id not in busy
+            and exchange.owner_token != self.owner.token
+            and self._answerer_gone(exchange, stale_before)
+        ]
+        return found[:limit]
+
+    def _answerer_gone(self, exchange: ExchangeRecord, stale_before: datetime) -> bool:
+        # On this host the pid says it for sure. Of another host only time tells: an answer
+        # stored ``stale_after`` ago would have been shown by a living owner. One whose
+        # message id was lost (`DeliveryUnknown`, or noting it failed) looks the same, and is
+        # shown again: a rare duplicate, taken over an answer never shown.
+        if exchange.host == self.owner.host:
+            pid = exchange.pid
+            return pid is None or pid == self.owner.pid or not _alive(pid)
+        return exchange.finished_at is not None and exchange.finished_at <= stale_before
+
+    async def claim_undelivered_answer(self, exchange: ExchangeRecord) -> ExchangeRecord | None:
+        """Take over an answer `undelivered_answers` listed, to show it: a compare-and-set on
+        its owner, None when another process took it or it was shown meanwhile."""
+        token = exchange.owner_token
+        unchanged = Exchange.owner_token == token if token else Exchange.owner_token.is_(None)
+        async with self._write() as session:
+            result = await session.execute(
+                update(Exchange)
+                .where(
+                    Exchange.id == exchange.id,
+                    Exchange.status == ExchangeStatus.ANSWERED,
+                    Exchange.reply_message_id.is_(None),
+                    unchanged,
+                )
+                .values(**self._owner_values())
+            )
+            if result.rowcount != 1:  # type: ignore[attr-defined]
+                return None
+            claimed = await session.get(Exchange, exchange.id, populate_existing=True)
+            assert claimed is not None
+            return snapshot(ExchangeRecord, claimed)
+
+    # -- the inbox ------------------------------------------------------------------------
+
+    async def add_to_inbox(
+        self,
+        platform: str,
+        entries: Sequence[tuple[str, str]],
+        *,
+        owner: ExchangeOwner | None = None,
+    ) -> None:
+        """Keep what a platform delivered, as ``(key, payload)`` pairs, owned by ``owner``
+        (default: this process) until `remove_from_inbox`; all in one transaction. A key
+        already kept (delivered again) stays as it is."""
+        if not entries:
+            return
+        values = [
+            {
+                "platform": platform,
+                "key": key,
+                "payload": payload,
+                "attempts": 0,
+                "created_at": utcnow(),
+                **self._owner_values(owner),
+            }
+            for key, payload in entries
+        ]
+        stmt = self._insert(InboxEntry).values(values)
+        stmt = stmt.on_conflict_do_nothing(index_elements=[InboxEntry.platform, InboxEntry.key])
+        async with self._write() as session:
+            await session.execute(stmt)
+
+    async def remove_from_inbox(self, platform: str, keys: Collection[str]) -> None:
+        """Forget what was delivered under ``keys``: its handling has ended (however it did)."""
+        if not keys:
+            return
+        async with self._write() as session:
+            await session.execute(
+                delete(InboxEntry).where(
+                    InboxEntry.platform == platform, InboxEntry.key.in_(list(keys))
+                )
+            )
+
+    async def inbox(self, platform: str | None = None) -> list[InboxRecord]:
+        """Everything kept in the inbox (of one platform), oldest first."""
+        query = select(InboxEntry).order_by(InboxEntry.id)
+        if platform is not None:
+            query = query.where(InboxEntry.platform == platform)
+        async with self._read() as session:
+            return [snapshot(InboxRecord, row) for row in await session.scalars(query)]
+
+    async def orphaned_inbox(
+        self, *, stale_after: timedelta, limit: int = ORPHANS_PER_SWEEP
+    ) -> list[InboxRecord]:
+        """Inbox entries of owners that are gone (the rule of `orphaned_exchanges`), oldest
+        first; never this process's own, which its handlers remove when they end. Take one
+        over with `claim_inbox_entry` before handling it again."""
+        async with self._read() as session:
+            rows = await session.scalars(
+                select(InboxEntry)
+                .where(
+                    (InboxEntry.owner_token != self.owner.token) | InboxEntry.owner_token.is_(None)
+                )
+                .order_by(InboxEntry.id)
+                .limit(MAX_PENDING_SCANNED)
+            )
+            entries = [snapshot(InboxRecord, row) for row in rows]
+        stale_before = utcnow() - stale_after
+        return [entry for entry in entries if self._owner_gone(entry, stale_before)][:limit]
+
+    async def claim_inbox_entry(self, entry: InboxRecord) -> InboxRecord | None:
+        """Take over an entry `orphaned_inbox` listed, counting the attempt: a compare-and-set
+        on its owner, None when another process took it or it was removed meanwhile."""
+        token = entry.owner_token
+        unchanged = InboxEntry.owner_token == token if token else InboxEntry.owner_token.is_(None)
+        async with self._write() as session:
+            result = await session.execute(
+                update(InboxEntry)
+                .where(InboxEntry.id == entry.id, unchanged)
+                .values(attempts=InboxEntry.attempts + 1, **self._owner_values())
+            )
+            if result.rowcount != 1:  # type: ignore[attr-defined]
+                return None
+            claimed = await session.get(InboxEntry, entry.id, populate_existing=True)
+            assert claimed is not None
+            return snapshot(InboxRecord, claimed)
 
     async def get_exchange(self, exchange_id: int) -> ExchangeRecord | None:
         """The exchange with this id, or None."""
