@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import string
 
 import pytest
+from sqlalchemy import select
 
 from bot.core import buttons
-from bot.core.dialog import RateLimiter, Verdict
+from bot.core.dialog import Dialog, DialogConfig, RateLimiter, Verdict
+from bot.core.events import PhotoFile, PhotoQuestion
 from bot.core.i18n import MESSAGES, image_reason, language_of, say
 from bot.core.limits import DISCORD_CUSTOM_ID_LENGTH, TELEGRAM_CALLBACK_DATA_BYTES
 from bot.core.text import visible_text
+from bot.store import Store
+from bot.store.models import Exchange, ExchangeStatus
 from engine import images
+from engine.engine import Engine
+from engine.types import ModelSpec
+from tests.factories import jpeg_bytes
+from tests.recording_port import GUARD_S, RecordingPort, person, private_chat
+from tests.scripted_backend import ScriptedBackend
 
 
 def _placeholders(text: str) -> set[str]:
@@ -183,3 +193,45 @@ def test_the_rate_limiter_forgets_users_idle_for_a_minute() -> None:
 
     assert len(limiter) == 1, "a million one-off users do not stay in memory"
     assert limiter.check("telegram:1") is Verdict.ALLOWED
+
+
+# -- an answer behind a long queue -------------------------------------------------------------
+
+
+async def test_an_answer_is_not_held_back_by_places_in_line_the_chat_had_no_slot_to_show(
+    store: Store,
+) -> None:
+    # A chat shows a notice at most once an edit slot (an hour here). The engine announces
+    # every place in line as the queue moves; under load hundreds of them pile up behind a
+    # waiting question. Its answer must not wait for each one to get a slot of its own:
+    # that kept questions pending, with no word to their users, for minutes.
+    engine = Engine(ScriptedBackend(capacity=1, step_s=0.05), ModelSpec("scripted", "dishbot-test"))
+    port = RecordingPort()
+    config = DialogConfig(edit_interval_s=3600.0, questions_per_minute=60)
+
+    async def ask(dialog: Dialog, user: str) -> None:
+        async def download() -> bytes:
+            return jpeg_bytes((int(user) * 40, 40, 80))
+
+        question = PhotoQuestion(person(user), private_chat(user), "m1", PhotoFile(download))
+        await asyncio.wait_for(dialog.handle(question, port), GUARD_S)
+
+    async with engine:
+        dialog = Dialog(store, engine, config)
+        ahead = [asyncio.create_task(ask(dialog, str(user))) for user in (1, 2, 3)]
+        await asyncio.wait_for(_until_waiting(engine, 2), GUARD_S)
+        await ask(dialog, "4")  # two ahead of it, then one: two places to tell
+        await asyncio.gather(*ahead)
+
+    async with store.engine.connect() as connection:
+        statuses = (await connection.scalars(select(Exchange.status))).all()
+    shown = [message for message in port.messages.values() if message.chat_id == "4"]
+    assert len(shown) == 1, "the place in line became the answer"
+    assert "dishbot-test says" in shown[0].text
+    assert shown[0].buttons, "the answer came with its rating buttons"
+    assert statuses == [ExchangeStatus.ANSWERED] * 4
+
+
+async def _until_waiting(engine: Engine, count: int) -> None:
+    while engine.stats().waiting < count:  # noqa: ASYNC110 - polls the engine
+        await asyncio.sleep(0.01)

@@ -776,7 +776,7 @@ class Dialog:
         async for event in handle:
             if isinstance(event, Queued) and event.ahead > 0 and event.ahead != last_ahead:
                 last_ahead = event.ahead
-                await reply.status(say("queued", language, ahead=event.ahead))
+                reply.status(say("queued", language, ahead=event.ahead))
             elif isinstance(event, TextDelta):
                 if not first_text:
                     first_text.append(time.monotonic())

@@ -68,6 +68,7 @@ class StreamingReply:
         self._message_ids: list[str | None] = []
         self._shown: list[tuple[str, tuple[Button, ...]]] = []
         self._text = ""
+        self._notice = ""  # shown until the answer's text starts
         self._dirty = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
@@ -78,16 +79,21 @@ class StreamingReply:
         shown or its id was lost (`DeliveryUnknown`): never an earlier message's."""
         return self._message_ids[-1] if self._message_ids else None
 
-    async def status(self, text: str) -> None:
-        """Show a notice (e.g. the place in the queue) until the answer starts."""
+    def status(self, text: str) -> None:
+        """A notice (e.g. the place in the queue) until the answer starts; shown at the
+        chat's next free edit slot, like the answer so far. Only the latest notice is shown:
+        waiting for a slot for each would hold up the answer behind notices long stale."""
         if self._text:
             return
-        await self._pacer.wait_turn(self._where.chat_id)
-        await self._render(text, (), urgent=False)
+        self._notice = text
+        self._show_soon()
 
     def stream(self, text: str) -> None:
         """The answer so far; shown at the chat's next free edit slot."""
         self._text = text
+        self._show_soon()
+
+    def _show_soon(self) -> None:
         self._dirty.set()
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._flush_forever())
@@ -112,7 +118,8 @@ class StreamingReply:
             try:
                 # Shielded: cancelling the flusher must not cut a send short, or a message
                 # could reach the chat without us knowing its id.
-                if not await asyncio.shield(self._render(self._text, (), urgent=False)):
+                shown = self._text or self._notice
+                if not await asyncio.shield(self._render(shown, (), urgent=False)):
                     self._dirty.set()  # no spare call now: try again at the next slot
             except asyncio.CancelledError:
                 raise
