@@ -828,6 +828,7 @@ class DiscordEmulator:
             ("GET", "/channels/{channel_id}", self._get_channel, True),
             ("POST", "/channels/{channel_id}/typing", self._trigger_typing, True),
             ("POST", "/channels/{channel_id}/messages", self._create_message, True),
+            ("GET", "/channels/{channel_id}/messages", self._get_messages, True),
             ("GET", "/channels/{channel_id}/messages/{message_id}", self._get_message, True),
             ("PATCH", "/channels/{channel_id}/messages/{message_id}", self._edit_message, True),
             ("DELETE", "/channels/{channel_id}/messages/{message_id}", self._delete_message, True),
@@ -1044,6 +1045,25 @@ class DiscordEmulator:
         self._apply_content(message, payload, call.files)
         self._publish(message)
         return 200, copy.deepcopy(message)
+
+    def _get_messages(self, call: Call, channel_id: str) -> tuple[int, Any]:
+        """A channel's history, newest first as Discord sends it: with ``after``, the oldest
+        ``limit`` (1 to 100, default 50) messages after it; else the newest before ``before``."""
+        self._channel_or_404(channel_id)
+        limit = int(call.query.get("limit", 50))
+        if not 1 <= limit <= 100:
+            raise invalid_form("limit", "NUMBER_TYPE_MAX", "limit must be between 1 and 100")
+        after, before = int(call.query.get("after", 0)), call.query.get("before")
+        found = sorted(
+            id_
+            for id_, message in self._messages.items()
+            if message["channel_id"] == channel_id
+            and not message.get("flags", 0) & EPHEMERAL
+            and id_ > after
+            and (before is None or id_ < int(before))
+        )
+        chosen = found[:limit] if "after" in call.query else found[-limit:]
+        return 200, [copy.deepcopy(self._messages[id_]) for id_ in reversed(chosen)]
 
     def _get_message(self, call: Call, channel_id: str, message_id: str) -> tuple[int, Any]:
         return 200, copy.deepcopy(self._message_or_404(channel_id, message_id))

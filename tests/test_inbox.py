@@ -109,6 +109,39 @@ async def test_only_entries_of_gone_processes_are_orphaned(store: Store) -> None
     assert await keys_of(store, orphaned=True) == ["1:1", "5:7"]
 
 
+async def test_the_chats_asked_in_lately_are_found_with_their_newest_question(
+    store: Store,
+) -> None:
+    user = await add_user(store, "7", platform="discord")
+    photo = await add_photo(store)
+
+    async def asked(chat_id: str, message_id: str, platform: str = "discord") -> int:
+        exchange = await store.start_exchange(
+            user_id=user.id,
+            platform=platform,
+            chat_id=chat_id,
+            question=QUESTION,
+            question_message_id=message_id,
+            photo_sha256=photo.sha256,
+        )
+        return exchange.id
+
+    await asked("100", "10")
+    await asked("100", "9")  # an older message stored later: the newest is 10, not "9"
+    await asked("200", "25")
+    await asked("300", "31", platform="telegram")
+    long_ago = await asked("400", "41")
+    async with store.engine.begin() as connection:
+        await connection.execute(
+            update(Exchange)
+            .where(Exchange.id == long_ago)
+            .values(created_at=utcnow() - timedelta(hours=2))
+        )
+
+    chats = await store.recent_chats("discord", utcnow() - timedelta(hours=1))
+    assert sorted(chats) == [("100", "10"), ("200", "25")]
+
+
 async def test_two_processes_starting_together_take_each_entry_once(
     database_url: str, data_dir: Path, store: Store
 ) -> None:
@@ -412,6 +445,83 @@ async def test_a_discord_message_a_killed_bot_received_is_fetched_and_answered_o
     assert answer["content"] == f"{MODEL} says: {QUESTION}"
     assert answer["message_reference"]["message_id"] == asked["id"]
     assert [m for m in emulator.messages_in(channel) if m["components"]] == [answer]
+
+
+def replies_in(emulator: DiscordEmulator, channel: int) -> list[str]:
+    """The ids of the messages the bot's messages in ``channel`` reply to, oldest first."""
+    return [
+        m["message_reference"]["message_id"]
+        for m in emulator.messages_in(channel)
+        if "message_reference" in m
+    ]
+
+
+async def test_a_discord_photo_a_killed_bot_never_read_is_answered_once_at_the_next_start(
+    discord_emulator: DiscordEmulator, sqlite_store: Store
+) -> None:
+    emulator = discord_emulator
+    ada = emulator.add_user("ada", global_name="Ada")
+    dm = emulator.add_dm_channel(ada)
+    async with discord_bot(emulator, sqlite_store, ScriptedBackend()):
+        first = discord_photo(emulator, dm, ada, QUESTION)
+        await discord_answer_to(emulator, dm, first)
+    # Written to the gateway connection of a bot killed before it read them.
+    missed = discord_photo(emulator, dm, ada, QUESTION, colour=(30, 160, 90))
+    chatter = emulator.send_message(dm, ada, "thanks!")
+    emulator.forget_undelivered()  # none of it reaches the next session
+
+    backend = ScriptedBackend()
+    async with discord_bot(emulator, sqlite_store, backend) as adapter:
+        answer = await discord_answer_to(emulator, dm, missed)
+        assert adapter.catching_up is not None
+        await adapter.catching_up
+        await inbox_empties(sqlite_store)
+    again = ScriptedBackend()
+    async with discord_bot(emulator, sqlite_store, again) as adapter:  # and a later start
+        assert adapter.catching_up is not None
+        await adapter.catching_up
+
+    assert answer["content"] == f"{MODEL} says: {QUESTION}"
+    assert len(backend.jobs) == 1
+    assert again.jobs == []  # the later start asks the model nothing
+    # Each photo answered once; the text (which would get a hint) not handled at all.
+    assert replies_in(emulator, dm) == [first["id"], missed["id"]]
+    assert chatter["id"] not in replies_in(emulator, dm)
+
+
+async def test_a_discord_photo_both_kept_in_the_inbox_and_caught_up_is_answered_once(
+    discord_emulator: DiscordEmulator, sqlite_store: Store
+) -> None:
+    emulator = discord_emulator
+    ada = emulator.add_user("ada", global_name="Ada")
+    dm = emulator.add_dm_channel(ada)
+    async with discord_bot(emulator, sqlite_store, ScriptedBackend()):
+        first = discord_photo(emulator, dm, ada, QUESTION)
+        await discord_answer_to(emulator, dm, first)
+    # The killed bot had read this one and kept it in the inbox, but never stored its
+    # question: the recovery replays it, and catching up finds it too.
+    asked = discord_photo(emulator, dm, ada, QUESTION, colour=(30, 160, 90))
+    emulator.forget_undelivered()
+    payload = {"channel_id": str(dm), "message_id": asked["id"]}
+    entry = (f"{dm}:{asked['id']}", json.dumps(payload))
+    await sqlite_store.add_to_inbox("discord", [entry], owner=gone_owner(sqlite_store))
+
+    async with discord_bot(emulator, sqlite_store, ScriptedBackend()) as adapter:
+        recovery = Recovery(
+            sqlite_store,
+            adapter.dialog,
+            {"discord": adapter.port},
+            request_timeout_s=120,
+            replayers={"discord": adapter},
+        )
+        await recovery.sweep()
+        await discord_answer_to(emulator, dm, asked)
+        assert adapter.catching_up is not None
+        await adapter.catching_up
+        await inbox_empties(sqlite_store)
+        await recovery.close()
+
+    assert replies_in(emulator, dm) == [first["id"], asked["id"]]
 
 
 # -- an answer stored, never shown ------------------------------------------------------------

@@ -17,6 +17,12 @@ handling ends: the gateway never delivers it again, so the next start `replay`s 
 process that died left there, fetching the message over REST. Interactions (slash commands,
 presses, the form) are not kept: their tokens expire after 15 minutes, and the user sees
 Discord's "the application did not respond" and can try again.
+
+A message the gateway wrote to a connection that died before the bot read it never reached
+the inbox, and Discord does not deliver it to the next session. So once connected, the bot
+`catch_up`s in the background: it reads the channels it was asked in within the last hour
+for photos from people sent after the newest question it stored there, and handles them.
+The dialog does not ask twice what it stored, so one read twice is answered once.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import mimetypes
 import re
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import aiohttp
@@ -79,6 +86,11 @@ CORRECTION_FIELD = "correction"  # custom_id of the ✏️ form's one text field
 # a follow-up is not taken for lost while discord.py is still waiting to try it again.
 REQUEST_TIMEOUT_S = 40.0
 CALL_RETRY_PAUSES_S = (0.5, 1.0, 2.0, 4.0)  # after a call failed on the way
+# Catching up at start (`DiscordAdapter.catch_up`): the channels asked in this recently, at
+# most this many of them (the most recent first), and this many messages read in each.
+CATCH_UP_WINDOW = timedelta(hours=1)
+CATCH_UP_CHANNELS = 50
+CATCH_UP_MESSAGES = 50
 
 # Slash commands besides /dish; each becomes the core `Command` of the same name.
 COMMANDS = {
@@ -403,6 +415,7 @@ class DiscordAdapter:
         self._gateway: asyncio.Task[None] | None = None
         self._in_hand: set[asyncio.Task[Any]] = set()
         self._replaying: set[asyncio.Task[None]] = set()
+        self.catching_up: asyncio.Task[None] | None = None  # `catch_up`, started by `start`
         self.inbox = Inbox(dialog.store, PLATFORM)
         self._register_handlers()
 
@@ -488,6 +501,7 @@ class DiscordAdapter:
         self._gateway.add_done_callback(_log_gateway_end)
         assert client.user is not None
         log.info("discord: serving as %s in %d server(s)", client.user, len(client.guilds))
+        self.catching_up = asyncio.create_task(self.catch_up(), name="discord-catch-up")
 
     async def _fail_to_connect(self, gateway: asyncio.Task[None]) -> None:
         timed_out = not gateway.done()
@@ -505,6 +519,9 @@ class DiscordAdapter:
 
     async def stop(self) -> None:
         """Let answers in progress finish (for a while), then disconnect."""
+        if self.catching_up is not None:
+            self.catching_up.cancel()  # what it handed over already is in `_in_hand`
+            await asyncio.gather(self.catching_up, return_exceptions=True)
         if self._in_hand:
             _, late = await asyncio.wait(set(self._in_hand), timeout=STOP_GRACE_S)
             for task in late:
@@ -606,6 +623,42 @@ class DiscordAdapter:
         task = asyncio.create_task(self._on_message(message), name=f"replay {entry.key}")
         self._replaying.add(task)
         task.add_done_callback(self._replaying.discard)
+
+    async def catch_up(self, since: datetime | None = None) -> None:
+        """Handle the photos people sent in channels asked in since ``since`` (by default
+        `CATCH_UP_WINDOW` ago) after the newest question stored there, which the gateway may
+        have written to a connection that died unread. Never raises: a start goes on
+        without it."""
+        since = since or datetime.now(UTC) - CATCH_UP_WINDOW
+        try:
+            chats = await self.dialog.store.recent_chats(PLATFORM, since)
+        except Exception:
+            log.exception("discord: could not catch up on messages missed while away")
+            return
+        for chat_id, newest in chats[:CATCH_UP_CHANNELS]:
+            try:
+                await self._catch_up_in(int(chat_id), int(newest))
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                log.warning("discord: could not catch up in channel %s: %r", chat_id, error)
+
+    async def _catch_up_in(self, channel_id: int, newest: int) -> None:
+        channel = self.client.get_channel(channel_id) or await self.client.fetch_channel(channel_id)
+        if not isinstance(channel, discord.abc.Messageable):
+            return
+        after = discord.Object(id=newest)
+        history = channel.history(after=after, oldest_first=True, limit=CATCH_UP_MESSAGES)
+        async for message in history:
+            # Photo questions only: a hint or a command's reply shown again would puzzle.
+            if message.author.bot or not any(
+                _content_type(a).startswith("image/") for a in message.attachments
+            ):
+                continue
+            log.info("discord: handling message %s missed while away", message.id)
+            task = asyncio.create_task(self._on_message(message), name=f"catch up {message.id}")
+            self._replaying.add(task)
+            task.add_done_callback(self._replaying.discard)
 
     async def _on_dish(
         self, interaction: discord.Interaction[Any], photo: discord.Attachment, question: str | None

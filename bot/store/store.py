@@ -378,6 +378,33 @@ class Store:
             found = await session.scalar(_exchange_asked_in(platform, chat_id, question_message_id))
             return found is not None
 
+    async def recent_chats(
+        self, platform: str, since: datetime, *, limit: int = 5000
+    ) -> list[tuple[str, str]]:
+        """The chats of ``platform`` with questions asked at or after ``since``, each with the
+        id of its newest question message: ``(chat_id, question_message_id)``, the chat
+        asked in most recently first. Ids are compared as integers (Discord's snowflakes, Telegram's
+        message ids), so only numeric ids count; at most the ``limit`` latest questions are
+        read."""
+        query = (
+            select(Exchange.chat_id, Exchange.question_message_id)
+            .where(
+                Exchange.platform == platform,
+                Exchange.created_at >= since,
+                Exchange.question_message_id.is_not(None),
+            )
+            .order_by(Exchange.created_at.desc(), Exchange.id.desc())
+            .limit(limit)
+        )
+        async with self._read() as session:
+            rows = (await session.execute(query)).all()
+        # In Python: SQL would compare the ids as strings, and "9" > "10".
+        newest: dict[str, int] = {}
+        for chat_id, message_id in rows:
+            if message_id is not None and message_id.isdigit():
+                newest[chat_id] = max(newest.get(chat_id, 0), int(message_id))
+        return [(chat_id, str(message_id)) for chat_id, message_id in newest.items()]
+
     async def finish_exchange(
         self,
         exchange_id: int,
