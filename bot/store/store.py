@@ -502,7 +502,7 @@ class Store:
             return True
         if row.owner_token == self.owner.token or row.host != self.owner.host:
             return False
-        return row.pid is None or row.pid == self.owner.pid or not _alive(row.pid)
+        return row.pid is None or row.pid == self.owner.pid or not process_alive(row.pid)
 
     def _owner_values(self, owner: ExchangeOwner | None = None) -> dict[str, Any]:
         owner = owner or self.owner
@@ -584,7 +584,7 @@ class Store:
         # shown again: a rare duplicate, taken over an answer never shown.
         if exchange.host == self.owner.host:
             pid = exchange.pid
-            return pid is None or pid == self.owner.pid or not _alive(pid)
+            return pid is None or pid == self.owner.pid or not process_alive(pid)
         return exchange.finished_at is not None and exchange.finished_at <= stale_before
 
     async def claim_undelivered_answer(self, exchange: ExchangeRecord) -> ExchangeRecord | None:
@@ -1491,8 +1491,9 @@ def _percentiles(values: list[int], *quantiles: float) -> list[int | None]:
     return [ordered[max(0, math.ceil(q * len(ordered)) - 1)] for q in quantiles]
 
 
-def _alive(pid: int) -> bool:
-    """Whether a process with this pid runs on this host."""
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid runs on this host (the owner checks of exchanges,
+    inbox entries and training runs)."""
     if pid <= 0:  # os.kill would signal a whole group
         return False
     try:

@@ -42,7 +42,7 @@ from bot.store import (
     TrainingRunRecord,
 )
 from bot.store.models import utcnow
-from bot.store.store import RunEnded
+from bot.store.store import RunEnded, process_alive
 from bot.training import evaluation as gate
 from bot.training.export.dataset import export_dataset
 from bot.training.export.errors import ExportError
@@ -252,7 +252,7 @@ class RunSupervisor:
         # On this host: this very pid without the run's task is a restarted bot given the
         # same pid (a container's pid 1); another pid must still be alive.
         if run.host == self.host and (
-            run.pid == self.pid or run.pid is None or not _process_alive(run.pid)
+            run.pid == self.pid or run.pid is None or not process_alive(run.pid)
         ):
             return True
         return utcnow() - run.updated_at > timedelta(seconds=self.stale_after_s)
@@ -599,18 +599,6 @@ def _candidate_version(name: str, trained: TrainedModel) -> ModelVersionRecord:
 
 def _with_tail(message: str, tail: str) -> str:
     return f"{message}\n{tail}" if tail else message
-
-
-def _process_alive(pid: int) -> bool:
-    if pid <= 0:  # os.kill would signal a whole group
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _reported_or_new_group(reported: int | None, known: int | None) -> int | None:
