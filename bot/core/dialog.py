@@ -425,6 +425,21 @@ class Dialog:
                 if now is not None and now.status is ExchangeStatus.PENDING:
                     await self.give_up(exchange, "resuming it failed", port)
 
+    async def show_stored_answer(self, exchange: ExchangeRecord, port: ChatPort) -> None:
+        """Show an answer that was stored and never shown (its process died between the
+        two) as it was stored, with its rating buttons, replying to its question."""
+        log.info("showing the answer to exchange %s, stored and never shown", exchange.id)
+        user = await self.store.get_user(exchange.user_id)
+        language = language_of(user.language if user else None, exchange.question)
+        text = (exchange.answer or "").strip() or say("empty_answer", language)
+        where = _place_of(exchange)
+        reply = StreamingReply(port, where, self._pacer, reply_to=exchange.question_message_id)
+        last_message_id = await reply.finish(text, buttons.answer_buttons(exchange.id))
+        if last_message_id is None:  # the last part may not have arrived (`DeliveryUnknown`)
+            log.warning("the answer to exchange %s may not have arrived", exchange.id)
+            return
+        await self.store.set_reply_message(exchange.id, last_message_id)
+
     async def give_up(self, exchange: ExchangeRecord, reason: str, port: ChatPort | None) -> None:
         """Mark a resumed question failed with ``reason`` and, where ``port`` reaches its chat,
         apologise that the answer was lost in a restart."""

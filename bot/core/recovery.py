@@ -21,11 +21,8 @@ from collections.abc import Coroutine, Mapping
 from datetime import timedelta
 from typing import Any, Protocol, runtime_checkable
 
-from bot.core import buttons
-from bot.core.dialog import Dialog, _place_of
-from bot.core.i18n import language_of, say
-from bot.core.port import ChatPort, DeliveryUnknown
-from bot.core.text import split_message
+from bot.core.dialog import Dialog
+from bot.core.port import ChatPort
 from bot.store import ExchangeRecord, InboxRecord, Store
 from bot.store.models import utcnow
 
@@ -180,20 +177,6 @@ class Recovery:
     async def _deliver(self, exchange: ExchangeRecord, port: ChatPort) -> None:
         """Show a stored answer as it was stored, with its rating buttons; no new answer."""
         try:
-            log.info("showing the answer to exchange %s, stored and never shown", exchange.id)
-            user = await self.store.get_user(exchange.user_id)
-            language = language_of(user.language if user else None, exchange.question)
-            text = (exchange.answer or "").strip() or say("empty_answer", language)
-            parts = split_message(text, port.message_limit, port.text_length)
-            where, reply_to = _place_of(exchange), exchange.question_message_id
-            shown = ""
-            for index, part in enumerate(parts):
-                last = index == len(parts) - 1
-                keys = buttons.answer_buttons(exchange.id) if last else ()
-                shown = await port.send(where, part, reply_to=reply_to, buttons=keys)
-                reply_to = None
-            await self.store.set_reply_message(exchange.id, shown)
-        except DeliveryUnknown:
-            log.warning("the answer to exchange %s may not have arrived", exchange.id)
+            await self.dialog.show_stored_answer(exchange, port)
         except Exception:
             log.exception("could not show the stored answer to exchange %s", exchange.id)
