@@ -152,6 +152,12 @@ class HubEmulator:
                 hold.released.set()
             self._holds.clear()
 
+    @property
+    def downloads_held(self) -> int:
+        """How many downloads are parked at a hold point now."""
+        with self._lock:
+            return self._held_now
+
     def wait_until_held(self, timeout_s: float = 60) -> None:
         """Block until some download is parked at a hold point."""
         with self._changed:
