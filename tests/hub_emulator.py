@@ -45,7 +45,7 @@ class RepoFile:
     """One file of a served repo, with the ids the hub reports for it."""
 
     path: str
-    content: bytes
+    content: bytes = field(repr=False)
     git_oid: str
     sha256: str | None  # set for LFS files
 
