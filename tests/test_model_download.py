@@ -270,10 +270,6 @@ def test_an_unknown_repo_says_so_names_the_setting_and_stays_up(
     assert hub.file_gets() == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bot.model_startup.downloading_message shows every size in GB: '0.0 GB' for 2 MB",
-)
 def test_the_download_progress_shows_a_small_model_s_size_in_a_unit_that_shows_it() -> None:
     from bot.model_source import DownloadProgress
     from bot.model_startup import downloading_message
@@ -287,11 +283,6 @@ def test_the_download_progress_shows_a_small_model_s_size_in_a_unit_that_shows_i
     assert 0.9 * total <= size <= 1.1 * total, message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bot.model_source.locate takes any blobs/*.incomplete for a download under way, "
-    "and huggingface_hub leaves one behind for good when its process is killed",
-)
 def test_a_model_finished_after_a_killed_download_is_found_in_the_cache_offline(
     hub: HubEmulator, tmp_path: Path
 ) -> None:
