@@ -12,9 +12,11 @@ It answers the calls the installed ``huggingface_hub`` makes for ``snapshot_down
 * unknown repo: 404 with ``X-Error-Code: RepoNotFound`` (and ``RevisionNotFound`` /
   ``EntryNotFound`` for a known repo).
 
-No Xet headers are sent, so clients download over plain HTTP. For tests it can throttle the
-bytes it sends, drop a file's connection once after N bytes, hold a file's body after N bytes
-until released, and counts what it served.
+No Xet headers are sent, so clients download over plain HTTP. With ``cdn_host`` set, LFS files
+are not served from ``/resolve`` but, as on huggingface.co, by a 302 to a CDN: the same server
+under another host name, so a client can tell it is off the hub (and should not send its
+token there). For tests it can throttle the bytes it sends, drop a file's connection once
+after N bytes, hold a file's body after N bytes until released, and counts what it served.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ LFS_SUFFIXES = frozenset(
 LFS_POINTER_SIZE = 134
 CHUNK_BYTES = 16 * 1024
 LAST_MODIFIED = "2026-01-01T00:00:00.000Z"
+CDN_PATH = "/cdn/"
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,8 @@ class ServedRequest:
     status: int
     range: str | None
     body_bytes: int
-    filename: str | None  # the repo file, for resolve requests
+    filename: str | None  # the repo file, for resolve and CDN requests
+    authorized: bool = False  # it came with an Authorization header (a token)
 
 
 @dataclass
@@ -111,9 +115,12 @@ def load_repo(repo_id: str, directory: Path) -> Repo:
 class HubEmulator:
     """The server; start it with `running_hub` or `start()` / `stop()`."""
 
-    def __init__(self, throttle_bytes_per_s: int | None = None) -> None:
+    def __init__(
+        self, throttle_bytes_per_s: int | None = None, cdn_host: str | None = None
+    ) -> None:
         self.repos: dict[str, Repo] = {}
         self.throttle_bytes_per_s = throttle_bytes_per_s
+        self.cdn_host = cdn_host  # e.g. "localhost" while the hub is 127.0.0.1
         self.requests: list[ServedRequest] = []
         self._generation = 0  # bumped by reset_counts: requests that came before are not counted
         self._lock = threading.Lock()
@@ -172,10 +179,24 @@ class HubEmulator:
         host, port = self._server.server_address[:2]
         return f"http://{host!s}:{port}"
 
+    def cdn_url(self, file: RepoFile) -> str:
+        assert self._server is not None
+        assert self.cdn_host is not None
+        return f"http://{self.cdn_host}:{self._server.server_address[1]}{CDN_PATH}{file.etag}"
+
     def file_gets(self) -> list[ServedRequest]:
-        """The GETs of repo files (not HEADs, not API calls)."""
+        """The GETs that sent a repo file's bytes (not HEADs, redirects or API calls)."""
         with self._lock:
-            return [r for r in self.requests if r.method == "GET" and r.filename is not None]
+            return [
+                r
+                for r in self.requests
+                if r.method == "GET" and r.filename is not None and r.status in (200, 206)
+            ]
+
+    def cdn_requests(self) -> list[ServedRequest]:
+        """The requests that came to the CDN host name."""
+        with self._lock:
+            return [r for r in self.requests if r.path.startswith(CDN_PATH)]
 
     @property
     def bytes_served(self) -> int:
@@ -250,9 +271,11 @@ class HubEmulator:
 
 
 @contextmanager
-def running_hub(throttle_bytes_per_s: int | None = None) -> Iterator[HubEmulator]:
+def running_hub(
+    throttle_bytes_per_s: int | None = None, cdn_host: str | None = None
+) -> Iterator[HubEmulator]:
     """A started hub emulator, stopped (and every held download let go) on exit."""
-    hub = HubEmulator(throttle_bytes_per_s)
+    hub = HubEmulator(throttle_bytes_per_s, cdn_host)
     hub.start()
     try:
         yield hub
@@ -291,6 +314,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if "/resolve/" in path:
             self._resolve(path, send_body)
+            return
+        if path.startswith(CDN_PATH):
+            self._cdn(path.removeprefix(CDN_PATH), send_body)
             return
         self._error(404, None, "Not Found")
 
@@ -338,11 +364,50 @@ class _Handler(BaseHTTPRequestHandler):
         if file is None:
             self._error(404, "EntryNotFound", "Entry not found", {"X-Repo-Commit": repo.sha})
             return
-        self._send_file(repo, file, send_body)
+        if file.sha256 is not None and self.hub.cdn_host is not None:
+            self._redirect_to_cdn(repo, file)
+            return
+        self._send_file(file, send_body, repo)
+
+    def _cdn(self, etag: str, send_body: bool) -> None:
+        for repo in self.hub.repos.values():
+            for file in repo.files.values():
+                if file.etag == etag:
+                    self._send_file(file, send_body)
+                    return
+        self._error(404, None, "Not Found")
 
     # -- answers -------------------------------------------------------------------------
 
-    def _send_file(self, repo: Repo, file: RepoFile, send_body: bool) -> None:
+    def _redirect_to_cdn(self, repo: Repo, file: RepoFile) -> None:
+        """As the hub answers for an LFS file: the file's metadata, and where to get it."""
+        self.send_response(302)
+        self.send_header("Location", self.hub.cdn_url(file))
+        self.send_header("Content-Length", "0")
+        self.send_header("ETag", f'"{file.git_oid}"')
+        self.send_header("X-Repo-Commit", repo.sha)
+        self.send_header("X-Linked-Etag", f'"{file.etag}"')
+        self.send_header("X-Linked-Size", str(file.size))
+        self.end_headers()
+        self._record_served(302, file)
+
+    def _record_served(
+        self,
+        status: int,
+        file: RepoFile | None = None,
+        body_bytes: int = 0,
+        range_header: str | None = None,
+    ) -> None:
+        authorized = self.headers.get("Authorization") is not None
+        path = file.path if file is not None else None
+        served = ServedRequest(
+            self.command, self.path, status, range_header, body_bytes, path, authorized
+        )
+        self.hub._record(served, self.generation)
+
+    def _send_file(self, file: RepoFile, send_body: bool, repo: Repo | None = None) -> None:
+        """The file (or the range asked for); from /resolve (``repo`` given) with the hub's
+        headers, from the CDN without."""
         range_header = self.headers.get("Range")
         start, end = 0, file.size - 1
         status = 200
@@ -359,17 +424,16 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(end - start + 1))
         self.send_header("Accept-Ranges", "bytes")
         self.send_header("ETag", f'"{file.etag}"')
-        self.send_header("X-Repo-Commit", repo.sha)
-        if file.sha256 is not None:
+        if repo is not None:
+            self.send_header("X-Repo-Commit", repo.sha)
+        if repo is not None and file.sha256 is not None:
             self.send_header("X-Linked-Etag", f'"{file.sha256}"')
             self.send_header("X-Linked-Size", str(file.size))
         if status == 206:
             self.send_header("Content-Range", f"bytes {start}-{end}/{file.size}")
         self.end_headers()
         sent = self._send_body(file, start, end + 1) if send_body else 0
-        method = "GET" if send_body else "HEAD"
-        served = ServedRequest(method, self.path, status, range_header, sent, file.path)
-        self.hub._record(served, self.generation)
+        self._record_served(status, file, sent, range_header)
 
     def _send_body(self, file: RepoFile, start: int, stop: int) -> int:
         """Send file bytes [start, stop), obeying throttle, drop and hold; the count sent."""
@@ -409,9 +473,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
-        self.hub._record(
-            ServedRequest(self.command, self.path, 200, None, 0, None), self.generation
-        )
+        self._record_served(200)
 
     def _repo_not_found(self) -> None:
         self._error(404, "RepoNotFound", "Repository not found")
@@ -431,9 +493,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
-        self.hub._record(
-            ServedRequest(self.command, self.path, status, None, 0, None), self.generation
-        )
+        self._record_served(status)
 
 
 def _true(values: list[str] | None) -> bool:

@@ -43,16 +43,18 @@ def hub(tiny_internvl: Path, big_model: Path) -> Iterator[HubEmulator]:
         yield hub
 
 
-def client_env(hub: HubEmulator, hf_home: Path) -> dict[str, str]:
+def client_env(hub: HubEmulator, hf_home: Path, **extra: str) -> dict[str, str]:
     env = {name: value for name, value in os.environ.items() if not name.startswith("HF_")}
-    env.update(HF_ENDPOINT=hub.url, HF_HOME=str(hf_home), HF_HUB_DISABLE_TELEMETRY="1")
+    env.update(HF_ENDPOINT=hub.url, HF_HOME=str(hf_home), HF_HUB_DISABLE_TELEMETRY="1", **extra)
     return env
 
 
-def run_client(hub: HubEmulator, hf_home: Path, code: str) -> subprocess.CompletedProcess[str]:
+def run_client(
+    hub: HubEmulator, hf_home: Path, code: str, **env: str
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
-        env=client_env(hub, hf_home),
+        env=client_env(hub, hf_home, **env),
         capture_output=True,
         text=True,
         timeout=120,
@@ -60,7 +62,7 @@ def run_client(hub: HubEmulator, hf_home: Path, code: str) -> subprocess.Complet
     )
 
 
-def snapshot_download(hub: HubEmulator, hf_home: Path, repo_id: str) -> Path:
+def snapshot_download(hub: HubEmulator, hf_home: Path, repo_id: str, **env: str) -> Path:
     done = run_client(
         hub,
         hf_home,
@@ -68,6 +70,7 @@ def snapshot_download(hub: HubEmulator, hf_home: Path, repo_id: str) -> Path:
         from huggingface_hub import snapshot_download
         print(snapshot_download({repo_id!r}))
         """,
+        **env,
     )
     assert done.returncode == 0, done.stderr
     return Path(done.stdout.strip().splitlines()[-1])
@@ -197,3 +200,18 @@ def wait_for(condition: Callable[[], bool], timeout_s: float = 60) -> None:
         if time.monotonic() > deadline:
             pytest.fail("the condition never came true")
         time.sleep(0.05)
+
+
+def test_large_files_come_from_the_cdn_the_hub_redirects_to_and_the_token_stays_on_the_hub(
+    tiny_internvl: Path, tmp_path: Path
+) -> None:
+    with running_hub(cdn_host="localhost") as hub:
+        hub.add_repo(REPO_ID, tiny_internvl)
+        snapshot = snapshot_download(hub, tmp_path / "hf", REPO_ID, HF_TOKEN="hf_emulated")
+        cdn = hub.cdn_requests()
+        on_the_hub = [request for request in hub.requests if request not in cdn]
+
+    assert files_of(snapshot) == files_of(tiny_internvl)
+    assert [(r.method, r.filename) for r in cdn] == [("GET", "model.safetensors")]
+    assert not any(request.authorized for request in cdn)
+    assert all(request.authorized for request in on_the_hub), on_the_hub
