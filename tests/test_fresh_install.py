@@ -16,6 +16,7 @@ with ``-m "not fresh_install"``. CI runs it.
 from __future__ import annotations
 
 import asyncio
+import html
 import json
 import os
 import re
@@ -93,7 +94,7 @@ def checkout_copy(destination: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def fresh_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def fresh_venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A new virtual environment with dishbot installed by the README's CPU install line."""
     wheel = local_cpu_torch_wheel()
     if wheel is None:
@@ -122,7 +123,8 @@ def fresh_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
         timeout=INSTALL_S,
     )
     assert installed.returncode == 0, f"{command}\n{installed.stdout[-4000:]}{installed.stderr}"
-    return venv
+    yield venv
+    shutil.rmtree(root, ignore_errors=True)  # 1.3 GB; pytest keeps its last three runs' files
 
 
 def canonical(name: str) -> str:
@@ -193,6 +195,16 @@ def get(url: str) -> tuple[int, str]:
         return error.code, error.read().decode()
 
 
+def wait_until_ready(child: pexpect.spawn, url: str) -> None:
+    """Poll /readyz as a load balancer would, reading the process's output meanwhile."""
+    for _ in range(START_S * 2):  # a safety net for a hung start, not a timing claim
+        if get(url + "readyz")[0] == 200:
+            return
+        assert child.isalive(), child.before
+        child.expect([pexpect.TIMEOUT, pexpect.EOF], timeout=0.5)
+    pytest.fail(f"/readyz never said ready; dishbot printed:\n{child.before}")
+
+
 def stop(child: pexpect.spawn) -> int | None:
     child.kill(signal.SIGTERM)
     child.expect(pexpect.EOF, timeout=START_S)
@@ -217,6 +229,7 @@ def test_dishbot_run_with_no_model_to_be_had_serves_the_page_and_says_what_to_se
     child.expect("DISHBOT_ENGINE__MODEL")  # the log names the setting once the model fails
     ready_status, ready = get(url + "readyz")
     status = json.loads(get(url + "model-status")[1])
+    reloaded = re.search(r'<p id="model-status-text">(.*?)</p>', get(url)[1], re.S)
     still_running = child.isalive()
     exit_status = stop(child)
 
@@ -226,6 +239,8 @@ def test_dishbot_run_with_no_model_to_be_had_serves_the_page_and_says_what_to_se
     assert ready_status == 503
     assert json.loads(ready)["ready"] is False
     assert "DISHBOT_ENGINE__MODEL" in status["message"]
+    assert reloaded is not None
+    assert html.unescape(reloaded.group(1)) == status["message"]
     assert status["ready"] is False
     assert still_running
     assert exit_status == 0
@@ -271,9 +286,7 @@ def test_dishbot_run_with_a_local_model_answers_a_photo_asked_on_the_page(
     )
     child, url = start(fresh_venv, empty_dir, env)
     stopped_afterwards.append(child)
-    while get(url + "readyz")[0] != 200:
-        assert child.isalive(), child.before
-        child.expect([pexpect.TIMEOUT, pexpect.EOF], timeout=0.5)  # keeps reading its output
+    wait_until_ready(child, url)
     answer = asyncio.run(asyncio.wait_for(ask_through_the_page(url), ANSWER_WAIT_S * 3))
     exit_status = stop(child)
 
