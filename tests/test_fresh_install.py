@@ -99,8 +99,9 @@ def fresh_venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     wheel = local_cpu_torch_wheel()
     if wheel is None:
         pytest.skip(
-            "no CPU build of torch in pip's find-links (pip config list): the PyTorch CPU "
-            "index the README names cannot be reached from here to stand in for"
+            "no CPU build of torch in pip's find-links (see `pip config list`) to stand in "
+            "for PyTorch's CPU index, which the README's install line names and which cannot "
+            "be reached from here"
         )
     line = readme_block("install:cpu")
     index_option = f"--extra-index-url {PYTORCH_CPU_INDEX}"
