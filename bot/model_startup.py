@@ -20,16 +20,16 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TextIO
 
+from bot import model_source
 from bot.engine_setup import check_format, cuda_available, resolve_backend_name
 from bot.model_source import (
-    GB,
     MODEL_VARIABLE,
     DownloadProgress,
     ModelUnobtainable,
     fetch,
-    free_memory,
     memory_problem,
     model_for,
+    size_words,
 )
 from bot.settings import Settings
 from bot.store import Store
@@ -87,7 +87,7 @@ def downloading_message(model: str, progress: DownloadProgress) -> str:
     if not total:
         return f"downloading the model {model}"
     percent = min(100, progress.done_bytes * 100 // total)
-    return f"downloading the model {model}, {percent}% of {total / GB:.1f} GB"
+    return f"downloading the model {model}, {percent}% of {size_words(total)}"
 
 
 StatusListener = Callable[[ModelStatus], None]
@@ -102,7 +102,7 @@ class ModelStartup:
         engine: Engine,
         *,
         listeners: tuple[StatusListener, ...] = (),
-        free_memory_of: Callable[[str], int | None] = free_memory,
+        free_memory_of: Callable[[str], int | None] | None = None,
         log_failure: bool = True,
     ) -> None:
         """``listeners`` are told each change of `status`; ``free_memory_of`` says how much
@@ -113,7 +113,7 @@ class ModelStartup:
         self.engine = engine
         self.status = ModelStatus(Phase.STARTING, "starting: choosing the model")
         self._listeners = listeners
-        self._free_memory_of = free_memory_of
+        self._free_memory_of = free_memory_of or (lambda device: model_source.free_memory(device))
 
     def _set(self, status: ModelStatus) -> None:
         self.status = status
