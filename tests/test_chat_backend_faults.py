@@ -38,7 +38,7 @@ SAM = TelegramUser(44, "Sam", language_code="en")
 MEI = TelegramUser(45, "美", language_code="zh-hans")
 UNAVAILABLE_EN = "the model is unavailable"
 UNAVAILABLE_ZH = "模型暂时不可用"
-RESET_S = 0.3
+RESET_S = 2.0  # long enough that a loaded machine refuses both questions before the probe
 
 
 @pytest.fixture
