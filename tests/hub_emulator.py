@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -66,6 +66,7 @@ class Repo:
     repo_id: str
     sha: str
     files: dict[str, RepoFile]
+    gated: bool = False  # its files go only to those who accepted its terms: nobody here
 
     @property
     def size(self) -> int:
@@ -126,6 +127,7 @@ class HubEmulator:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._drops: list[_Fault] = []
+        self._corruptions: list[_Fault] = []
         self._holds: list[_Hold] = []
         self._held_now = 0
         self._next_send_at = 0.0
@@ -134,13 +136,20 @@ class HubEmulator:
 
     # -- repos ---------------------------------------------------------------------------
 
-    def add_repo(self, repo_id: str, directory: Path) -> Repo:
-        """Serve `directory` as model repo `repo_id` (its files as they are now)."""
-        repo = load_repo(repo_id, directory)
+    def add_repo(self, repo_id: str, directory: Path, *, gated: bool = False) -> Repo:
+        """Serve `directory` as model repo `repo_id` (its files as they are now); a gated
+        repo is listed, but its files are refused as the hub refuses them (401 without a
+        token, 403 with one) since no one has accepted its terms."""
+        repo = replace(load_repo(repo_id, directory), gated=gated)
         self.repos[repo_id] = repo
         return repo
 
     # -- faults --------------------------------------------------------------------------
+
+    def corrupt_once(self, filename: str | None = None) -> None:
+        """Send the next body of `filename` (any file) with one byte changed."""
+        with self._lock:
+            self._corruptions.append(_Fault(filename, 0))
 
     def drop_once(self, after_bytes: int, filename: str | None = None) -> None:
         """Close the connection after `after_bytes` of the next body of `filename` (any file)."""
@@ -241,6 +250,14 @@ class HubEmulator:
                     self._drops.remove(drop)
                     return drop.after_bytes
         return None
+
+    def _take_corruption(self, filename: str) -> bool:
+        with self._lock:
+            for corruption in self._corruptions:
+                if corruption.filename in (None, filename):
+                    self._corruptions.remove(corruption)
+                    return True
+        return False
 
     def _hold_for(self, filename: str) -> _Hold | None:
         with self._lock:
@@ -364,10 +381,27 @@ class _Handler(BaseHTTPRequestHandler):
         if file is None:
             self._error(404, "EntryNotFound", "Entry not found", {"X-Repo-Commit": repo.sha})
             return
+        if repo.gated:
+            self._gated(repo)
+            return
         if file.sha256 is not None and self.hub.cdn_host is not None:
             self._redirect_to_cdn(repo, file)
             return
         self._send_file(file, send_body, repo)
+
+    def _gated(self, repo: Repo) -> None:
+        if self.headers.get("Authorization") is None:
+            message = (
+                f"Access to model {repo.repo_id} is restricted. You must have access to it "
+                "and be authenticated to access it. Please log in."
+            )
+            self._error(401, "GatedRepo", message, {"X-Repo-Commit": repo.sha})
+            return
+        message = (
+            f"Access to model {repo.repo_id} is restricted and you are not in the authorized "
+            "list. Visit its page to ask for access."
+        )
+        self._error(403, "GatedRepo", message, {"X-Repo-Commit": repo.sha})
 
     def _cdn(self, etag: str, send_body: bool) -> None:
         for repo in self.hub.repos.values():
@@ -438,6 +472,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _send_body(self, file: RepoFile, start: int, stop: int) -> int:
         """Send file bytes [start, stop), obeying throttle, drop and hold; the count sent."""
         drop_after = self.hub._take_drop(file.path)
+        content = file.content
+        if self.hub._take_corruption(file.path):
+            flipped = (start + stop) // 2
+            content = content[:flipped] + bytes([content[flipped] ^ 0xFF]) + content[flipped + 1 :]
         hold = self.hub._hold_for(file.path)
         sent = 0
         position = start
@@ -458,7 +496,7 @@ class _Handler(BaseHTTPRequestHandler):
                     self.connection.shutdown(2)  # the socket closes mid-body, as a network drop
                     return sent
                 self.hub._pace(size)
-                self.wfile.write(file.content[position : position + size])
+                self.wfile.write(content[position : position + size])
                 position += size
                 sent += size
             self.wfile.flush()
@@ -524,7 +562,7 @@ def _model_info(repo: Repo, with_blobs: bool) -> dict[str, object]:
         "lastModified": LAST_MODIFIED,
         "createdAt": LAST_MODIFIED,
         "private": False,
-        "gated": False,
+        "gated": "manual" if repo.gated else False,
         "disabled": False,
         "downloads": 0,
         "likes": 0,

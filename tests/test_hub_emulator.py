@@ -215,3 +215,52 @@ def test_large_files_come_from_the_cdn_the_hub_redirects_to_and_the_token_stays_
     assert [(r.method, r.filename) for r in cdn] == [("GET", "model.safetensors")]
     assert not any(request.authorized for request in cdn)
     assert all(request.authorized for request in on_the_hub), on_the_hub
+
+
+def test_a_gated_repo_is_listed_but_its_files_are_refused_as_gated(
+    hub: HubEmulator, tiny_internvl: Path, tmp_path: Path
+) -> None:
+    hub.add_repo("tiny/gated", tiny_internvl, gated=True)
+
+    done = run_client(
+        hub,
+        tmp_path / "hf",
+        """
+        from huggingface_hub import HfApi, hf_hub_download
+        from huggingface_hub.errors import GatedRepoError
+        print(HfApi().model_info("tiny/gated").gated)
+        try:
+            hf_hub_download("tiny/gated", "config.json")
+        except GatedRepoError as error:
+            print("gated:", error.response.status_code)
+        """,
+        HF_TOKEN="hf_emulated",
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == ["manual", "gated: 403"]
+    assert hub.file_gets() == []
+
+
+def test_a_corrupted_body_is_sent_once_then_the_file_as_it_is(
+    hub: HubEmulator, tmp_path: Path
+) -> None:
+    weights = hub.repos[REPO_ID].files["model.safetensors"]
+    hub.corrupt_once("model.safetensors")
+
+    done = run_client(
+        hub,
+        tmp_path / "hf",
+        f"""
+        import hashlib, httpx2
+        from huggingface_hub import hf_hub_url
+        url = hf_hub_url({REPO_ID!r}, "model.safetensors")
+        for attempt in range(2):
+            print(hashlib.sha256(httpx2.get(url).content).hexdigest())
+        """,
+    )
+
+    assert done.returncode == 0, done.stderr
+    first, second = done.stdout.split()
+    assert first != weights.sha256
+    assert second == weights.sha256
