@@ -54,10 +54,8 @@ def _summary(findings: list[Finding]) -> str:
     failed = sum(finding.status is Status.FAIL for finding in findings)
     warned = sum(finding.status is Status.WARN for finding in findings)
     if failed:
-        return (
-            f"{failed} FAIL{'s' * (failed > 1)}: `dishbot run` will not start or not answer "
-            "until they are fixed"
-        )
+        which = "the FAIL line above is" if failed == 1 else f"the {failed} FAIL lines above are"
+        return f"`dishbot run` cannot start or answer until {which} fixed"
     if warned:
         return f"`dishbot run` can start; {warned} warning{'s' * (warned > 1)} to look at"
     return "everything `dishbot run` needs is in place"

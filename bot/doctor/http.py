@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -60,5 +61,7 @@ def _json(text: str) -> Any:
 
 def _connect_reason(exc: aiohttp.ClientConnectorError) -> str:
     """ "connection refused" rather than aiohttp's sentence with the socket's address."""
-    reason = exc.os_error.strerror if exc.os_error.strerror else str(exc.os_error)
+    error = exc.os_error
+    # asyncio words a refused connection "Connect call failed (address)"; errno says it plainly.
+    reason = os.strerror(error.errno) if error.errno else str(error)
     return f"cannot connect to {exc.host}:{exc.port} ({reason.lower()})"
