@@ -264,6 +264,7 @@ def test_lmdeploy_backend_without_lmdeploy_fails_with_both_ways_out(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("DISHBOT_ENGINE__BACKEND", "lmdeploy")
+    monkeypatch.setenv("DISHBOT_TRAINING__TRAINER", "transformers")  # not XTuner's env: faster
     report = doctor(capsys)
     assert report.line("lmdeploy") == (
         "FAIL  lmdeploy    not installed, but engine.backend = lmdeploy — pip install "
@@ -697,6 +698,7 @@ def test_the_command_reports_every_check_in_order_and_exits_1_on_a_fail(tmp_path
         **{k: v for k, v in os.environ.items() if not k.startswith("DISHBOT_")},
         "PYTHONPATH": str(REPO),
         "DISHBOT_ENGINE__BACKEND": "lmdeploy",
+        "DISHBOT_TRAINING__TRAINER": "transformers",
         "DISHBOT_WEB__PORT": "0",
     }
     done = subprocess.run(
