@@ -12,16 +12,17 @@ from bot.core.admin import Admin
 from bot.core.dialog import Dialog, DialogConfig
 from bot.core.port import ChatPort
 from bot.core.recovery import Recovery, Replayer
-from bot.engine_setup import build_engine
+from bot.engine_setup import engine_to_start
 from bot.errors import DishbotError
 from bot.metrics import Metrics
+from bot.model_startup import ModelStartup, TerminalStatus
 from bot.settings import Settings
 from bot.store import Store
 from bot.store.database import async_url, database_errors, is_sqlite
 from bot.store.schema import ensure_schema
 from bot.training.runs import RunSupervisor
 from bot.training.trainers import trainer_for
-from bot.training.versions import VersionFollower, ensure_base_version, model_spec
+from bot.training.versions import VersionFollower
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,10 @@ class NoChatPlatform(DishbotError):
     """`dishbot run` has nothing to run: no chat platform can be started."""
 
 
+class ModelNotServed(DishbotError):
+    """The model cannot be served, and no web console is on to show why (the message says)."""
+
+
 class App:
     """One running dishbot: its store, its engine, the dialog and the chat adapters."""
 
@@ -54,6 +59,7 @@ class App:
         self.settings = settings
         self._serving = asyncio.Event()  # set once start-up is over and the bots serve
         self.metrics = Metrics()
+        self.startup: ModelStartup | None = None  # once `run` has begun
 
     async def open_store(self) -> Store:
         """Open the store with its schema at head.
@@ -83,9 +89,12 @@ class App:
         """The dialog's limits from the settings."""
         return DialogConfig(questions_per_minute=self.settings.limits.questions_per_minute)
 
-    def build_adapters(self, dialog: Dialog, admin: Admin | None = None) -> list[Adapter]:
+    def build_adapters(
+        self, dialog: Dialog, admin: Admin | None = None, startup: ModelStartup | None = None
+    ) -> list[Adapter]:
         """An adapter for each configured chat platform (not yet started); the web console's
-        admin pages use ``admin`` (and its run supervisor)."""
+        admin pages use ``admin`` (and its run supervisor), and its chat page and /readyz
+        show how far ``startup`` has brought the model."""
         adapters: list[Adapter] = []
         if self.settings.telegram.token is not None:
             from bot.adapters.telegram import TelegramAdapter
@@ -100,7 +109,9 @@ class App:
 
             peers = tuple(adapters)
             adapters.append(
-                WebAdapter(self.settings, dialog, self.metrics, peers=peers, admin=admin)
+                WebAdapter(
+                    self.settings, dialog, self.metrics, peers=peers, admin=admin, startup=startup
+                )
             )
         return adapters
 
@@ -141,34 +152,38 @@ class App:
     async def _start_and_serve(self, stop: asyncio.Event) -> None:
         store = await self.open_store()
         try:
-            # The model served is the active version in the database, which every process
-            # follows; on a fresh install that is the configured engine.model.
-            active = await ensure_base_version(store, self.settings)
-            async with build_engine(self.settings, model_spec(active)) as engine:
-                interval = self.settings.training.follow_interval_s
-                async with VersionFollower(store, engine, interval) as follower:
-                    admin = Admin(self.settings, store, engine)
-                    runs = RunSupervisor(
-                        store,
-                        self.settings,
-                        engine,
-                        trainer_for,
-                        notify=admin.report_run,
-                        follower=follower,
-                    )
-                    admin.runs = runs
-                    dialog = Dialog(
-                        store, engine, self.dialog_config(), admin=admin, observer=self.metrics
-                    )
-                    adapters = self.build_adapters(dialog, admin)
-                    recovery = Recovery(
-                        store,
-                        dialog,
-                        {adapter.port.platform: adapter.port for adapter in adapters},
-                        request_timeout_s=self.settings.engine.request_timeout_s,
-                        replayers=_replayers(adapters),
-                    )
-                    await self._serve(adapters, stop, admin, runs, recovery)
+            # The web console serves at once; the model is fetched and loaded behind it, and
+            # until it answers, the page, /readyz and the log say how far it is (or what to
+            # set when it cannot be had).
+            engine = engine_to_start(self.settings)
+            startup = ModelStartup(self.settings, engine, listeners=(TerminalStatus(),))
+            self.startup = startup
+            interval = self.settings.training.follow_interval_s
+            follower = VersionFollower(store, engine, interval)
+            admin = Admin(self.settings, store, engine)
+            runs = RunSupervisor(
+                store,
+                self.settings,
+                engine,
+                trainer_for,
+                notify=admin.report_run,
+                follower=follower,
+            )
+            admin.runs = runs
+            dialog = Dialog(store, engine, self.dialog_config(), admin=admin, observer=self.metrics)
+            adapters = self.build_adapters(dialog, admin, startup)
+            recovery = Recovery(
+                store,
+                dialog,
+                {adapter.port.platform: adapter.port for adapter in adapters},
+                request_timeout_s=self.settings.engine.request_timeout_s,
+                replayers=_replayers(adapters),
+            )
+            try:
+                await self._serve(adapters, stop, admin, runs, recovery, follower, startup)
+            finally:
+                if engine.serving:
+                    await engine.stop()
         finally:
             await store.close()
 
@@ -179,25 +194,47 @@ class App:
         admin: Admin,
         runs: RunSupervisor,
         recovery: Recovery,
+        follower: VersionFollower,
+        startup: ModelStartup,
     ) -> None:
         started: list[Adapter] = []
+        consoles = [adapter for adapter in adapters if adapter.port.platform == "web"]
+        bots = [adapter for adapter in adapters if adapter.port.platform != "web"]
         try:
-            for adapter in adapters:
-                await adapter.start()
-                started.append(adapter)
-                admin.attach(adapter.port)
-            # A run the previous process left behind is ended, and its admin told.
-            await runs.recover()
-            # Questions a previous process accepted and never answered are answered now.
-            await _recover_questions(recovery)
-            watching = asyncio.create_task(_recover_forever(runs, recovery), name="recover")
+            for adapter in consoles:
+                await self._start(adapter, started, admin)
+            ready = await startup.run(recovery.store)
+            if not ready and not consoles:
+                # Nowhere to show what is wrong but the log: say it there, and stop.
+                raise ModelNotServed(startup.status.message)
+            if ready:
+                await follower.start()
+                for adapter in bots:
+                    await self._start(adapter, started, admin)
+                # A run the previous process left behind is ended, and its admin told.
+                await runs.recover()
+                # Questions a previous process accepted and never answered are answered now.
+                await _recover_questions(recovery)
+            watching = (
+                asyncio.create_task(_recover_forever(runs, recovery), name="recover")
+                if ready
+                else None
+            )
             self._serving.set()  # from here a stop is a shutdown in order, no longer a cancellation
-            log.info("dishbot is running; stop it with Ctrl-C")
+            if ready:
+                log.info("dishbot is running; stop it with Ctrl-C")
+            else:
+                log.error(
+                    "dishbot keeps serving the web console to show what is wrong; fix it and "
+                    "restart (Ctrl-C stops it)"
+                )
             try:
                 await stop.wait()
             finally:
-                watching.cancel()
+                if watching is not None:
+                    watching.cancel()
         finally:
+            await follower.stop()
             # A run this process supervises ends with it, and its admin is told while the
             # chat adapters can still say so.
             await runs.close()
@@ -209,6 +246,12 @@ class App:
                 except Exception:
                     log.exception("stopping %s failed", type(adapter).__name__)
             await recovery.dialog.close()
+
+    @staticmethod
+    async def _start(adapter: Adapter, started: list[Adapter], admin: Admin) -> None:
+        await adapter.start()
+        started.append(adapter)
+        admin.attach(adapter.port)
 
 
 def _replayers(adapters: list[Adapter]) -> dict[str, Replayer]:

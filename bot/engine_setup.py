@@ -6,9 +6,10 @@ import importlib.util
 import logging
 from pathlib import PurePath
 
-from bot.errors import ConfigError
+from bot.model_source import ModelUnobtainable, format_problem, model_for
 from bot.settings import EngineSettings, Settings
 from engine.backends.base import Backend
+from engine.backends.unavailable import UnavailableBackend
 from engine.engine import Engine, EngineConfig
 from engine.types import ModelSpec
 
@@ -19,12 +20,12 @@ def resolve_backend_name(engine: EngineSettings) -> str:
     """The configured backend; for ``auto``, lmdeploy on a GPU, otherwise transformers."""
     if engine.backend != "auto":
         return engine.backend
-    if importlib.util.find_spec("lmdeploy") is not None and _cuda_available():
+    if importlib.util.find_spec("lmdeploy") is not None and cuda_available():
         return "lmdeploy"
     return "transformers"
 
 
-def _cuda_available() -> bool:
+def cuda_available() -> bool:
     if importlib.util.find_spec("torch") is None:
         return False
     import torch
@@ -83,26 +84,60 @@ def engine_config(settings: Settings) -> EngineConfig:
     )
 
 
-def configured_model(engine: EngineSettings) -> ModelSpec:
-    """The model named in the settings, served with dishbot's system prompt."""
-    name = PurePath(engine.model.rstrip("/")).name or engine.model
-    return ModelSpec(path=engine.model, name=name)
+def configured_model_path(settings: Settings) -> str:
+    """The model named in the settings, or the default of the backend that serves; for the
+    openai backend with none named, its URL (the server then answers with its first model)."""
+    engine = settings.engine
+    return model_for(engine, resolve_backend_name(engine)) or engine.openai.base_url
 
 
-# Checkpoints known to need InternVL's remote code, which the transformers backend does not run.
-REMOTE_CODE_ONLY = frozenset({"OpenGVLab/InternVL2-2B", "OpenGVLab/InternVL2-1B"})
-HF_NATIVE_EXAMPLE = "OpenGVLab/InternVL3-1B-hf"
+def configured_model(settings: Settings) -> ModelSpec:
+    """The configured model, served with dishbot's system prompt."""
+    return spec_for(configured_model_path(settings))
+
+
+def spec_for(path: str) -> ModelSpec:
+    """A model at ``path`` (a directory or hub id), served with dishbot's system prompt."""
+    name = PurePath(path.rstrip("/")).name or path
+    return ModelSpec(path=path, name=name)
+
+
+def check_format(settings: Settings, model: str) -> None:
+    """Raise `ModelUnobtainable` when ``model`` is known to be in a format the configured
+    backend cannot run."""
+    backend = resolve_backend_name(settings.engine)
+    problem = format_problem(backend, model, settings.engine.lmdeploy_engine)
+    if problem is not None:
+        raise ModelUnobtainable(problem)
+
+
+def engine_to_start(settings: Settings) -> Engine:
+    """An engine for the configured backend whose model is chosen and loaded later
+    (`Engine.start`); when the backend cannot even be built here (its library is missing),
+    one whose every load says why."""
+    try:
+        backend: Backend = make_backend(settings.engine)
+    except ImportError as exc:
+        name = resolve_backend_name(settings.engine)
+        backend = UnavailableBackend(name, _missing_library(name, exc))
+    return Engine(backend, configured_model(settings), engine_config(settings))
+
+
+def _missing_library(backend: str, error: ImportError) -> str:
+    extra = "gpu" if backend == "lmdeploy" else "cpu"
+    return (
+        f"the {backend} backend cannot run here ({error.name or error} is not installed): "
+        f'install it with pip install "dishbot[{extra}]", or set DISHBOT_ENGINE__BACKEND'
+    )
 
 
 def build_engine(settings: Settings, model: ModelSpec | None = None) -> Engine:
-    """An engine (not yet started) for the configured backend and ``model``."""
-    spec = model or configured_model(settings.engine)
-    if resolve_backend_name(settings.engine) == "transformers" and spec.path in REMOTE_CODE_ONLY:
-        raise ConfigError(
-            f"the transformers backend (used without lmdeploy and a GPU) cannot run {spec.path}; "
-            f"set DISHBOT_ENGINE__MODEL to an HF-native InternVL checkpoint such as "
-            f"{HF_NATIVE_EXAMPLE}, or use the lmdeploy or openai backend"
-        )
+    """An engine (not yet started) for the configured backend and ``model``.
+
+    Raises `ModelUnobtainable` when the model is known to be in the wrong format for it.
+    """
+    spec = model or configured_model(settings)
+    check_format(settings, spec.path)
     backend = make_backend(settings.engine)
     log.info("engine: %s backend, model %s", backend.name, spec.path)
     return Engine(backend, spec, engine_config(settings))

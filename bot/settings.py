@@ -74,7 +74,11 @@ class EngineSettings(_Section):
         default="auto",
         description="auto: lmdeploy when it is installed and a GPU is visible, else transformers",
     )
-    model: str = "OpenGVLab/InternVL2-2B"
+    model: str | None = Field(
+        default=None,
+        description="a hub id or a directory; default per backend: lmdeploy "
+        "OpenGVLab/InternVL2-2B, transformers OpenGVLab/InternVL3-1B-hf, openai the server's",
+    )
     device: str = Field(default="auto", description="torch device for the transformers backend")
     max_batch_size: int = Field(default=16, ge=1, description="requests generated together")
     max_queue: int = Field(default=256, ge=1, description="questions waiting, all users together")

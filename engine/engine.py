@@ -48,6 +48,7 @@ from engine.errors import (
     GenerationFailed,
     GenerationStalled,
     ModelLoadFailed,
+    ModelNotReady,
     ModelUnavailable,
     RequestRefused,
 )
@@ -254,6 +255,7 @@ class Engine:
         self._batch_done = asyncio.Event()
         self._paused = False
         self._closed = True
+        self._started = False  # once true, a closed engine is stopped, not yet to start
         self._swap_lock = asyncio.Lock()
         self._announced_at = -1
         self._decoding: Counter[str] = Counter()
@@ -280,16 +282,21 @@ class Engine:
         """Whether the model is loaded and questions are taken (between start and stop)."""
         return not self._closed
 
-    async def start(self) -> None:
-        """Load the model and start serving."""
+    async def start(self, model: ModelSpec | None = None) -> None:
+        """Load the model (``model``, when given, instead of the one it was made with) and
+        start serving. Until then `submit` raises `ModelNotReady`."""
         keep_image_memory()
-        await self._load(self._model)
+        model = model or self._model
+        await self._load(model)
+        self._model = model
         self._closed = False
+        self._started = True
         self._dispatcher = asyncio.create_task(self._dispatch_forever(), name="engine-dispatch")
 
     async def stop(self) -> None:
         """Stop serving: end every open request with `EngineClosed`, then free the model."""
         self._closed = True
+        self._started = True  # a stopped engine is closed for good, not "not ready"
         for ticket in list(self._tickets.values()):
             if ticket.payload.job is not None:
                 ticket.payload.job.cancelled.set()
@@ -363,12 +370,15 @@ class Engine:
     async def submit(self, request: Request) -> RequestHandle:
         """Admit a request and return its handle.
 
-        Raises `EngineClosed`, `QueueFull` or `TooManyPending` when it is refused,
+        Raises `ModelNotReady` before `start`; `EngineClosed` after `stop`, `QueueFull` or
+        `TooManyPending` when it is refused,
         `ModelUnavailable` while the backend is failing (the circuit is open), `BadImage`
         when a photo cannot be used (decoded off the event loop), and `PromptTooLong` when
         the question and photos alone do not fit the model's context.
         The history is trimmed to fit, oldest turns first (see ``handle.turns_left_out``).
         """
+        if not self._started:
+            raise ModelNotReady("the model is not loaded yet")
         if self._closed:
             raise EngineClosed("the engine is not running")
         if self._circuit.refusing():

@@ -46,6 +46,11 @@ class EngineClosed(EngineError):
     """The engine is stopped (or stopping) and takes no more requests."""
 
 
+class ModelNotReady(EngineClosed):
+    """The engine has not started yet: its model is still being fetched or loaded (or could
+    not be). A kind of `EngineClosed`, so code that only knows that one still refuses."""
+
+
 class RequestRefused(GenerationFailed):
     """The backend refused this one request (e.g. HTTP 400: the prompt is too long).
 

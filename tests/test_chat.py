@@ -154,14 +154,33 @@ def test_chat_in_a_terminal_takes_follow_ups_until_end_of_input(
     assert session.exitstatus == 0
 
 
-def test_chat_on_cpu_with_the_default_model_says_which_model_to_set(
+def test_chat_on_cpu_picks_the_hf_native_default_and_offline_says_how_to_get_it(
     photo: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("DISHBOT_ENGINE__BACKEND", "transformers")  # as auto picks without a GPU
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("DISHBOT_ENGINE__MODEL", raising=False)
 
     result = _run("chat", str(photo))
 
     assert result.returncode != 0
-    assert "DISHBOT_ENGINE__MODEL" in result.stderr
-    assert "InternVL3-1B-hf" in result.stderr
-    assert result.stderr.strip().count("\n") == 0
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert "OpenGVLab/InternVL3-1B-hf is not downloaded yet" in last_line
+    assert "HF_HUB_OFFLINE" in last_line
+    assert "DISHBOT_ENGINE__MODEL" in last_line
+    assert "Traceback" not in result.stderr
+
+
+def test_chat_with_a_remote_code_model_on_cpu_names_the_format_and_a_checkpoint_that_has_it(
+    photo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DISHBOT_ENGINE__BACKEND", "transformers")
+    monkeypatch.setenv("DISHBOT_ENGINE__MODEL", "OpenGVLab/InternVL2-2B")
+
+    result = _run("chat", str(photo))
+
+    assert result.returncode != 0
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert "needs a model in transformers' native format" in result.stderr
+    assert "DISHBOT_ENGINE__MODEL=OpenGVLab/InternVL3-1B-hf" in result.stderr
+    assert "OpenGVLab/InternVL2-2B is in OpenGVLab's own format" in result.stderr

@@ -29,7 +29,7 @@ def test_settings_have_sensible_defaults() -> None:
 
     assert settings.data_dir == Path("data")
     assert settings.db_url == f"sqlite+aiosqlite:///{Path('data/dishbot.db').resolve()}"
-    assert settings.engine.model == "OpenGVLab/InternVL2-2B"
+    assert settings.engine.model is None  # each backend has its own default (model_source)
     assert settings.telegram.mode == "polling"
     assert settings.training.work_dir == Path("data/training")
     assert settings.admins == []

@@ -6,10 +6,13 @@ import json
 import os
 import signal
 import sys
+import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pexpect
+import pytest
 
 DISHBOT = str(Path(sys.executable).with_name("dishbot"))
 
@@ -31,8 +34,7 @@ def test_run_with_no_token_serves_the_chat_page_and_prints_its_url(
         url = child.match.group(1)
         with urllib.request.urlopen(url, timeout=10) as page:
             html = page.read().decode()
-        with urllib.request.urlopen(url + "readyz", timeout=10) as ready:
-            readiness = json.loads(ready.read())
+        readiness = _readiness_once_loaded(url)
         child.kill(signal.SIGTERM)
         child.expect(pexpect.EOF)
     finally:
@@ -42,3 +44,16 @@ def test_run_with_no_token_serves_the_chat_page_and_prints_its_url(
     assert readiness == {"ready": True}
     assert child.exitstatus == 0
     assert "Traceback" not in (child.before or "")
+
+
+def _readiness_once_loaded(url: str, timeout_s: float = 120.0) -> dict[str, object]:
+    """/readyz's body once it is 200: the page is served before the model has loaded."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url + "readyz", timeout=10) as ready:
+                return dict(json.loads(ready.read()))
+        except urllib.error.HTTPError as not_ready:
+            assert not_ready.code == 503
+            time.sleep(0.2)
+    pytest.fail(f"/readyz was not 200 within {timeout_s:g} s")

@@ -9,6 +9,7 @@ from typing import TextIO
 
 from bot.engine_setup import build_engine
 from bot.errors import DishbotError
+from bot.model_startup import ModelStartup, TerminalStatus
 from bot.settings import Settings
 from engine.engine import Answer, Request, RequestHandle, TextDelta
 from engine.errors import BadImage, EngineError
@@ -50,22 +51,27 @@ async def chat(
     interactive = stdin.isatty() if follow_ups is None else follow_ups
     history: list[Turn] = []
     asked = question or DEFAULT_QUESTION
+    engine = build_engine(settings)
+    startup = ModelStartup(settings, engine, listeners=(TerminalStatus(),), log_failure=False)
+    if not await startup.start(engine.model):
+        raise ChatError(startup.status.message)
     try:
-        async with build_engine(settings) as engine:
-            while True:
-                request = Request(
-                    key=CONSOLE_KEY, question=asked, images=(data,), history=tuple(history)
-                )
-                answer = await _stream_answer(await engine.submit(request), stdout)
-                history.append(Turn(asked, answer.text))
-                if not interactive:
-                    return
-                follow_up = await _read_question(stdin, stdout)
-                if follow_up is None:
-                    return
-                asked = follow_up
+        while True:
+            request = Request(
+                key=CONSOLE_KEY, question=asked, images=(data,), history=tuple(history)
+            )
+            answer = await _stream_answer(await engine.submit(request), stdout)
+            history.append(Turn(asked, answer.text))
+            if not interactive:
+                return
+            follow_up = await _read_question(stdin, stdout)
+            if follow_up is None:
+                return
+            asked = follow_up
     except EngineError as exc:
         raise ChatError(str(exc)) from exc
+    finally:
+        await engine.stop()
 
 
 def _read_photo(path: Path) -> bytes:

@@ -46,6 +46,7 @@ from engine.errors import (
     DeadlineExceeded,
     EngineClosed,
     EngineError,
+    ModelNotReady,
     ModelUnavailable,
     PromptTooLong,
     QueueFull,
@@ -583,6 +584,8 @@ class Dialog:
             return _Refusal(say("too_many_pending", language), "too many pending")
         except QueueFull:
             return _Refusal(say("busy", language), "queue full")
+        except ModelNotReady:
+            return _Refusal(say("model_not_ready", language), "model not ready")
         except EngineClosed:
             return _Refusal(say("unavailable", language), "engine not running")
         except ModelUnavailable:

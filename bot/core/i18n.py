@@ -146,6 +146,11 @@ MESSAGES: Final[dict[str, dict[Language, str]]] = {
         "en": "Sorry, I'm not able to answer right now. Please try again later.",
         "zh": "抱歉，我现在无法回答。请稍后再试。",
     },
+    "model_not_ready": {
+        "en": "I'm still getting ready (fetching and loading the model) — please ask again in "
+        "a few minutes.",
+        "zh": "我还在准备中（正在下载并加载模型）——请过几分钟再问。",
+    },
     "model_unavailable": {
         "en": "Sorry, the model is unavailable right now — please try again in a few minutes.",
         "zh": "抱歉，模型暂时不可用——请过几分钟再试。",

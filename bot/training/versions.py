@@ -15,6 +15,7 @@ import logging
 from dataclasses import fields
 from typing import Any
 
+from bot.engine_setup import configured_model_path
 from bot.settings import Settings
 from bot.store import ModelVersionRecord, Store
 from engine.engine import Engine
@@ -39,24 +40,28 @@ def model_spec(version: ModelVersionRecord) -> ModelSpec:
     return ModelSpec(**values)
 
 
-async def ensure_base_version(store: Store, settings: Settings) -> ModelVersionRecord:
-    """The active version; on a fresh install, the configured ``engine.model`` as "base".
+async def ensure_base_version(
+    store: Store, settings: Settings, model: str | None = None
+) -> ModelVersionRecord:
+    """The active version; on a fresh install, ``model`` (default: the configured
+    ``engine.model``, or the backend's default) as "base".
 
     Safe to call from several processes starting at once: they agree on one "base".
     """
+    model = model or configured_model_path(settings)
     active = await store.active_model_version()
     if active is not None:
-        if active.name == BASE_VERSION and active.path != settings.engine.model:
+        if active.name == BASE_VERSION and active.path != model:
             log.warning(
                 "engine.model is %s but the database serves %s as %r; the database wins "
                 "(`dishbot models` lists the versions)",
-                settings.engine.model,
+                model,
                 active.path,
                 BASE_VERSION,
             )
         return active
     with contextlib.suppress(ValueError):  # another process registered it a moment ago
-        await store.add_model_version(BASE_VERSION, settings.engine.model)
+        await store.add_model_version(BASE_VERSION, model)
     if (active := await store.active_model_version()) is not None:
         return active
     return await store.activate_model_version(BASE_VERSION, reason="base")

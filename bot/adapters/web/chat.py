@@ -4,7 +4,8 @@ Every request becomes a `bot.core.events` event handed to `Dialog.handle`, with 
 as a person of platform "web": the same limits, refusals and stored feedback as Telegram
 and Discord. Answers reach the page over Server-Sent Events (`/events`).
 
-Routes: ``GET /`` (the page), ``GET /events`` (the stream), ``POST /ask``, ``POST /press``
+Routes: ``GET /`` (the page), ``GET /events`` (the stream), ``GET /model-status`` (how far
+the model is on its way to answering, shown on the page until it is), ``POST /ask``, ``POST /press``
 and ``POST /correct``. Every POST needs the visitor's cookie and CSRF token, and is refused
 before its body is read when the visitor posts faster than `posts_per_minute` allows (429)
 or when the console has its hands full (503).
@@ -38,6 +39,7 @@ from bot.core.events import (
     TextMessage,
 )
 from bot.core.i18n import MESSAGES, Language, language_of, say
+from bot.model_startup import ModelStatus, current_status
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +87,10 @@ class ChatRoutes:
         port: WebPort,
         identities: Identities,
         tasks: TasksInHand,
+        model_status: Callable[[], ModelStatus] | None = None,
     ) -> None:
         self.dialog = dialog
+        self.model_status = model_status or (lambda: current_status(None, dialog.engine))
         self.port = port
         self.identities = identities
         self._tasks = tasks  # the dialog calls running in the background
@@ -97,6 +101,7 @@ class ChatRoutes:
         """Add the chat routes to ``app``."""
         app.router.add_get("/", self.page, name="chat")
         app.router.add_get("/events", self.events)
+        app.router.add_get("/model-status", self.model_status_page)
         app.router.add_post("/ask", self.ask)
         app.router.add_post("/press", self.press)
         app.router.add_post("/correct", self.correct)
@@ -147,6 +152,7 @@ class ChatRoutes:
             "words": {key: say(key, language) for key in PAGE_WORDS},
             "csrf_token": self.identities.csrf_token(visitor_id),
             "max_photo_bytes": self.dialog.config.max_photo_bytes,
+            "model_status": self.model_status(),
             "photo_too_large": say(
                 "photo_too_large",
                 language,
@@ -167,6 +173,12 @@ class ChatRoutes:
                 path="/",
             )
         response.headers["Cache-Control"] = "no-store"  # the page carries the CSRF token
+        return response
+
+    async def model_status_page(self, request: web.Request) -> web.Response:
+        """How far the model is on its way to answering, for the page to show while it waits."""
+        response = web.json_response(self.model_status().as_json())
+        response.headers["Cache-Control"] = "no-store"
         return response
 
     async def events(self, request: web.Request) -> web.StreamResponse:

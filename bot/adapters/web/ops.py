@@ -2,17 +2,19 @@
 
 ``/readyz`` is 200 only when the model is loaded and its circuit is not open, the database
 answers, and every chat adapter is connected; otherwise 503 with a JSON body naming what is
-not ready, e.g. ``{"ready": false, "problems": {"model": "not loaded"}}``.
+not ready, e.g. ``{"ready": false, "problems": {"model": "downloading the model
+OpenGVLab/InternVL3-1B-hf, 42% of 2.1 GB"}}``.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from aiohttp import web
 
 from bot.metrics import CONTENT_TYPE, Metrics
+from bot.model_startup import ModelStatus, current_status
 from bot.store import Store
 from engine.engine import Engine
 
@@ -23,10 +25,17 @@ class OpsRoutes:
     """Health, readiness and metrics of one app."""
 
     def __init__(
-        self, engine: Engine, store: Store, metrics: Metrics, peers: Sequence[object] = ()
+        self,
+        engine: Engine,
+        store: Store,
+        metrics: Metrics,
+        peers: Sequence[object] = (),
+        model_status: Callable[[], ModelStatus] | None = None,
     ) -> None:
-        """``peers`` are the other chat adapters; one may say whether it is `connected`."""
+        """``peers`` are the other chat adapters; one may say whether it is `connected`.
+        ``model_status`` says how far the model is on its way to answering."""
         self.engine = engine
+        self.model_status = model_status or (lambda: current_status(None, engine))
         self.store = store
         self.metrics = metrics
         self.peers = peers
@@ -55,8 +64,9 @@ class OpsRoutes:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
     def _model_problems(self) -> dict[str, str]:
-        if not self.engine.serving:
-            return {"model": "not loaded"}
+        status = self.model_status()
+        if not status.ready:
+            return {"model": status.message}
         circuit = self.engine.stats().circuit
         if circuit == "open":
             return {"model": "unavailable: the backend keeps failing (circuit open)"}

@@ -27,6 +27,7 @@ from bot.core.admin import Admin
 from bot.core.dialog import Dialog
 from bot.errors import DishbotError
 from bot.metrics import Metrics
+from bot.model_startup import ModelStartup, ModelStatus, current_status
 from bot.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -79,10 +80,14 @@ class WebAdapter:
         *,
         peers: Sequence[object] = (),
         admin: Admin | None = None,
+        startup: ModelStartup | None = None,
     ) -> None:
         """``peers`` are the app's other chat adapters, whose connection `/readyz` reports;
         ``admin`` is the app's `Admin` (with its run supervisor), which the admin pages use
         (without one they get an `Admin` over the dialog's store and engine, without runs).
+
+        ``startup``, when given, is how far the model is on its way to answering, which the
+        chat page and `/readyz` show until it is ready.
 
         With peers, a console that cannot listen (a second `dishbot run` on the same host,
         say) is logged and left out, and the chat bots go on; alone, it is an error.
@@ -109,8 +114,12 @@ class WebAdapter:
             loader=jinja2.FileSystemLoader(HERE / "templates"),
             autoescape=True,  # every value in a page is escaped, whatever a template says
         )
-        ChatRoutes(dialog, self.port, identities, self._in_hand).register(self.app)
-        OpsRoutes(dialog.engine, dialog.store, metrics, peers).register(self.app)
+
+        def model_status() -> ModelStatus:
+            return current_status(startup, dialog.engine)
+
+        ChatRoutes(dialog, self.port, identities, self._in_hand, model_status).register(self.app)
+        OpsRoutes(dialog.engine, dialog.store, metrics, peers, model_status).register(self.app)
         admin = admin or Admin(settings, dialog.store, dialog.engine)
         AdminRoutes(admin, self.admin_sessions).register(self.app)
         # aiohttp refuses paths that leave this directory, and follows no symlink out of it.

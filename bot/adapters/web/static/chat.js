@@ -204,4 +204,37 @@
   });
 
   listen();
+
+  // Until the model answers, say how far it is (downloading, loading) or what is wrong,
+  // as the server reports it; stop asking once it is ready, or has failed for good.
+  const modelStatus = document.getElementById("model-status");
+  const modelStatusText = document.getElementById("model-status-text");
+  const modelProgress = document.getElementById("model-progress");
+  const MODEL_STATUS_POLL_MS = 2000;
+
+  function showModelStatus(status) {
+    modelStatus.dataset.phase = status.phase;
+    modelStatus.className = "model-status " + status.phase;
+    modelStatusText.textContent = status.message;
+    const total = status.total_bytes;
+    modelProgress.hidden = !total;
+    if (total) modelProgress.value = Math.floor((100 * status.done_bytes) / total);
+    modelStatus.hidden = status.ready;
+  }
+
+  function pollModelStatus() {
+    fetch("/model-status", { credentials: "same-origin", cache: "no-store" })
+      .then((response) => response.json())
+      .then((status) => {
+        showModelStatus(status);
+        if (!status.ready && status.phase !== "failed") {
+          setTimeout(pollModelStatus, MODEL_STATUS_POLL_MS);
+        }
+      })
+      .catch(() => setTimeout(pollModelStatus, MODEL_STATUS_POLL_MS));
+  }
+
+  if (!modelStatus.hidden && modelStatus.dataset.phase !== "failed") {
+    setTimeout(pollModelStatus, MODEL_STATUS_POLL_MS);
+  }
 })();

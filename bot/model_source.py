@@ -1,0 +1,385 @@
+"""Where the served model comes from: the default per backend, its format, the download.
+
+A model is a local directory or a Hugging Face hub repository id. A repository is fetched
+into the hub's own cache (``HF_HOME``), which resumes an interrupted download and is shared
+with every other tool on the machine. Every problem is a `ModelUnobtainable` whose message
+is one line saying what is wrong and what to set.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from fnmatch import fnmatch
+from pathlib import Path
+
+from bot.errors import DishbotError
+from bot.settings import EngineSettings
+
+log = logging.getLogger(__name__)
+
+MODEL_VARIABLE = "DISHBOT_ENGINE__MODEL"
+# The mission's model, in OpenGVLab's own (remote-code) format, which lmdeploy serves.
+LMDEPLOY_DEFAULT = "OpenGVLab/InternVL2-2B"
+# The smallest InternVL checkpoint in transformers' native format (no remote code): 1 B
+# parameters, about 2 GB of bf16 weights, so it loads in a few GB of RAM and answers on a CPU.
+TRANSFORMERS_DEFAULT = "OpenGVLab/InternVL3-1B-hf"
+DEFAULT_MODELS = {"lmdeploy": LMDEPLOY_DEFAULT, "transformers": TRANSFORMERS_DEFAULT}
+# What a model needs to be served; anything else in a repository (other weight formats,
+# images of the model card) is not downloaded.
+MODEL_FILES = ("*.json", "*.safetensors", "*.py", "*.model", "*.txt", "*.jinja", "*.tiktoken")
+WEIGHT_FILES = "*.safetensors"
+HUB_TIMEOUT_S = 10.0
+GB = 1e9
+# Loading needs the weights and some room beside them (activations, the tokenizer, Python).
+MEMORY_MARGIN = 1.2
+
+
+class ModelFormat(StrEnum):
+    """How a checkpoint's code and weights are laid out."""
+
+    REMOTE_CODE = "remote-code"  # OpenGVLab's InternVLChatModel, code shipped in the repo
+    HF_NATIVE = "hf-native"  # transformers' own InternVLForConditionalGeneration
+
+    @property
+    def described(self) -> str:
+        if self is ModelFormat.REMOTE_CODE:
+            return "OpenGVLab's own format (InternVLChatModel)"
+        return "transformers' native format (InternVLForConditionalGeneration, the -hf checkpoints)"
+
+
+ARCHITECTURES = {
+    "InternVLChatModel": ModelFormat.REMOTE_CODE,
+    "InternVLForConditionalGeneration": ModelFormat.HF_NATIVE,
+}
+
+
+class ModelUnobtainable(DishbotError):
+    """The model cannot be had here: not found, not downloadable, the wrong format, or too
+    big for this machine. The message says what to set."""
+
+
+@dataclass(frozen=True)
+class DownloadProgress:
+    """How far a download is: bytes on disk of ``total_bytes`` (None until known)."""
+
+    done_bytes: int
+    total_bytes: int | None
+
+
+ProgressCallback = Callable[[DownloadProgress], None]
+
+
+def model_for(engine: EngineSettings, backend: str) -> str | None:
+    """The model to serve: ``engine.model`` when set, else the backend's default. For the
+    openai backend, ``engine.openai.model`` or None (the server's first model)."""
+    if engine.model:
+        return engine.model
+    if backend == "openai":
+        return engine.openai.model
+    return DEFAULT_MODELS[backend]
+
+
+def is_local(model: str) -> bool:
+    """Whether ``model`` names a directory rather than a hub repository ("owner/name")."""
+    if model.startswith(("/", ".", "~")):
+        return True
+    return model.count("/") != 1 or Path(model).expanduser().is_dir()
+
+
+def _architectures_format(config_file: Path) -> ModelFormat | None:
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    architectures = config.get("architectures") if isinstance(config, dict) else None
+    for name in architectures or ():
+        if name in ARCHITECTURES:
+            return ARCHITECTURES[name]
+    return None
+
+
+def model_format(model: str) -> ModelFormat | None:
+    """The format of ``model``, from its config.json (a local directory or the hub cache),
+    else from its name when it is one of OpenGVLab's; None when that cannot be told here."""
+    if is_local(model):
+        return _architectures_format(Path(model).expanduser() / "config.json")
+    cached = _cached_file(model, "config.json")
+    if cached is not None:
+        return _architectures_format(cached)
+    owner, name = model.split("/")
+    if owner == "OpenGVLab" and name.startswith("InternVL"):
+        return ModelFormat.HF_NATIVE if name.lower().endswith("-hf") else ModelFormat.REMOTE_CODE
+    return None
+
+
+def needed_format(backend: str, lmdeploy_engine: str = "turbomind") -> ModelFormat | None:
+    """The format ``backend`` runs; None when it runs either (or the server decides)."""
+    if backend == "transformers":
+        return ModelFormat.HF_NATIVE
+    if backend == "lmdeploy" and lmdeploy_engine == "turbomind":
+        return ModelFormat.REMOTE_CODE
+    return None
+
+
+def format_problem(backend: str, model: str, lmdeploy_engine: str = "turbomind") -> str | None:
+    """One line when ``model`` is known to be in a format ``backend`` cannot run, naming the
+    format it needs and a checkpoint that has it."""
+    needed = needed_format(backend, lmdeploy_engine)
+    found = model_format(model)
+    if needed is None or found is None or found is needed:
+        return None
+    example = DEFAULT_MODELS[backend]
+    other = "lmdeploy" if backend == "transformers" else "transformers"
+    return (
+        f"the {backend} backend needs a model in {needed.described}, such as {example}; "
+        f"{model} is in {found.described}: set {MODEL_VARIABLE}={example} "
+        f"(or serve {model} with the {other} backend)"
+    )
+
+
+def _cached_file(repo_id: str, filename: str) -> Path | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, filename)
+    return Path(found) if isinstance(found, str) else None
+
+
+def locate(model: str) -> Path | None:
+    """``model``'s directory when it is here already: a local directory, or a complete
+    snapshot in the hub cache (config and weights, nothing half-downloaded)."""
+    if is_local(model):
+        path = Path(model).expanduser()
+        return path if path.is_dir() else None
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        folder = Path(
+            snapshot_download(model, local_files_only=True, allow_patterns=list(MODEL_FILES))
+        )
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        return None
+    if not (folder / "config.json").is_file() or not any(folder.glob(WEIGHT_FILES)):
+        return None
+    if any(_repo_cache(model).glob("blobs/*.incomplete")):
+        return None
+    return folder
+
+
+def _repo_cache(repo_id: str) -> Path:
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--"))
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def reachability_problem(model: str, timeout_s: float = HUB_TIMEOUT_S) -> str | None:
+    """None when the hub answers for the repository ``model``; else one line with the fix."""
+    try:
+        _hub_files(model, timeout_s)
+    except ModelUnobtainable as exc:
+        return str(exc)
+    return None
+
+
+def _not_here(model: str, why: str) -> ModelUnobtainable:
+    return ModelUnobtainable(
+        f"the model {model} is not downloaded yet and {why}: allow the download (unset "
+        f"HF_HUB_OFFLINE, or set HF_ENDPOINT to a mirror), or set {MODEL_VARIABLE} to a "
+        "directory holding an InternVL model"
+    )
+
+
+def _hub_files(model: str, timeout_s: float) -> dict[str, int]:
+    """The files of ``model`` dishbot needs, with their sizes, as the hub lists them."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    if _offline():
+        raise _not_here(model, "the hub is switched off here (HF_HUB_OFFLINE=1)")
+    try:
+        info = HfApi().model_info(model, files_metadata=True, timeout=timeout_s)
+    except GatedRepoError:
+        raise ModelUnobtainable(
+            f"the model {model} is gated on the Hugging Face hub: accept its terms there and "
+            f"set HF_TOKEN, or set {MODEL_VARIABLE} to another model"
+        ) from None
+    except (RepositoryNotFoundError, RevisionNotFoundError):
+        raise ModelUnobtainable(
+            f"there is no model {model} on the Hugging Face hub (or it is private: set "
+            f"HF_TOKEN): set {MODEL_VARIABLE} to an InternVL model that exists, "
+            f"such as {TRANSFORMERS_DEFAULT}"
+        ) from None
+    except OfflineModeIsEnabled:
+        raise _not_here(model, "the hub is switched off here (HF_HUB_OFFLINE=1)") from None
+    except Exception as exc:  # connection refused, DNS, TLS, timeouts, 5xx
+        raise _not_here(model, f"the hub cannot be reached ({type(exc).__name__})") from None
+    files = {sibling.rfilename: sibling.size or 0 for sibling in info.siblings or ()}
+    return {name: size for name, size in files.items() if _wanted(name)}
+
+
+def _wanted(name: str) -> bool:
+    return "/" not in name and any(fnmatch(name, pattern) for pattern in MODEL_FILES)
+
+
+def fetch(
+    model: str,
+    progress: ProgressCallback | None = None,
+    *,
+    poll_s: float = 0.5,
+    timeout_s: float = HUB_TIMEOUT_S,
+) -> Path:
+    """``model``'s directory, downloading it into the hub cache first when it is a repository
+    not (completely) there yet; ``progress`` is called from time to time while it downloads.
+
+    Blocking: call it in a thread. Raises `ModelUnobtainable`.
+    """
+    if is_local(model):
+        path = Path(model).expanduser()
+        if not (path / "config.json").is_file():
+            raise ModelUnobtainable(
+                f"there is no model in {path} (no config.json): set {MODEL_VARIABLE} to a "
+                f"directory holding an InternVL model, or to a hub id such as "
+                f"{TRANSFORMERS_DEFAULT}"
+            )
+        return path
+    try:
+        files = _hub_files(model, timeout_s)
+    except ModelUnobtainable:
+        cached = locate(model)  # offline or unreachable: a complete copy here still serves
+        if cached is None:
+            raise
+        return cached
+    if not any(fnmatch(name, WEIGHT_FILES) for name in files):
+        raise ModelUnobtainable(
+            f"the hub's {model} has no .safetensors weights: set {MODEL_VARIABLE} to an "
+            f"InternVL checkpoint such as {TRANSFORMERS_DEFAULT}"
+        )
+    return _download(model, sum(files.values()), progress, poll_s)
+
+
+def _download(
+    model: str, total_bytes: int, progress: ProgressCallback | None, poll_s: float
+) -> Path:
+    from huggingface_hub import snapshot_download
+
+    blobs = _repo_cache(model) / "blobs"
+    done = threading.Event()
+
+    def report() -> None:
+        while not done.wait(poll_s):
+            if progress is not None:
+                progress(DownloadProgress(min(_bytes_in(blobs), total_bytes), total_bytes))
+
+    reporter = threading.Thread(target=report, name="model-download-progress", daemon=True)
+    reporter.start()
+    try:
+        folder = snapshot_download(model, allow_patterns=list(MODEL_FILES))
+    except OSError as exc:
+        if exc.errno == 28:  # ENOSPC
+            raise ModelUnobtainable(
+                f"not enough disk space to download {model} ({total_bytes / GB:.1f} GB) into "
+                f"{_repo_cache(model).parent}: free some, or set HF_HOME to a bigger disk"
+            ) from None
+        raise ModelUnobtainable(
+            f"downloading {model} failed ({exc}); it resumes where it stopped at the next start"
+        ) from None
+    except Exception as exc:
+        raise ModelUnobtainable(
+            f"downloading {model} failed ({type(exc).__name__}: {exc}); it resumes where it "
+            "stopped at the next start"
+        ) from None
+    finally:
+        done.set()
+        reporter.join()
+    if progress is not None:
+        progress(DownloadProgress(total_bytes, total_bytes))
+    return Path(folder)
+
+
+def _bytes_in(folder: Path) -> int:
+    total = 0
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return 0
+    for entry in entries:
+        try:
+            total += entry.stat().st_size
+        except OSError:
+            continue  # renamed from .incomplete meanwhile
+    return total
+
+
+def weights_bytes(model_dir: Path) -> int:
+    """The size of the weights in ``model_dir``."""
+    return sum(path.stat().st_size for path in model_dir.glob(WEIGHT_FILES))
+
+
+def _stored_in_16_bits(model_dir: Path) -> bool:
+    try:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    dtype = config.get("torch_dtype") or config.get("dtype") if isinstance(config, dict) else None
+    return dtype in ("bfloat16", "float16")
+
+
+def memory_needed(model_dir: Path, device: str) -> int:
+    """Bytes of memory loading ``model_dir`` on ``device`` takes, roughly: the weights, twice
+    over on a CPU, where 16-bit weights are loaded as float32."""
+    factor = 2 if device == "cpu" and _stored_in_16_bits(model_dir) else 1
+    return int(weights_bytes(model_dir) * factor * MEMORY_MARGIN)
+
+
+def free_memory(device: str) -> int | None:
+    """Bytes free on ``device`` ("cpu" or "cuda"), None when that cannot be told."""
+    if device.startswith("cuda"):
+        try:
+            import torch
+
+            return int(torch.cuda.mem_get_info()[0])
+        except Exception:
+            return None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def memory_problem(
+    model_dir: Path, device: str, available: int | None = None, name: str | None = None
+) -> str | None:
+    """One line when ``model_dir`` (the model ``name``) does not fit in the memory free on
+    ``device`` (``available`` bytes, when given)."""
+    free = free_memory(device) if available is None else available
+    needed = memory_needed(model_dir, device)
+    if free is None or needed <= free:
+        return None
+    where = "GPU memory" if device.startswith("cuda") else "memory"
+    return (
+        f"not enough {where} to load {name or model_dir.name}: it needs about "
+        f"{needed / GB:.1f} GB and "
+        f"{free / GB:.1f} GB is free; free some, or set {MODEL_VARIABLE} to a smaller "
+        f"checkpoint such as {TRANSFORMERS_DEFAULT}"
+    )

@@ -1,0 +1,289 @@
+"""Getting the model ready in the background while the web console already serves.
+
+`ModelStartup` chooses the model (the active version, on a fresh install the backend's
+default), checks its format, downloads it into the Hugging Face cache, checks it fits in
+memory and starts the engine with it. Its `status` says how far it is, in words a person
+reads on the chat page, in ``/readyz`` and in the log; when the model cannot be had, the
+words say what to set, and the process stays up so the operator can read them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import TextIO
+
+from bot.engine_setup import check_format, cuda_available, resolve_backend_name
+from bot.model_source import (
+    GB,
+    MODEL_VARIABLE,
+    DownloadProgress,
+    ModelUnobtainable,
+    fetch,
+    free_memory,
+    memory_problem,
+    model_for,
+)
+from bot.settings import Settings
+from bot.store import Store
+from bot.training.versions import ensure_base_version, model_spec
+from engine.backends.worker_thread import WorkerThread
+from engine.engine import Engine
+from engine.errors import EngineError
+from engine.types import ModelSpec
+
+log = logging.getLogger(__name__)
+
+LOG_EVERY_PERCENT = 10  # without a terminal, one log line per this much of a download
+BAR_WIDTH = 30
+REDRAW_INTERVAL_S = 0.2
+
+
+class Phase(StrEnum):
+    """Where the model is on its way to answering."""
+
+    STARTING = "starting"
+    DOWNLOADING = "downloading"
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """What the model is doing now, as a person should read it."""
+
+    phase: Phase
+    message: str
+    done_bytes: int | None = None
+    total_bytes: int | None = None
+
+    @property
+    def ready(self) -> bool:
+        """Whether questions can be answered."""
+        return self.phase is Phase.READY
+
+    def as_json(self) -> dict[str, object]:
+        """The status as `/model-status` sends it."""
+        return {
+            "phase": self.phase.value,
+            "message": self.message,
+            "done_bytes": self.done_bytes,
+            "total_bytes": self.total_bytes,
+            "ready": self.ready,
+        }
+
+
+def downloading_message(model: str, progress: DownloadProgress) -> str:
+    """ "downloading the model OpenGVLab/InternVL3-1B-hf, 42% of 2.1 GB"."""
+    total = progress.total_bytes
+    if not total:
+        return f"downloading the model {model}"
+    percent = min(100, progress.done_bytes * 100 // total)
+    return f"downloading the model {model}, {percent}% of {total / GB:.1f} GB"
+
+
+StatusListener = Callable[[ModelStatus], None]
+
+
+class ModelStartup:
+    """Brings the engine's model from nothing to answering, saying how far it is."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        *,
+        listeners: tuple[StatusListener, ...] = (),
+        free_memory_of: Callable[[str], int | None] = free_memory,
+        log_failure: bool = True,
+    ) -> None:
+        """``listeners`` are told each change of `status`; ``free_memory_of`` says how much
+        memory a device ("cpu", "cuda") has free; without ``log_failure`` a failure is only
+        in `status` (for a caller that reports it itself)."""
+        self.settings = settings
+        self._log_failure = log_failure
+        self.engine = engine
+        self.status = ModelStatus(Phase.STARTING, "starting: choosing the model")
+        self._listeners = listeners
+        self._free_memory_of = free_memory_of
+
+    def _set(self, status: ModelStatus) -> None:
+        self.status = status
+        for listener in self._listeners:
+            listener(status)
+
+    def fail(self, message: str) -> None:
+        """Record that the model cannot be had, and why (logged with what to set)."""
+        if self._log_failure:
+            log.error("the model cannot be served: %s", message)
+        self._set(ModelStatus(Phase.FAILED, message))
+
+    async def run(self, store: Store) -> bool:
+        """Choose, fetch, check and load the model; True once the engine answers with it.
+
+        A model that cannot be had ends in `Phase.FAILED` with the reason, not an exception.
+        """
+        try:
+            spec = await self._chosen_model(store)
+        except ModelUnobtainable as exc:
+            self.fail(str(exc))
+            return False
+        return await self.start(spec)
+
+    async def start(self, spec: ModelSpec) -> bool:
+        """Fetch, check and load ``spec``; True once the engine answers with it, False (and
+        `Phase.FAILED` with the reason) when it cannot be had."""
+        try:
+            check_format(self.settings, spec.path)
+            if resolve_backend_name(self.settings.engine) != "openai":
+                directory = await _on_daemon_thread(fetch, spec.path, self._downloading(spec))
+                self._check_memory(spec, directory)
+            self._set(ModelStatus(Phase.LOADING, f"loading the model {spec.path}"))
+            log.info("loading the model %s", spec.path)
+            await self.engine.start(spec)
+        except ModelUnobtainable as exc:
+            self.fail(str(exc))
+            return False
+        except EngineError as exc:
+            self.fail(f"{exc}; set {MODEL_VARIABLE} to another model, or see `dishbot doctor`")
+            return False
+        except MemoryError:
+            self.fail(
+                f"the machine ran out of memory loading the model: set {MODEL_VARIABLE} to a "
+                "smaller checkpoint, or free memory"
+            )
+            return False
+        self._set(ModelStatus(Phase.READY, f"ready: answering with {spec.path}"))
+        log.info("the model %s is ready", spec.path)
+        return True
+
+    async def _chosen_model(self, store: Store) -> ModelSpec:
+        """The active version's model; on a fresh install, the configured one, which for the
+        openai backend with none named is the server's first model."""
+        model = model_for(self.settings.engine, resolve_backend_name(self.settings.engine))
+        if model is None:  # openai, nothing named: ask the server what it serves
+            model = await self._served_model()
+        active = await ensure_base_version(store, self.settings, model)
+        return model_spec(active)
+
+    async def _served_model(self) -> str | None:
+        base_url = self.settings.engine.openai.base_url
+        try:
+            await self.engine.backend.load(ModelSpec(path="", name=""))
+            served = getattr(self.engine.backend, "model_name", None)
+        except EngineError as exc:
+            raise ModelUnobtainable(
+                f"{exc}: start the server, or set DISHBOT_ENGINE__OPENAI__BASE_URL to where it "
+                "listens"
+            ) from None
+        finally:
+            await self.engine.backend.close()
+        log.info("the openai server at %s serves %s", base_url, served)
+        return served if isinstance(served, str) else None
+
+    def _downloading(self, spec: ModelSpec) -> Callable[[DownloadProgress], None]:
+        loop = asyncio.get_running_loop()
+
+        def report(progress: DownloadProgress) -> None:  # called from the download's thread
+            status = ModelStatus(
+                Phase.DOWNLOADING,
+                downloading_message(spec.path, progress),
+                progress.done_bytes,
+                progress.total_bytes,
+            )
+            # After a stop the loop may be closed while an abandoned download still runs.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._set, status)
+
+        return report
+
+    def _check_memory(self, spec: ModelSpec, directory: Path) -> None:
+        device = self._device()
+        problem = memory_problem(directory, device, self._free_memory_of(device), name=spec.path)
+        if problem is not None:
+            raise ModelUnobtainable(problem)
+
+    def _device(self) -> str:
+        backend = resolve_backend_name(self.settings.engine)
+        if backend == "lmdeploy":
+            return "cuda"
+        device = self.settings.engine.device
+        if device == "auto":
+            return "cuda" if cuda_available() else "cpu"
+        return device
+
+
+async def _on_daemon_thread(fetch_model: Callable[..., Path], *args: object) -> Path:
+    """Run a download on a daemon thread of its own: one still going when dishbot is told
+    to stop is abandoned at exit (the hub cache resumes it next time) instead of holding the
+    process until it ends."""
+    worker = WorkerThread("model-download")
+    try:
+        return await asyncio.get_running_loop().run_in_executor(worker, fetch_model, *args)
+    finally:
+        worker.shutdown(wait=False)
+
+
+def current_status(startup: ModelStartup | None, engine: Engine) -> ModelStatus:
+    """How the model stands now: ``startup``'s word until it is ready, then the engine's."""
+    if startup is not None and not startup.status.ready:
+        return startup.status
+    if engine.serving:
+        return ModelStatus(Phase.READY, f"ready: answering with {engine.model.path}")
+    return ModelStatus(Phase.STARTING, "not loaded")
+
+
+class TerminalStatus:
+    """A `StatusListener` for the terminal: a download bar redrawn in place on a tty, and
+    one log line per `LOG_EVERY_PERCENT` of it anywhere else (a log file, a container)."""
+
+    def __init__(self, stream: TextIO | None = None, clock: Callable[[], float] = time.monotonic):
+        self.stream = stream or sys.stderr
+        self.is_tty = self.stream.isatty()
+        self._clock = clock
+        self._last_draw = float("-inf")
+        self._logged_step = -1
+        self._drawn = False
+
+    def __call__(self, status: ModelStatus) -> None:
+        if status.phase is not Phase.DOWNLOADING:
+            self._end_bar()
+            return
+        if self.is_tty:
+            self._draw(status)
+            return
+        step = _percent(status) // LOG_EVERY_PERCENT
+        if step > self._logged_step:
+            self._logged_step = step
+            log.info("%s", status.message)
+
+    def _draw(self, status: ModelStatus) -> None:
+        now = self._clock()
+        if now - self._last_draw < REDRAW_INTERVAL_S and _percent(status) < 100:
+            return
+        self._last_draw = now
+        filled = BAR_WIDTH * _percent(status) // 100
+        bar = "#" * filled + "." * (BAR_WIDTH - filled)
+        self.stream.write(f"\r[{bar}] {status.message}\x1b[K")
+        self.stream.flush()
+        self._drawn = True
+
+    def _end_bar(self) -> None:
+        if self._drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._drawn = False
+
+
+def _percent(status: ModelStatus) -> int:
+    if not status.total_bytes or status.done_bytes is None:
+        return 0
+    return min(100, status.done_bytes * 100 // status.total_bytes)
