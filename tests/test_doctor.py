@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import importlib.metadata
 import io
+import json
 import os
+import shutil
 import socket
 import stat
 import subprocess
@@ -21,6 +23,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import huggingface_hub.constants
 import pytest
 import torch
 
@@ -30,6 +33,7 @@ from bot.doctor.context import Context
 from bot.doctor.findings import Finding, ok
 from bot.doctor.probes import GIB, CudaDevice, DiskSpace, LMDeployInfo, TorchInfo
 from bot.doctor.runner import Check, run_checks
+from bot.store import Store
 from bot.store.database import open_engine
 from bot.store.schema import head_revision, upgrade
 from tests.discord_emulator import DiscordEmulator
@@ -61,6 +65,12 @@ class Report:
 def any_free_web_port(monkeypatch: pytest.MonkeyPatch) -> None:
     """Another program on port 8080 must not fail the checks these tests are not about."""
     monkeypatch.setenv("DISHBOT_WEB__PORT", "0")
+
+
+@pytest.fixture(autouse=True)
+def a_model_that_is_here(monkeypatch: pytest.MonkeyPatch, tiny_internvl: Path) -> None:
+    """The tiny InternVL as engine.model: tests are offline, and the default is not cached."""
+    monkeypatch.setenv("DISHBOT_ENGINE__MODEL", str(tiny_internvl))
 
 
 def doctor(capsys: pytest.CaptureFixture[str]) -> Report:
@@ -146,9 +156,9 @@ def test_settings_line_says_where_the_settings_came_from(
 ) -> None:
     Path("dishbot.toml").write_text("[limits]\nquestions_per_minute = 4\n", encoding="utf-8")
     line = doctor(capsys).line("settings")
-    # DISHBOT_WEB__PORT=0 is this module's one variable.
+    # DISHBOT_WEB__PORT and DISHBOT_ENGINE__MODEL, set for every test here.
     assert line == (
-        "ok    settings    read from defaults + 1 DISHBOT_* environment variable + "
+        "ok    settings    read from defaults + 2 DISHBOT_* environment variables + "
         f"{Path('dishbot.toml').resolve()}"
     )
 
@@ -345,6 +355,111 @@ async def test_openai_server_that_does_not_answer_fails_naming_the_base_url_sett
         "api_server), or set DISHBOT_ENGINE__OPENAI__BASE_URL to the server's /v1 URL"
     )
     assert report.status == 1
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def _write_config(directory: Path, architecture: str) -> Path:
+    directory.mkdir(parents=True)
+    config = {"architectures": [architecture], "torch_dtype": "bfloat16"}
+    (directory / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    return directory
+
+
+def test_a_model_directory_in_the_backend_s_format_is_ready(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tiny_internvl: Path
+) -> None:
+    monkeypatch.setenv("DISHBOT_ENGINE__MODEL", str(tiny_internvl))
+    report = doctor(capsys)
+    assert report.line("model") == (
+        f"ok    model       {tiny_internvl} (transformers backend): at {tiny_internvl}"
+    )
+    assert report.status == 0
+
+
+def test_a_model_in_the_wrong_format_fails_naming_one_in_the_right_format(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    internvl2 = _write_config(tmp_path / "InternVL2-2B", "InternVLChatModel")
+    monkeypatch.setenv("DISHBOT_ENGINE__MODEL", str(internvl2))
+    report = doctor(capsys)
+    line = report.line("model")
+    assert line.startswith(
+        "FAIL  model       the transformers backend needs a model in transformers' native format"
+    )
+    assert f"{internvl2} is in OpenGVLab's own format (InternVLChatModel)" in line
+    assert "set DISHBOT_ENGINE__MODEL=OpenGVLab/InternVL3-1B-hf" in line
+    assert report.status == 1
+
+
+def test_the_default_model_in_the_hub_cache_is_ready(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    tiny_internvl: Path,
+) -> None:
+    """A fresh machine after its first download: the default model, complete in the cache."""
+    cache = tmp_path / "hf-cache"
+    repo = cache / "models--OpenGVLab--InternVL3-1B-hf"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny_internvl, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40, encoding="utf-8")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.delenv("DISHBOT_ENGINE__MODEL")
+    report = doctor(capsys)
+    assert report.line("model") == (
+        f"ok    model       OpenGVLab/InternVL3-1B-hf (transformers backend): cached at {snapshot}"
+    )
+
+
+def test_a_model_too_big_for_the_free_memory_fails_naming_a_smaller_one(
+    monkeypatch: pytest.MonkeyPatch, tiny_internvl: Path
+) -> None:
+    monkeypatch.setenv("DISHBOT_ENGINE__MODEL", str(tiny_internvl))
+    report = doctor_on(Probes(free_memory=lambda _device: 1000))
+    line = report.line("model")
+    assert line.startswith(f"FAIL  model       not enough memory to load {tiny_internvl}: ")
+    assert "0.0 GB is free; free some, or set DISHBOT_ENGINE__MODEL to a smaller checkpoint" in line
+    assert report.status == 1
+
+
+def test_the_database_s_active_version_is_the_model_checked(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tiny_internvl: Path
+) -> None:
+    monkeypatch.delenv("DISHBOT_ENGINE__MODEL")  # the default, which the database overrules
+    url = f"sqlite+aiosqlite:///{Path('data', 'dishbot.db').resolve()}"
+
+    async def register() -> None:
+        store = Store.open(url, Path())
+        try:
+            await upgrade(store.engine)
+            await store.add_model_version("base", str(tiny_internvl))
+            await store.activate_model_version("base", reason="base")
+        finally:
+            await store.close()
+
+    asyncio.run(register())
+    report = doctor(capsys)
+    assert report.line("model") == (
+        f"warn  model       {tiny_internvl} (transformers backend, version base): at "
+        f"{tiny_internvl}; engine.model OpenGVLab/InternVL3-1B-hf is not used: the database's "
+        "active version base wins (`dishbot models` lists the versions)"
+    )
+    assert report.status == 0
+
+
+def test_the_openai_server_chooses_the_model_when_none_is_named(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DISHBOT_ENGINE__BACKEND", "openai")
+    monkeypatch.delenv("DISHBOT_ENGINE__MODEL")
+    report = doctor(capsys)
+    assert report.line("model") == (
+        "ok    model       the server chooses: its first model (set "
+        "DISHBOT_ENGINE__OPENAI__MODEL to pick)"
+    )
 
 
 # ----------------------------------------------------------------------------- database
@@ -693,12 +808,14 @@ def test_a_taken_web_port_fails_naming_the_port_setting(
 # ----------------------------------------------------------------------------- the command
 
 
-def test_the_command_reports_every_check_in_order_and_exits_1_on_a_fail(tmp_path: Path) -> None:
+def test_a_fresh_offline_machine_is_told_the_model_cannot_be_had(tmp_path: Path) -> None:
+    """The whole command, as a user runs it: every check in order, and the one FAIL a fresh
+    machine without the hub has, with what to set."""
     env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("DISHBOT_")},
+        **{k: v for k, v in os.environ.items() if not k.startswith(("DISHBOT_", "HF_"))},
         "PYTHONPATH": str(REPO),
-        "DISHBOT_ENGINE__BACKEND": "lmdeploy",
-        "DISHBOT_TRAINING__TRAINER": "transformers",
+        "HF_HOME": str(tmp_path / "hf-home"),
+        "HF_HUB_OFFLINE": "1",
         "DISHBOT_WEB__PORT": "0",
     }
     done = subprocess.run(
@@ -717,6 +834,7 @@ def test_the_command_reports_every_check_in_order_and_exits_1_on_a_fail(tmp_path
         "settings",
         "torch",
         "lmdeploy",
+        "model",
         "database",
         "telegram",
         "discord",
@@ -724,7 +842,12 @@ def test_the_command_reports_every_check_in_order_and_exits_1_on_a_fail(tmp_path
         "disk",
         "web",
     ]
-    assert "FAIL  lmdeploy    not installed, but engine.backend = lmdeploy" in done.stdout
+    assert (
+        "FAIL  model       the model OpenGVLab/InternVL3-1B-hf is not downloaded yet and the hub "
+        "is switched off here (HF_HUB_OFFLINE=1): allow the download (unset HF_HUB_OFFLINE, or "
+        "set HF_ENDPOINT to a mirror), or set DISHBOT_ENGINE__MODEL to a directory holding an "
+        "InternVL model\n"
+    ) in done.stdout
     assert done.stdout.endswith(
         "\n`dishbot run` cannot start or answer until the FAIL line above is fixed\n"
     )

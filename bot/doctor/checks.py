@@ -6,6 +6,7 @@ from bot.doctor.backends import check_serving, check_torch
 from bot.doctor.database import check_database
 from bot.doctor.environment import check_packages, check_python
 from bot.doctor.host import check_disk, check_web
+from bot.doctor.model import check_model
 from bot.doctor.platforms import check_discord, check_telegram
 from bot.doctor.retraining import check_retraining
 from bot.doctor.runner import IMPORT_TIMEOUT_S, NETWORK_TIMEOUT_S, Check
@@ -20,6 +21,7 @@ BEFORE_SETTINGS = (
 AFTER_SETTINGS = (
     Check("torch", check_torch, timeout_s=IMPORT_TIMEOUT_S),
     Check("lmdeploy", check_serving, timeout_s=IMPORT_TIMEOUT_S),
+    Check("model", check_model, timeout_s=IMPORT_TIMEOUT_S),
     Check("database", check_database, timeout_s=_NETWORK_CHECK_S),
     Check("telegram", check_telegram, timeout_s=_NETWORK_CHECK_S),
     Check("discord", check_discord, timeout_s=_NETWORK_CHECK_S),

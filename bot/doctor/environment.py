@@ -64,9 +64,8 @@ async def check_packages(context: Context) -> Finding:
     installed: list[_Installed] = []
     problems: list[str] = []
     fixes: list[str] = []
-    importable = _importable_distributions()
     for requirement in needed:
-        problem = _problem(requirement, importable)
+        problem = _problem(requirement)
         if problem is None:
             installed.append(_Installed(requirement.name, _version(requirement.name) or "?"))
             continue
@@ -105,28 +104,32 @@ def _version(name: str) -> str | None:
         return None
 
 
-def _problem(requirement: Requirement, importable: set[str]) -> str | None:
+def _problem(requirement: Requirement) -> str | None:
     version = _version(requirement.name)
     if version is None:
         return f"{requirement.name} is missing"
     if requirement.specifier and not requirement.specifier.contains(version, prereleases=True):
         return f"{requirement.name} {version} does not fit {requirement.specifier}"
-    from packaging.utils import canonicalize_name
-
-    if canonicalize_name(requirement.name) not in importable:
+    modules = _top_level_modules(importlib.metadata.distribution(requirement.name))
+    if modules and not any(_findable(module) for module in modules):
         return f"{requirement.name} {version} is installed but cannot be imported"
     return None
 
 
-def _importable_distributions() -> set[str]:
-    """The installed distributions with at least one top-level module Python can find."""
-    from packaging.utils import canonicalize_name
-
-    found: set[str] = set()
-    for module, distributions in importlib.metadata.packages_distributions().items():
-        if _findable(module):
-            found.update(canonicalize_name(name) for name in distributions)
-    return found
+def _top_level_modules(distribution: importlib.metadata.Distribution) -> set[str]:
+    """The modules a distribution installs at the top level (``telegram`` for
+    python-telegram-bot), from its top_level.txt or else its list of files."""
+    listed = distribution.read_text("top_level.txt")
+    if listed:
+        return {line.strip() for line in listed.splitlines() if line.strip()}
+    modules = set()
+    for file in distribution.files or ():
+        top = file.parts[0]
+        if len(file.parts) == 1 and top.endswith(".py"):
+            modules.add(top.removesuffix(".py"))
+        elif len(file.parts) > 1 and top.isidentifier():
+            modules.add(top)
+    return modules
 
 
 def _findable(module: str) -> bool:

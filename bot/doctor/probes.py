@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bot.doctor.blocking import run_command
+from bot.model_source import free_memory
 
 GIB = 1024**3
 
@@ -143,3 +144,4 @@ class Probes:
     torch: Callable[[], TorchInfo] = probe_torch
     lmdeploy: Callable[[float], LMDeployInfo] = probe_lmdeploy
     disk: Callable[[Path], DiskSpace] = probe_disk
+    free_memory: Callable[[str], int | None] = free_memory
