@@ -18,6 +18,7 @@ from bot.doctor.findings import Finding, Status
 from bot.doctor.probes import Probes
 from bot.doctor.runner import exit_status, run_checks
 from bot.errors import ConfigError
+from bot.logs import configure_logging
 from bot.settings import Settings, load_settings
 
 __all__ = ["Finding", "Probes", "Status", "diagnose"]
@@ -43,6 +44,8 @@ async def _diagnose(probes: Probes, read_settings: Callable[[], Settings], out: 
         print(findings[-1].line(), file=out)
         print("\nthe other checks need settings that can be read; fix them first", file=out)
         return exit_status(findings)
+    # Only a library's warning reaches the log, and never with a secret in it.
+    configure_logging("WARNING", settings.secret_values())
     findings.append(settings_ok())
     print(findings[-1].line(), file=out, flush=True)
     findings += await run_checks(AFTER_SETTINGS, context.with_settings(settings), out)
