@@ -333,10 +333,7 @@ async def test_openai_backend_line_names_what_the_server_serves(
     assert report.line("openai") == (
         f"ok    openai      {openai_server.url} answers, serving internvl2-8b"
     )
-    assert report.line("torch") == (
-        f"ok    torch       {torch.__version__}, CPU only: the transformers backend runs on CPU, "
-        "slowly"
-    )
+    assert report.line("torch") == f"ok    torch       {torch.__version__}, CPU only"
 
 
 async def test_openai_server_that_does_not_answer_fails_naming_the_base_url_setting(
@@ -608,6 +605,36 @@ def test_a_telegram_webhook_without_https_fails(
         "public https:// URL of your proxy, or DISHBOT_TELEGRAM__MODE=polling"
     )
     assert report.status == 1
+
+
+def test_a_telegram_webhook_on_a_port_telegram_does_not_post_to_fails(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DISHBOT_TELEGRAM__TOKEN", "123456789:AAE-some-token")
+    monkeypatch.setenv("DISHBOT_TELEGRAM__MODE", "webhook")
+    monkeypatch.setenv("DISHBOT_TELEGRAM__WEBHOOK_URL", "https://bot.example.org:8080/telegram")
+    report = doctor(capsys)
+    assert report.line("telegram") == (
+        "FAIL  telegram    webhook_url https://bot.example.org:8080/telegram is on port 8080, "
+        "and Telegram posts only to ports 443, 80, 88, 8443 — put the public https:// URL on "
+        "one of those ports in DISHBOT_TELEGRAM__WEBHOOK_URL"
+    )
+    assert report.status == 1
+
+
+async def test_a_telegram_webhook_on_https_passes(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    telegram: TelegramEmulator,
+) -> None:
+    monkeypatch.setenv("DISHBOT_TELEGRAM__TOKEN", telegram.token)
+    monkeypatch.setenv("DISHBOT_TELEGRAM__BASE_URL", telegram.base_url)
+    monkeypatch.setenv("DISHBOT_TELEGRAM__MODE", "webhook")
+    monkeypatch.setenv("DISHBOT_TELEGRAM__WEBHOOK_URL", "https://bot.example.org/telegram")
+    report = await doctor_beside_servers(capsys)
+    assert report.line("telegram") == (
+        f"ok    telegram    @{DEFAULT_BOT_USERNAME} (webhook at https://bot.example.org/telegram)"
+    )
 
 
 # ----------------------------------------------------------------------------- discord

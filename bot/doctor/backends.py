@@ -50,6 +50,8 @@ def torch_finding(info: TorchInfo, engine: EngineSettings) -> Finding:
                 "update the NVIDIA driver, or keep the transformers backend on CPU (slow)",
             ),
         )
+    if engine.backend in ("lmdeploy", "openai"):  # the next line says what that means
+        return ok("torch", f"{info.version}, CPU only")
     return ok("torch", f"{info.version}, CPU only: the transformers backend runs on CPU, slowly")
 
 

@@ -12,6 +12,8 @@ from bot.settings import TelegramSettings
 DISCORD_API = "https://discord.com/api/v10"
 TELEGRAM_TOKEN = "DISHBOT_TELEGRAM__TOKEN"
 DISCORD_TOKEN = "DISHBOT_DISCORD__TOKEN"
+# The only ports setWebhook accepts (core.telegram.org/bots/api#setwebhook).
+WEBHOOK_PORTS = (443, 80, 88, 8443)
 
 
 async def check_telegram(context: Context) -> Finding:
@@ -56,12 +58,23 @@ def _webhook_problem(telegram: TelegramSettings) -> str | None:
     if telegram.mode != "webhook":
         return None
     url = telegram.webhook_url or ""
-    if urlsplit(url).scheme != "https" or not urlsplit(url).hostname:
+    parts = urlsplit(url)
+    if parts.scheme != "https" or not parts.hostname:
         return with_fix(
             f"webhook_url {url or '(unset)'} is not an https:// URL, and Telegram posts "
             "updates only over HTTPS",
             "set DISHBOT_TELEGRAM__WEBHOOK_URL to the public https:// URL of your proxy, "
             "or DISHBOT_TELEGRAM__MODE=polling",
+        )
+    try:
+        port = parts.port or 443
+    except ValueError:
+        port = -1
+    if port not in WEBHOOK_PORTS:
+        allowed = ", ".join(str(p) for p in WEBHOOK_PORTS)
+        return with_fix(
+            f"webhook_url {url} is on port {port}, and Telegram posts only to ports {allowed}",
+            "put the public https:// URL on one of those ports in DISHBOT_TELEGRAM__WEBHOOK_URL",
         )
     return None
 
