@@ -20,6 +20,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TextIO
 
+from bot import model_source
 from bot.engine_setup import check_format, cuda_available, resolve_backend_name
 from bot.model_source import (
     GB,
@@ -27,7 +28,6 @@ from bot.model_source import (
     DownloadProgress,
     ModelUnobtainable,
     fetch,
-    free_memory,
     memory_problem,
     model_for,
 )
@@ -102,7 +102,7 @@ class ModelStartup:
         engine: Engine,
         *,
         listeners: tuple[StatusListener, ...] = (),
-        free_memory_of: Callable[[str], int | None] = free_memory,
+        free_memory_of: Callable[[str], int | None] | None = None,
         log_failure: bool = True,
     ) -> None:
         """``listeners`` are told each change of `status`; ``free_memory_of`` says how much
@@ -113,7 +113,7 @@ class ModelStartup:
         self.engine = engine
         self.status = ModelStatus(Phase.STARTING, "starting: choosing the model")
         self._listeners = listeners
-        self._free_memory_of = free_memory_of
+        self._free_memory_of = free_memory_of or (lambda device: model_source.free_memory(device))
 
     def _set(self, status: ModelStatus) -> None:
         self.status = status

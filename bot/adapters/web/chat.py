@@ -23,7 +23,7 @@ import aiohttp_jinja2
 from aiohttp import web
 
 from bot.adapters.web.identity import Identities
-from bot.adapters.web.port import WebPort
+from bot.adapters.web.port import Update, WebPort
 from bot.adapters.web.tasks import TasksInHand
 from bot.adapters.web.uploads import BadForm, UploadTooLarge, read_ask_form
 from bot.core.dialog import Dialog, DialogConfig, RateLimiter
@@ -195,18 +195,27 @@ class ChatRoutes:
         )
         await response.prepare(request)
         with self.port.conversations.page(visitor.id) as (so_far, updates):
-            for message in so_far:
-                await _send_event(response, message)
-            while True:
-                try:
-                    update = await asyncio.wait_for(updates.get(), KEEPALIVE_S)
-                except TimeoutError:
-                    await response.write(b": keepalive\n\n")
-                    continue
-                await _send_event(response, update)
-                if update["kind"] == "reconnect":
-                    break
+            try:
+                await self._stream(response, so_far, updates)
+            except ConnectionResetError:
+                log.debug("a page closed its answer stream")  # the visitor left: nothing wrong
         return response
+
+    @staticmethod
+    async def _stream(
+        response: web.StreamResponse, so_far: list[Update], updates: asyncio.Queue[Update]
+    ) -> None:
+        for message in so_far:
+            await _send_event(response, message)
+        while True:
+            try:
+                update = await asyncio.wait_for(updates.get(), KEEPALIVE_S)
+            except TimeoutError:
+                await response.write(b": keepalive\n\n")
+                continue
+            await _send_event(response, update)
+            if update["kind"] == "reconnect":
+                return
 
     # -- what a visitor does ----------------------------------------------------------------
 
