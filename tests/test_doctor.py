@@ -27,6 +27,8 @@ import huggingface_hub.constants
 import pytest
 import torch
 
+import bot.doctor.database
+import bot.doctor.model
 from bot.cli import main
 from bot.doctor import Probes, diagnose
 from bot.doctor.context import Context
@@ -524,6 +526,25 @@ def test_an_unreachable_database_fails_naming_the_url_setting(
     )
     assert line.endswith(" — check DISHBOT_DATABASE_URL")
     assert "s3cret-pw" not in report.text
+    assert report.status == 1
+
+
+def test_a_database_server_that_never_answers_fails_instead_of_hanging(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bot.doctor.database, "NETWORK_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(bot.doctor.model, "NETWORK_TIMEOUT_S", 0.5)
+    with socket.socket() as silent:  # connections are accepted, then nothing is said
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        monkeypatch.setenv("DISHBOT_DATABASE_URL", f"postgresql://dishbot:pw@127.0.0.1:{port}/db")
+        report = doctor(capsys)
+    assert report.line("database") == (
+        f"FAIL  database    the database at postgresql://dishbot:***@127.0.0.1:{port}/db did not "
+        "answer within 0.5 s — check DISHBOT_DATABASE_URL"
+    )
+    assert report.line("model").startswith("ok    model")
     assert report.status == 1
 
 

@@ -15,8 +15,8 @@ from bot.doctor.runner import IMPORT_TIMEOUT_S, NETWORK_TIMEOUT_S, Check
 _NETWORK_CHECK_S = NETWORK_TIMEOUT_S + 2
 
 BEFORE_SETTINGS = (
-    Check("python", check_python, needs_settings=False),
-    Check("packages", check_packages, needs_settings=False),
+    Check("python", check_python),
+    Check("packages", check_packages),
 )
 AFTER_SETTINGS = (
     Check("torch", check_torch, timeout_s=IMPORT_TIMEOUT_S),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from alembic.util import CommandError
 from bot.doctor.context import Context
 from bot.doctor.findings import Finding, fail, ok, with_fix
 from bot.doctor.probes import nearest_existing
+from bot.doctor.runner import NETWORK_TIMEOUT_S
 from bot.errors import ConfigError, DatabaseUnavailable
 from bot.settings import redact_url
 from bot.store.database import (
@@ -56,8 +58,12 @@ async def check_database(context: Context) -> Finding:
 async def _revision(url: str) -> str | None:
     engine = open_engine(url)
     try:
-        async with database_errors(url):
+        async with asyncio.timeout(NETWORK_TIMEOUT_S), database_errors(url):
             return await current_revision(engine)
+    except TimeoutError:  # a server that accepts connections but never answers
+        raise DatabaseUnavailable(
+            f"the database at {redact_url(url)} did not answer within {NETWORK_TIMEOUT_S:g} s"
+        ) from None
     finally:
         await engine.dispose()
 

@@ -7,12 +7,14 @@ as in `dishbot run`), else engine.model or the backend's default.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 
 from bot.doctor.blocking import in_thread
 from bot.doctor.context import Context
 from bot.doctor.findings import Finding, Status, fail, ok, warn
+from bot.doctor.runner import NETWORK_TIMEOUT_S
 from bot.engine_setup import resolve_backend_name
 from bot.errors import DishbotError
 from bot.model_source import (
@@ -106,11 +108,11 @@ async def _active_version(settings: Settings) -> _Served | None:
     except DishbotError:
         return None
     try:
-        async with database_errors(url):
+        async with asyncio.timeout(NETWORK_TIMEOUT_S), database_errors(url):
             if await current_revision(store.engine) != head_revision():
                 return None
             active = await store.active_model_version()
-    except DishbotError:
+    except (DishbotError, TimeoutError):
         return None
     finally:
         await store.close()

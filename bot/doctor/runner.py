@@ -14,6 +14,7 @@ from bot.doctor.findings import Finding, Status, fail
 NETWORK_TIMEOUT_S = 10.0
 # A probe that starts Python and imports something heavy (lmdeploy, XTuner and torch).
 IMPORT_TIMEOUT_S = 60.0
+# Anything else: files, sockets, a local database.
 LOCAL_TIMEOUT_S = 30.0
 
 Probe = Callable[[Context], Awaitable[Finding]]
@@ -26,7 +27,6 @@ class Check:
     name: str
     probe: Probe
     timeout_s: float = LOCAL_TIMEOUT_S
-    needs_settings: bool = True
 
 
 async def run_checks(checks: Sequence[Check], context: Context, out: TextIO) -> list[Finding]:
