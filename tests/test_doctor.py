@@ -613,6 +613,21 @@ async def test_a_rejected_telegram_token_fails_without_showing_the_token(
     assert report.status == 1
 
 
+def test_an_unreachable_telegram_api_fails_naming_where_it_was_looked_for(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, free_port: int
+) -> None:
+    monkeypatch.setenv("DISHBOT_TELEGRAM__TOKEN", "123456789:AAE-some-token")
+    monkeypatch.setenv("DISHBOT_TELEGRAM__BASE_URL", f"http://127.0.0.1:{free_port}/bot")
+    report = doctor(capsys)
+    assert report.line("telegram") == (
+        f"FAIL  telegram    cannot reach http://127.0.0.1:{free_port}: cannot connect to "
+        f"127.0.0.1:{free_port} (connection refused) — check the network, or "
+        "DISHBOT_TELEGRAM__BASE_URL (for a self-hosted Bot API)"
+    )
+    assert "AAE-some-token" not in report.text
+    assert report.status == 1
+
+
 def test_a_telegram_webhook_without_https_fails(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

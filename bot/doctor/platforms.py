@@ -32,7 +32,8 @@ async def check_telegram(context: Context) -> Finding:
         return fail(
             "telegram",
             with_fix(
-                f"cannot reach {api}: {exc}", "check the network or DISHBOT_TELEGRAM__BASE_URL"
+                f"cannot reach {api}: {exc}",
+                "check the network, or DISHBOT_TELEGRAM__BASE_URL (for a self-hosted Bot API)",
             ),
         )
     if answer.status in (401, 404):  # 404: not even shaped like a token
@@ -105,7 +106,7 @@ async def check_discord(context: Context) -> Finding:
         return fail(
             "discord",
             with_fix(
-                f"cannot reach {api}: {exc}", "check the network or DISHBOT_DISCORD__API_BASE"
+                f"cannot reach {api}: {exc}", "check the network, or DISHBOT_DISCORD__API_BASE"
             ),
         )
     if answer.status == 401:
