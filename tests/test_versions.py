@@ -71,6 +71,36 @@ async def test_a_fresh_install_serves_the_configured_model_as_base(
     assert (spec.path, spec.name, spec.system_prompt) == (BASE_PATH, "base", None)
 
 
+async def test_setting_another_model_after_a_first_start_serves_it_while_untrained(
+    store: Store, settings: Settings, data_dir: Path
+) -> None:
+    # A first start registered the default; the operator then set the model they have.
+    await ensure_base_version(store, settings)
+    changed = Settings(data_dir=data_dir, engine=EngineSettings(model="/models/local"))
+
+    switched = await ensure_base_version(store, changed)
+    again = await ensure_base_version(store, changed)
+    back = await ensure_base_version(store, settings)
+
+    assert (switched.name, switched.path, switched.is_active) == ("base-2", "/models/local", True)
+    assert again == switched
+    assert (back.name, back.path) == ("base", BASE_PATH)  # the earlier base, not a third
+    assert [v.name for v in await store.model_versions()] == ["base", "base-2"]
+
+
+async def test_a_trained_version_once_active_wins_over_the_settings(
+    store: Store, settings: Settings, data_dir: Path
+) -> None:
+    base = await ensure_base_version(store, settings)
+    await store.add_model_version("run-1", "/runs/1/model", parent_id=base.id)
+    await activate(store, "run-1")
+    changed = Settings(data_dir=data_dir, engine=EngineSettings(model="/models/local"))
+
+    served = await ensure_base_version(store, changed)
+
+    assert (served.name, served.path) == ("run-1", "/runs/1/model")
+
+
 async def test_every_process_follows_an_activation_made_elsewhere_within_seconds(
     store: Store, other_process: Store, settings: Settings
 ) -> None:

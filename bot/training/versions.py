@@ -46,25 +46,57 @@ async def ensure_base_version(
     """The active version; on a fresh install, ``model`` (default: the configured
     ``engine.model``, or the backend's default) as "base".
 
+    While an untrained model is served, the configured one wins: when ``model`` has changed
+    (the operator set another after a first start), it is registered as a new base version
+    ("base-2", ...) and activated, so setting ``engine.model`` is all it takes. A trained
+    version, once active, wins over the settings (`dishbot models` lists them).
+
     Safe to call from several processes starting at once: they agree on one "base".
     """
     model = model or configured_model_path(settings)
     active = await store.active_model_version()
     if active is not None:
-        if active.name == BASE_VERSION and active.path != model:
-            log.warning(
-                "engine.model is %s but the database serves %s as %r; the database wins "
-                "(`dishbot models` lists the versions)",
-                model,
-                active.path,
-                BASE_VERSION,
-            )
+        if active.path == model:
+            return active
+        if _is_base(active):
+            return await _switch_base(store, model)
+        log.warning(
+            "engine.model is %s but the database serves the trained version %r (%s); the "
+            "database wins (`dishbot models` lists the versions)",
+            model,
+            active.name,
+            active.path,
+        )
         return active
     with contextlib.suppress(ValueError):  # another process registered it a moment ago
         await store.add_model_version(BASE_VERSION, model)
     if (active := await store.active_model_version()) is not None:
         return active
     return await store.activate_model_version(BASE_VERSION, reason="base")
+
+
+def _is_base(version: ModelVersionRecord) -> bool:
+    """Whether ``version`` is a model as configured, not one a run trained."""
+    return version.parent_id is None and version.run_id is None
+
+
+async def _switch_base(store: Store, model: str) -> ModelVersionRecord:
+    """Serve ``model`` as the base from now on: an earlier base version of it, or a new one."""
+    versions = await store.model_versions()
+    earlier = [v for v in versions if _is_base(v) and v.path == model]
+    if earlier:
+        name = earlier[-1].name
+    else:
+        taken = {version.name for version in versions}
+        name = next(
+            f"{BASE_VERSION}-{n}"
+            for n in range(2, len(taken) + 3)
+            if f"{BASE_VERSION}-{n}" not in taken
+        )
+        with contextlib.suppress(ValueError):  # another process took the name a moment ago
+            await store.add_model_version(name, model)
+    log.info("engine.model is now %s: serving it as model version %s", model, name)
+    return await store.activate_model_version(name, reason="base")
 
 
 async def activate(store: Store, name: str) -> ModelVersionRecord:
