@@ -424,29 +424,59 @@ def test_a_model_too_big_for_the_free_memory_fails_naming_a_smaller_one(
     assert report.status == 1
 
 
-def test_the_database_s_active_version_is_the_model_checked(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tiny_internvl: Path
-) -> None:
-    monkeypatch.delenv("DISHBOT_ENGINE__MODEL")  # the default, which the database overrules
+def _register_versions(tiny_internvl: Path) -> None:
+    """A database where "base" (the default model) was retrained into "v1" (the tiny model)."""
     url = f"sqlite+aiosqlite:///{Path('data', 'dishbot.db').resolve()}"
 
     async def register() -> None:
         store = Store.open(url, Path())
         try:
             await upgrade(store.engine)
-            await store.add_model_version("base", str(tiny_internvl))
+            base = await store.add_model_version("base", "OpenGVLab/InternVL3-1B-hf")
             await store.activate_model_version("base", reason="base")
+            await store.add_model_version(
+                "v1", str(tiny_internvl), parent_id=base.id, trainer="transformers"
+            )
+            await store.activate_model_version("v1", reason="promoted")
         finally:
             await store.close()
 
     asyncio.run(register())
+
+
+def test_a_trained_active_version_is_the_model_checked(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tiny_internvl: Path
+) -> None:
+    _register_versions(tiny_internvl)
+    monkeypatch.setenv("DISHBOT_ENGINE__MODEL", "OpenGVLab/InternVL3-1B-hf")
     report = doctor(capsys)
     assert report.line("model") == (
-        f"warn  model       {tiny_internvl} (transformers backend, version base): at "
-        f"{tiny_internvl}; engine.model OpenGVLab/InternVL3-1B-hf is not used: the database's "
-        "active version base wins (`dishbot models` lists the versions)"
+        f"warn  model       {tiny_internvl} (transformers backend, version v1): at "
+        f"{tiny_internvl}; engine.model OpenGVLab/InternVL3-1B-hf is not used: the trained "
+        "version v1 is active and wins (`dishbot models` lists the versions)"
     )
     assert report.status == 0
+
+
+def test_a_base_version_gives_way_to_the_configured_model(
+    capsys: pytest.CaptureFixture[str], tiny_internvl: Path, tmp_path: Path
+) -> None:
+    url = f"sqlite+aiosqlite:///{Path('data', 'dishbot.db').resolve()}"
+
+    async def register_base() -> None:
+        store = Store.open(url, Path())
+        try:
+            await upgrade(store.engine)
+            await store.add_model_version("base", str(tmp_path / "an-older-model"))
+            await store.activate_model_version("base", reason="base")
+        finally:
+            await store.close()
+
+    asyncio.run(register_base())
+    report = doctor(capsys)
+    assert report.line("model") == (
+        f"ok    model       {tiny_internvl} (transformers backend): at {tiny_internvl}"
+    )
 
 
 def test_the_openai_server_chooses_the_model_when_none_is_named(

@@ -1,8 +1,8 @@
 """The model `dishbot run` would serve: in a format its backend runs, here or downloadable,
 and small enough for the memory free.
 
-That is the database's active model version when there is one (it wins over engine.model,
-as in `dishbot run`), else engine.model or the backend's default.
+That is the database's active version when a retraining run made it (it wins over
+engine.model, as in `dishbot run`), else engine.model or the backend's default.
 """
 
 from __future__ import annotations
@@ -57,8 +57,8 @@ async def check_model(context: Context) -> Finding:
     # `dishbot run` serves the active version whatever engine.model says: say so, or a fix
     # that sets DISHBOT_ENGINE__MODEL would seem to do nothing.
     overruled = (
-        f"engine.model {configured} is not used: the database's active version "
-        f"{active.version} wins (`dishbot models` lists the versions)"
+        f"engine.model {configured} is not used: the trained version {active.version} is "
+        "active and wins (`dishbot models` lists the versions)"
     )
     if finding.status is Status.OK:
         return warn("model", f"{finding.text}; {overruled}")
@@ -98,8 +98,9 @@ async def _model_finding(
 
 
 async def _active_version(settings: Settings) -> _Served | None:
-    """The database's active model version, when the database is there and at head (else
-    the database line has something to say, and the configured model is what is checked)."""
+    """The database's active version when it is a trained one; None for a base version (the
+    configured model replaces it), or when the database is not there or not at head (the
+    database line says so, and the configured model is what is checked)."""
     url = settings.db_url
     try:
         if missing_sqlite_file(url) is not None:
@@ -116,7 +117,9 @@ async def _active_version(settings: Settings) -> _Served | None:
         return None
     finally:
         await store.close()
-    return _Served(active.path, active.name) if active is not None else None
+    if active is None or (active.parent_id is None and active.run_id is None):
+        return None  # a base version: the configured model replaces it at the next start
+    return _Served(active.path, active.name)
 
 
 async def _fits(
