@@ -8,10 +8,15 @@ is one line saying what is wrong and what to set.
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import http.client
 import json
 import logging
 import os
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -35,6 +40,11 @@ DEFAULT_MODELS = {"lmdeploy": LMDEPLOY_DEFAULT, "transformers": TRANSFORMERS_DEF
 MODEL_FILES = ("*.json", "*.safetensors", "*.py", "*.model", "*.txt", "*.jinja", "*.tiktoken")
 WEIGHT_FILES = "*.safetensors"
 HUB_TIMEOUT_S = 10.0
+# Files at least this big are downloaded so that a restart goes on where the last one stopped.
+RESUMABLE_BYTES = 8 * 2**20
+RESUME_ATTEMPTS = 5  # connections dropped in one download before it gives up until next start
+PARTIAL_SUFFIX = ".partial"
+CHUNK_BYTES = 2**20
 GB = 1e9
 # Loading needs the weights and some room beside them (activations, the tokenizer, Python).
 MEMORY_MARGIN = 1.2
@@ -165,11 +175,22 @@ def locate(model: str) -> Path | None:
         )
     except (LocalEntryNotFoundError, OSError, ValueError):
         return None
-    if not (folder / "config.json").is_file() or not any(folder.glob(WEIGHT_FILES)):
-        return None
-    if any(_repo_cache(model).glob("blobs/*.incomplete")):
-        return None
-    return folder
+    return folder if _complete(folder) else None
+
+
+def _complete(folder: Path) -> bool:
+    """Whether ``folder`` holds a whole model: its config, and every weights file (each shard
+    its index names); a link into the cache whose blob is missing does not count."""
+    if not (folder / "config.json").is_file():
+        return False
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return False
+        return bool(shards) and all((folder / shard).is_file() for shard in shards)
+    return any(path.is_file() for path in folder.glob(WEIGHT_FILES))
 
 
 def _repo_cache(repo_id: str) -> Path:
@@ -201,7 +222,7 @@ def _not_here(model: str, why: str) -> ModelUnobtainable:
     )
 
 
-def _hub_files(model: str, timeout_s: float) -> dict[str, int]:
+def _hub_files(model: str, timeout_s: float) -> _HubRepo:
     """The files of ``model`` dishbot needs, with their sizes, as the hub lists them."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import (
@@ -230,8 +251,34 @@ def _hub_files(model: str, timeout_s: float) -> dict[str, int]:
         raise _not_here(model, "the hub is switched off here (HF_HUB_OFFLINE=1)") from None
     except Exception as exc:  # connection refused, DNS, TLS, timeouts, 5xx
         raise _not_here(model, f"the hub cannot be reached ({type(exc).__name__})") from None
-    files = {sibling.rfilename: sibling.size or 0 for sibling in info.siblings or ()}
-    return {name: size for name, size in files.items() if _wanted(name)}
+    return _HubRepo(
+        model,
+        info.sha or "main",
+        {
+            sibling.rfilename: _HubFile(
+                sibling.size or 0, sibling.lfs.sha256 if sibling.lfs is not None else None
+            )
+            for sibling in info.siblings or ()
+            if _wanted(sibling.rfilename)
+        },
+    )
+
+
+@dataclass(frozen=True)
+class _HubFile:
+    size: int
+    sha256: str | None  # large (LFS) files: the name of their blob in the cache
+
+
+@dataclass(frozen=True)
+class _HubRepo:
+    repo_id: str
+    commit: str
+    files: dict[str, _HubFile]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(file.size for file in self.files.values())
 
 
 def _wanted(name: str) -> bool:
@@ -260,25 +307,26 @@ def fetch(
             )
         return path
     try:
-        files = _hub_files(model, timeout_s)
+        repo = _hub_files(model, timeout_s)
     except ModelUnobtainable:
         cached = locate(model)  # offline or unreachable: a complete copy here still serves
         if cached is None:
             raise
         return cached
-    if not any(fnmatch(name, WEIGHT_FILES) for name in files):
+    if not any(fnmatch(name, WEIGHT_FILES) for name in repo.files):
         raise ModelUnobtainable(
             f"the hub's {model} has no .safetensors weights: set {MODEL_VARIABLE} to an "
             f"InternVL checkpoint such as {TRANSFORMERS_DEFAULT}"
         )
-    return _download(model, sum(files.values()), progress, poll_s)
+    return _download(repo, progress, poll_s, timeout_s)
 
 
 def _download(
-    model: str, total_bytes: int, progress: ProgressCallback | None, poll_s: float
+    repo: _HubRepo, progress: ProgressCallback | None, poll_s: float, timeout_s: float
 ) -> Path:
     from huggingface_hub import snapshot_download
 
+    model, total_bytes = repo.repo_id, repo.total_bytes
     blobs = _repo_cache(model) / "blobs"
     done = threading.Event()
 
@@ -290,11 +338,16 @@ def _download(
     reporter = threading.Thread(target=report, name="model-download-progress", daemon=True)
     reporter.start()
     try:
+        for name, file in repo.files.items():
+            if file.sha256 is not None and file.size >= RESUMABLE_BYTES:
+                _fetch_resumably(repo, name, file, timeout_s)
+        # The rest (small files), and the links and refs of the cache, as the hub's library
+        # keeps them; the large files are there already, so it skips them.
         folder = snapshot_download(model, allow_patterns=list(MODEL_FILES))
     except OSError as exc:
-        if exc.errno == 28:  # ENOSPC
+        if exc.errno == errno.ENOSPC:
             raise ModelUnobtainable(
-                f"not enough disk space to download {model} ({total_bytes / GB:.1f} GB) into "
+                f"not enough disk space to download {model} ({size_words(total_bytes)}) into "
                 f"{_repo_cache(model).parent}: free some, or set HF_HOME to a bigger disk"
             ) from None
         raise ModelUnobtainable(
@@ -311,6 +364,90 @@ def _download(
     if progress is not None:
         progress(DownloadProgress(total_bytes, total_bytes))
     return Path(folder)
+
+
+def _fetch_resumably(repo: _HubRepo, name: str, file: _HubFile, timeout_s: float) -> None:
+    """Download one large file into the hub cache's blob for it, going on from the bytes a
+    download cut short (a restart, a dropped connection) left in ``<blob>.partial``, and
+    checking its sha256; then link it into the snapshot as the hub's library does.
+
+    (huggingface_hub downloads into a file unique to its process and deletes it when it
+    fails, so without this a restart fetches a half-downloaded 2 GB file from its first byte.)
+    """
+    from huggingface_hub import hf_hub_url
+
+    assert file.sha256 is not None
+    storage = _repo_cache(repo.repo_id)
+    blob = storage / "blobs" / file.sha256
+    pointer = storage / "snapshots" / repo.commit / name
+    if not blob.is_file():
+        partial = blob.with_name(blob.name + PARTIAL_SUFFIX)
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        url = hf_hub_url(repo.repo_id, name, revision=repo.commit)
+        for _attempt in range(RESUME_ATTEMPTS):
+            have = partial.stat().st_size if partial.exists() else 0
+            if have >= file.size:
+                break
+            try:
+                _append_from(url, partial, have, timeout_s)
+            except urllib.error.HTTPError as exc:
+                raise ModelUnobtainable(
+                    f"the hub answered {exc.code} when asked for {name} of {repo.repo_id}: "
+                    f"try again later, or set {MODEL_VARIABLE} to another model"
+                ) from None
+            except (OSError, http.client.HTTPException) as exc:
+                if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                    raise
+                log.warning("downloading %s was cut short (%s); going on", name, exc)
+        if not partial.exists() or partial.stat().st_size < file.size:
+            raise ModelUnobtainable(
+                f"downloading {name} of {repo.repo_id} kept being cut short; it goes on from "
+                "where it stopped at the next start"
+            )
+        if _sha256_of(partial) != file.sha256:
+            partial.unlink()
+            raise ModelUnobtainable(
+                f"{name} of {repo.repo_id} arrived damaged (its sha256 does not match); it is "
+                "downloaded again at the next start"
+            )
+        os.replace(partial, blob)
+    if not pointer.exists():
+        pointer.parent.mkdir(parents=True, exist_ok=True)
+        pointer.unlink(missing_ok=True)  # a dangling link
+        pointer.symlink_to(os.path.relpath(blob, pointer.parent))
+
+
+def _append_from(url: str, partial: Path, have: int, timeout_s: float) -> None:
+    """Write what ``url`` has from byte ``have`` on at the end of ``partial``."""
+    from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]
+
+    headers = {**build_hf_headers(), "Range": f"bytes={have}-"}
+    request = urllib.request.Request(url, headers=headers)
+    with urllib.request.urlopen(request, timeout=max(timeout_s, 60.0)) as response:
+        if have and response.status != 206:  # the server sent it all again: start over
+            have = 0
+        with partial.open("r+b" if have else "wb") as out:
+            out.seek(have)
+            out.truncate()
+            while chunk := response.read(CHUNK_BYTES):
+                out.write(chunk)
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as data:
+        while chunk := data.read(CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def size_words(count: int) -> str:
+    """``count`` bytes in the unit that shows them: "2.1 GB", "35 MB", "512 kB"."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= scale:
+            shown = count / scale
+            return f"{shown:.1f} {unit}" if shown < 10 else f"{shown:.0f} {unit}"
+    return f"{count} B"
 
 
 def _bytes_in(folder: Path) -> int:
@@ -379,7 +516,7 @@ def memory_problem(
     where = "GPU memory" if device.startswith("cuda") else "memory"
     return (
         f"not enough {where} to load {name or model_dir.name}: it needs about "
-        f"{needed / GB:.1f} GB and "
-        f"{free / GB:.1f} GB is free; free some, or set {MODEL_VARIABLE} to a smaller "
+        f"{size_words(needed)} and "
+        f"{size_words(free)} is free; free some, or set {MODEL_VARIABLE} to a smaller "
         f"checkpoint such as {TRANSFORMERS_DEFAULT}"
     )

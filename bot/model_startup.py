@@ -23,13 +23,13 @@ from typing import TextIO
 from bot import model_source
 from bot.engine_setup import check_format, cuda_available, resolve_backend_name
 from bot.model_source import (
-    GB,
     MODEL_VARIABLE,
     DownloadProgress,
     ModelUnobtainable,
     fetch,
     memory_problem,
     model_for,
+    size_words,
 )
 from bot.settings import Settings
 from bot.store import Store
@@ -87,7 +87,7 @@ def downloading_message(model: str, progress: DownloadProgress) -> str:
     if not total:
         return f"downloading the model {model}"
     percent = min(100, progress.done_bytes * 100 // total)
-    return f"downloading the model {model}, {percent}% of {total / GB:.1f} GB"
+    return f"downloading the model {model}, {percent}% of {size_words(total)}"
 
 
 StatusListener = Callable[[ModelStatus], None]
