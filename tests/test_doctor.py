@@ -39,6 +39,7 @@ from bot.store import Store
 from bot.store.database import open_engine
 from bot.store.schema import head_revision, upgrade
 from tests.discord_emulator import DiscordEmulator
+from tests.hub_emulator import HubEmulator, running_hub
 from tests.openai_server import FakeOpenAIServer
 from tests.telegram_emulator import DEFAULT_BOT_USERNAME, TelegramEmulator
 
@@ -413,6 +414,46 @@ def test_the_default_model_in_the_hub_cache_is_ready(
     )
 
 
+@pytest.fixture
+def online_hub(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_internvl: Path
+) -> Iterator[HubEmulator]:
+    """The hub emulator serving the tiny model as OpenGVLab/InternVL3-1B-hf, with the hub
+    switched on (as HF_ENDPOINT and no HF_HUB_OFFLINE would) and an empty model cache."""
+    with running_hub() as hub:
+        hub.add_repo("OpenGVLab/InternVL3-1B-hf", tiny_internvl)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+        yield hub
+
+
+def test_the_default_model_not_downloaded_yet_is_downloadable_from_the_hub(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, online_hub: HubEmulator
+) -> None:
+    monkeypatch.delenv("DISHBOT_ENGINE__MODEL")
+    report = doctor(capsys)
+    assert report.line("model") == (
+        "ok    model       OpenGVLab/InternVL3-1B-hf (transformers backend): downloadable from "
+        "the hub, `dishbot run` fetches it"
+    )
+    assert report.status == 0
+    assert online_hub.file_gets() == []  # looking downloads nothing
+
+
+def test_a_model_the_hub_does_not_have_fails_naming_the_model_setting(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, online_hub: HubEmulator
+) -> None:
+    monkeypatch.setenv("DISHBOT_ENGINE__MODEL", "dishbot-test/no-such-model")
+    report = doctor(capsys)
+    line = report.line("model")
+    assert line.startswith(
+        "FAIL  model       there is no model dishbot-test/no-such-model on the Hugging Face hub"
+    )
+    assert "set DISHBOT_ENGINE__MODEL to an InternVL model that exists" in line
+    assert report.status == 1
+
+
 def test_a_model_too_big_for_the_free_memory_fails_naming_a_smaller_one(
     monkeypatch: pytest.MonkeyPatch, tiny_internvl: Path
 ) -> None:
@@ -420,7 +461,7 @@ def test_a_model_too_big_for_the_free_memory_fails_naming_a_smaller_one(
     report = doctor_on(Probes(free_memory=lambda _device: 1000))
     line = report.line("model")
     assert line.startswith(f"FAIL  model       not enough memory to load {tiny_internvl}: ")
-    assert "0.0 GB is free; free some, or set DISHBOT_ENGINE__MODEL to a smaller checkpoint" in line
+    assert "1.0 kB is free; free some, or set DISHBOT_ENGINE__MODEL to a smaller checkpoint" in line
     assert report.status == 1
 
 
