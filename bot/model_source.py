@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from fnmatch import fnmatch
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 from bot.errors import DishbotError
 from bot.settings import EngineSettings
@@ -427,7 +429,8 @@ def _append_from(url: str, partial: Path, have: int, timeout_s: float) -> None:
 
     headers = {**build_hf_headers(), "Range": f"bytes={have}-"}
     request = urllib.request.Request(url, headers=headers)
-    with urllib.request.urlopen(request, timeout=max(timeout_s, 60.0)) as response:
+    opener = urllib.request.build_opener(_TokenStaysHome)
+    with opener.open(request, timeout=max(timeout_s, 60.0)) as response:
         if have and response.status != 206:  # the server sent it all again: start over
             have = 0
         with partial.open("r+b" if have else "wb") as out:
@@ -435,6 +438,25 @@ def _append_from(url: str, partial: Path, have: int, timeout_s: float) -> None:
             out.truncate()
             while chunk := response.read(CHUNK_BYTES):
                 out.write(chunk)
+
+
+class _TokenStaysHome(urllib.request.HTTPRedirectHandler):
+    """Follows the hub's redirects (to its CDN) without taking the hub token (HF_TOKEN) to
+    another host, as urllib otherwise would."""
+
+    def redirect_request(
+        self,
+        req: urllib.request.Request,
+        fp: Any,
+        code: int,
+        msg: str,
+        headers: Any,
+        newurl: str,
+    ) -> urllib.request.Request | None:
+        redirected = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if redirected is not None and urlsplit(newurl).netloc != urlsplit(req.full_url).netloc:
+            redirected.remove_header("Authorization")
+        return redirected
 
 
 def _sha256_of(path: Path) -> str:
