@@ -100,6 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("question", nargs="?", help='default: "What dish is this?"')
     chat.set_defaults(handler=cmd_chat)
 
+    commands.add_parser(
+        "doctor",
+        help="check what `dishbot run` needs; one line per check, with the fix",
+        description="Check Python and packages, the settings, torch and the GPU, the backend, "
+        "the model, the database, the chat platforms' tokens, retraining, disk space and the "
+        "web console's port. Each line is ok, warn or FAIL; exit status 1 when a FAIL means "
+        "`dishbot run` would not start or not answer.",
+    )
+
     config = commands.add_parser("config", help="print the effective settings, secrets hidden")
     config.set_defaults(handler=cmd_config)
 
@@ -228,6 +237,13 @@ def cmd_chat(settings: Settings, args: argparse.Namespace) -> int:
     """`dishbot chat IMAGE [QUESTION]`: the console adapter."""
     asyncio.run(chat(settings, args.image, args.question))
     return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """`dishbot doctor`: one line per check, with the fix; 1 when `dishbot run` would fail."""
+    from bot.doctor import diagnose
+
+    return diagnose()
 
 
 def cmd_config(settings: Settings, args: argparse.Namespace) -> int:
@@ -650,6 +666,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     secrets: list[str] = []
     try:
+        if args.command == "doctor":  # unreadable settings are one of its lines
+            return cmd_doctor(args)
         settings = load_settings()
         secrets = settings.secret_values()
         configure_logging(settings.log_level, secrets)

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from fnmatch import fnmatch
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 from bot.errors import DishbotError
 from bot.settings import EngineSettings
@@ -41,7 +43,7 @@ MODEL_FILES = ("*.json", "*.safetensors", "*.py", "*.model", "*.txt", "*.jinja",
 WEIGHT_FILES = "*.safetensors"
 HUB_TIMEOUT_S = 10.0
 # Files at least this big are downloaded so that a restart goes on where the last one stopped.
-RESUMABLE_BYTES = 8 * 2**20
+RESUMABLE_BYTES = 2**20
 RESUME_ATTEMPTS = 5  # connections dropped in one download before it gives up until next start
 PARTIAL_SUFFIX = ".partial"
 CHUNK_BYTES = 2**20
@@ -253,7 +255,6 @@ def _hub_files(model: str, timeout_s: float) -> _HubRepo:
         raise _not_here(model, f"the hub cannot be reached ({type(exc).__name__})") from None
     return _HubRepo(
         model,
-        info.sha or "main",
         {
             sibling.rfilename: _HubFile(
                 sibling.size or 0, sibling.lfs.sha256 if sibling.lfs is not None else None
@@ -273,7 +274,6 @@ class _HubFile:
 @dataclass(frozen=True)
 class _HubRepo:
     repo_id: str
-    commit: str
     files: dict[str, _HubFile]
 
     @property
@@ -338,12 +338,17 @@ def _download(
     reporter = threading.Thread(target=report, name="model-download-progress", daemon=True)
     reporter.start()
     try:
-        for name, file in repo.files.items():
-            if file.sha256 is not None and file.size >= RESUMABLE_BYTES:
-                _fetch_resumably(repo, name, file, timeout_s)
-        # The rest (small files), and the links and refs of the cache, as the hub's library
-        # keeps them; the large files are there already, so it skips them.
-        folder = snapshot_download(model, allow_patterns=list(MODEL_FILES))
+        large = {
+            name: file
+            for name, file in repo.files.items()
+            if file.sha256 is not None and file.size >= RESUMABLE_BYTES
+        }
+        # The small files (configs, tokenizer, code) first, as the hub's library keeps them,
+        # with the snapshot's refs; then the large ones beside them, each resumable.
+        small = [name for name in repo.files if name not in large]
+        folder = Path(snapshot_download(model, allow_patterns=small))
+        for name, file in large.items():
+            _fetch_resumably(model, folder, name, file, timeout_s)
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             raise ModelUnobtainable(
@@ -363,10 +368,12 @@ def _download(
         reporter.join()
     if progress is not None:
         progress(DownloadProgress(total_bytes, total_bytes))
-    return Path(folder)
+    return folder
 
 
-def _fetch_resumably(repo: _HubRepo, name: str, file: _HubFile, timeout_s: float) -> None:
+def _fetch_resumably(
+    repo_id: str, snapshot: Path, name: str, file: _HubFile, timeout_s: float
+) -> None:
     """Download one large file into the hub cache's blob for it, going on from the bytes a
     download cut short (a restart, a dropped connection) left in ``<blob>.partial``, and
     checking its sha256; then link it into the snapshot as the hub's library does.
@@ -377,13 +384,12 @@ def _fetch_resumably(repo: _HubRepo, name: str, file: _HubFile, timeout_s: float
     from huggingface_hub import hf_hub_url
 
     assert file.sha256 is not None
-    storage = _repo_cache(repo.repo_id)
-    blob = storage / "blobs" / file.sha256
-    pointer = storage / "snapshots" / repo.commit / name
+    blob = _repo_cache(repo_id) / "blobs" / file.sha256
+    pointer = snapshot / name
     if not blob.is_file():
         partial = blob.with_name(blob.name + PARTIAL_SUFFIX)
         partial.parent.mkdir(parents=True, exist_ok=True)
-        url = hf_hub_url(repo.repo_id, name, revision=repo.commit)
+        url = hf_hub_url(repo_id, name, revision=snapshot.name)  # the snapshot's commit
         for _attempt in range(RESUME_ATTEMPTS):
             have = partial.stat().st_size if partial.exists() else 0
             if have >= file.size:
@@ -392,7 +398,7 @@ def _fetch_resumably(repo: _HubRepo, name: str, file: _HubFile, timeout_s: float
                 _append_from(url, partial, have, timeout_s)
             except urllib.error.HTTPError as exc:
                 raise ModelUnobtainable(
-                    f"the hub answered {exc.code} when asked for {name} of {repo.repo_id}: "
+                    f"the hub answered {exc.code} when asked for {name} of {repo_id}: "
                     f"try again later, or set {MODEL_VARIABLE} to another model"
                 ) from None
             except (OSError, http.client.HTTPException) as exc:
@@ -401,13 +407,13 @@ def _fetch_resumably(repo: _HubRepo, name: str, file: _HubFile, timeout_s: float
                 log.warning("downloading %s was cut short (%s); going on", name, exc)
         if not partial.exists() or partial.stat().st_size < file.size:
             raise ModelUnobtainable(
-                f"downloading {name} of {repo.repo_id} kept being cut short; it goes on from "
+                f"downloading {name} of {repo_id} kept being cut short; it goes on from "
                 "where it stopped at the next start"
             )
         if _sha256_of(partial) != file.sha256:
             partial.unlink()
             raise ModelUnobtainable(
-                f"{name} of {repo.repo_id} arrived damaged (its sha256 does not match); it is "
+                f"{name} of {repo_id} arrived damaged (its sha256 does not match); it is "
                 "downloaded again at the next start"
             )
         os.replace(partial, blob)
@@ -423,7 +429,8 @@ def _append_from(url: str, partial: Path, have: int, timeout_s: float) -> None:
 
     headers = {**build_hf_headers(), "Range": f"bytes={have}-"}
     request = urllib.request.Request(url, headers=headers)
-    with urllib.request.urlopen(request, timeout=max(timeout_s, 60.0)) as response:
+    opener = urllib.request.build_opener(_TokenStaysHome)
+    with opener.open(request, timeout=max(timeout_s, 60.0)) as response:
         if have and response.status != 206:  # the server sent it all again: start over
             have = 0
         with partial.open("r+b" if have else "wb") as out:
@@ -431,6 +438,25 @@ def _append_from(url: str, partial: Path, have: int, timeout_s: float) -> None:
             out.truncate()
             while chunk := response.read(CHUNK_BYTES):
                 out.write(chunk)
+
+
+class _TokenStaysHome(urllib.request.HTTPRedirectHandler):
+    """Follows the hub's redirects (to its CDN) without taking the hub token (HF_TOKEN) to
+    another host, as urllib otherwise would."""
+
+    def redirect_request(
+        self,
+        req: urllib.request.Request,
+        fp: Any,
+        code: int,
+        msg: str,
+        headers: Any,
+        newurl: str,
+    ) -> urllib.request.Request | None:
+        redirected = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if redirected is not None and urlsplit(newurl).netloc != urlsplit(req.full_url).netloc:
+            redirected.remove_header("Authorization")
+        return redirected
 
 
 def _sha256_of(path: Path) -> str:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import http.server
 import json
+import threading
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
+from bot import model_source
 from bot.engine_setup import build_engine, configured_model_path
 from bot.model_source import (
     DEFAULT_MODELS,
@@ -147,3 +151,51 @@ def test_a_model_too_big_for_the_free_memory_says_how_much_and_what_to_set(
     assert "DISHBOT_ENGINE__MODEL" in problem
     assert fits is None
     assert on_gpu is None  # on a GPU, bf16 stays bf16
+
+
+class _Recorder(http.server.BaseHTTPRequestHandler):
+    """Answers every GET: the hub redirects to its CDN, the CDN sends the bytes asked for."""
+
+    seen: ClassVar[list[tuple[str, str | None]]] = []
+    cdn: ClassVar[str] = ""
+    body: ClassVar[bytes] = b"0123456789" * 100
+
+    def do_GET(self) -> None:
+        self.seen.append((self.headers["Host"], self.headers.get("Authorization")))
+        if self.path.startswith("/hub/"):
+            self.send_response(302)
+            self.send_header("Location", self.cdn + "/cdn/weights")
+            self.end_headers()
+            return
+        start = int(self.headers["Range"].removeprefix("bytes=").rstrip("-"))
+        part = self.body[start:]
+        self.send_response(206)
+        self.send_header("Content-Length", str(len(part)))
+        self.end_headers()
+        self.wfile.write(part)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_the_hub_token_is_not_sent_on_to_the_host_a_download_is_redirected_to(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_token")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
+    port = server.server_address[1]
+    _Recorder.seen.clear()
+    _Recorder.cdn = f"http://localhost:{port}"  # another host name: another origin
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    partial = tmp_path / "weights.partial"
+    partial.write_bytes(_Recorder.body[:400])  # a download cut short earlier
+    try:
+        model_source._append_from(f"http://127.0.0.1:{port}/hub/weights", partial, 400, 10)
+    finally:
+        server.shutdown()
+
+    hub, cdn = _Recorder.seen
+    assert hub == (f"127.0.0.1:{port}", "Bearer hf_secret_token")
+    assert cdn == (f"localhost:{port}", None)
+    assert partial.read_bytes() == _Recorder.body  # and it went on from byte 400
