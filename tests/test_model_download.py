@@ -428,11 +428,6 @@ def test_a_dropped_connection_goes_on_from_where_it_broke_in_the_same_run(
     assert files_of(folder) == files_of(big_model)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bot.model_source._append_from lets urllib follow the hub's redirect, and urllib "
-    "sends every header on, Authorization included, to the CDN host (huggingface_hub drops it)",
-)
 def test_the_model_comes_from_the_cdn_the_hub_redirects_to_and_the_token_stays_on_the_hub(
     big_model: Path, tmp_path: Path
 ) -> None:
