@@ -9,8 +9,9 @@ from pathlib import PurePath
 from bot.model_source import ModelUnobtainable, format_problem, model_for
 from bot.settings import EngineSettings, Settings
 from engine.backends.base import Backend
-from engine.backends.unavailable import UnavailableBackend
+from engine.backends.deferred import DeferredBackend
 from engine.engine import Engine, EngineConfig
+from engine.errors import ModelLoadFailed
 from engine.types import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -113,13 +114,21 @@ def check_format(settings: Settings, model: str) -> None:
 
 def engine_to_start(settings: Settings) -> Engine:
     """An engine for the configured backend whose model is chosen and loaded later
-    (`Engine.start`); when the backend cannot even be built here (its library is missing),
-    one whose every load says why."""
-    try:
-        backend: Backend = make_backend(settings.engine)
-    except ImportError as exc:
-        name = resolve_backend_name(settings.engine)
-        backend = UnavailableBackend(name, _missing_library(name, exc))
+    (`Engine.start`). A backend whose libraries take seconds to import (transformers: torch)
+    is built at that first load, off the event loop, so the web console is up at once; when
+    the library is missing, that load says which extra to install."""
+    engine = settings.engine
+    name = resolve_backend_name(engine)
+    if name != "transformers":
+        return Engine(make_backend(engine), configured_model(settings), engine_config(settings))
+
+    def build() -> Backend:
+        try:
+            return make_backend(engine)
+        except ImportError as exc:
+            raise ModelLoadFailed(_missing_library(name, exc)) from None
+
+    backend = DeferredBackend(name, engine.max_batch_size, 1, build)
     return Engine(backend, configured_model(settings), engine_config(settings))
 
 

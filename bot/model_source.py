@@ -239,10 +239,7 @@ def _hub_files(model: str, timeout_s: float) -> _HubRepo:
     try:
         info = HfApi().model_info(model, files_metadata=True, timeout=timeout_s)
     except GatedRepoError:
-        raise ModelUnobtainable(
-            f"the model {model} is gated on the Hugging Face hub: accept its terms there and "
-            f"set HF_TOKEN, or set {MODEL_VARIABLE} to another model"
-        ) from None
+        raise _gated(model) from None
     except (RepositoryNotFoundError, RevisionNotFoundError):
         raise ModelUnobtainable(
             f"there is no model {model} on the Hugging Face hub (or it is private: set "
@@ -279,6 +276,24 @@ class _HubRepo:
     @property
     def total_bytes(self) -> int:
         return sum(file.size for file in self.files.values())
+
+
+def _gated(model: str) -> ModelUnobtainable:
+    return ModelUnobtainable(
+        f"the model {model} is gated on the Hugging Face hub: accept its terms on its page "
+        f"there and set HF_TOKEN to a token of that account, or set {MODEL_VARIABLE} to "
+        "another model"
+    )
+
+
+def _refused(error: Exception) -> bool:
+    """Whether the hub refused a file for want of access (a gated or private repository)."""
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError
+
+    if isinstance(error, GatedRepoError):
+        return True
+    response = getattr(error, "response", None) if isinstance(error, HfHubHTTPError) else None
+    return getattr(response, "status_code", None) in (401, 403)
 
 
 def _wanted(name: str) -> bool:
@@ -358,7 +373,11 @@ def _download(
         raise ModelUnobtainable(
             f"downloading {model} failed ({exc}); it resumes where it stopped at the next start"
         ) from None
+    except ModelUnobtainable:
+        raise
     except Exception as exc:
+        if _refused(exc):
+            raise _gated(model) from None
         raise ModelUnobtainable(
             f"downloading {model} failed ({type(exc).__name__}: {exc}); it resumes where it "
             "stopped at the next start"
@@ -397,6 +416,8 @@ def _fetch_resumably(
             try:
                 _append_from(url, partial, have, timeout_s)
             except urllib.error.HTTPError as exc:
+                if exc.code in (401, 403):
+                    raise _gated(repo_id) from None
                 raise ModelUnobtainable(
                     f"the hub answered {exc.code} when asked for {name} of {repo_id}: "
                     f"try again later, or set {MODEL_VARIABLE} to another model"

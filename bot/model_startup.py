@@ -153,7 +153,10 @@ class ModelStartup:
             self.fail(str(exc))
             return False
         except EngineError as exc:
-            self.fail(f"{exc}; set {MODEL_VARIABLE} to another model, or see `dishbot doctor`")
+            words = str(exc)
+            if "DISHBOT_" not in words:  # it does not say what to set yet
+                words += f"; set {MODEL_VARIABLE} to another model, or see `dishbot doctor`"
+            self.fail(words)
             return False
         except MemoryError:
             self.fail(
