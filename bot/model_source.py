@@ -364,7 +364,11 @@ def _download(
         folder = Path(snapshot_download(model, allow_patterns=small))
         for name, file in large.items():
             _fetch_resumably(model, folder, name, file, timeout_s)
-    except OSError as exc:
+    except ModelUnobtainable:
+        raise
+    except OSError as exc:  # the hub library's HTTP errors are OSErrors too
+        if _refused(exc):
+            raise _gated(model) from None
         if exc.errno == errno.ENOSPC:
             raise ModelUnobtainable(
                 f"not enough disk space to download {model} ({size_words(total_bytes)}) into "
@@ -373,11 +377,7 @@ def _download(
         raise ModelUnobtainable(
             f"downloading {model} failed ({exc}); it resumes where it stopped at the next start"
         ) from None
-    except ModelUnobtainable:
-        raise
     except Exception as exc:
-        if _refused(exc):
-            raise _gated(model) from None
         raise ModelUnobtainable(
             f"downloading {model} failed ({type(exc).__name__}: {exc}); it resumes where it "
             "stopped at the next start"

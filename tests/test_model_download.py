@@ -460,12 +460,6 @@ def test_a_damaged_download_is_refused_and_fetched_again_at_the_next_start(
     assert files_of(folder) == files_of(big_model)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a gated repo's model info is public, so bot.model_source only learns it is gated "
-    "when a file is refused, and then says 'try again later' (401/403 from its own download) "
-    "instead of what to do: accept the terms and set HF_TOKEN",
-)
 @pytest.mark.parametrize("token", [None, "hf_emulated"], ids=["no token", "a token"])
 def test_a_gated_model_says_to_accept_its_terms_and_set_hf_token(
     big_model: Path, tmp_path: Path, token: str | None
