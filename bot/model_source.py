@@ -73,7 +73,12 @@ ARCHITECTURES = {
 
 class ModelUnobtainable(DishbotError):
     """The model cannot be had here: not found, not downloadable, the wrong format, or too
-    big for this machine. The message says what to set."""
+    big for this machine. The message says what to set. ``may_mend``: it may work when tried
+    again later (the network or a server was down, a download was cut short)."""
+
+    def __init__(self, message: str, *, may_mend: bool = False) -> None:
+        super().__init__(message)
+        self.may_mend = may_mend
 
 
 @dataclass(frozen=True)
@@ -216,11 +221,12 @@ def reachability_problem(model: str, timeout_s: float = HUB_TIMEOUT_S) -> str | 
     return None
 
 
-def _not_here(model: str, why: str) -> ModelUnobtainable:
+def _not_here(model: str, why: str, *, may_mend: bool = False) -> ModelUnobtainable:
     return ModelUnobtainable(
         f"the model {model} is not downloaded yet and {why}: allow the download (unset "
         f"HF_HUB_OFFLINE, or set HF_ENDPOINT to a mirror), or set {MODEL_VARIABLE} to a "
-        "directory holding an InternVL model"
+        "directory holding an InternVL model",
+        may_mend=may_mend,
     )
 
 
@@ -249,7 +255,8 @@ def _hub_files(model: str, timeout_s: float) -> _HubRepo:
     except OfflineModeIsEnabled:
         raise _not_here(model, "the hub is switched off here (HF_HUB_OFFLINE=1)") from None
     except Exception as exc:  # connection refused, DNS, TLS, timeouts, 5xx
-        raise _not_here(model, f"the hub cannot be reached ({type(exc).__name__})") from None
+        why = f"the hub cannot be reached ({type(exc).__name__})"
+        raise _not_here(model, why, may_mend=True) from None
     return _HubRepo(
         model,
         {
@@ -375,12 +382,14 @@ def _download(
                 f"{_repo_cache(model).parent}: free some, or set HF_HOME to a bigger disk"
             ) from None
         raise ModelUnobtainable(
-            f"downloading {model} failed ({exc}); it resumes where it stopped at the next start"
+            f"downloading {model} failed ({exc}); it goes on from where it stopped",
+            may_mend=True,
         ) from None
     except Exception as exc:
         raise ModelUnobtainable(
-            f"downloading {model} failed ({type(exc).__name__}: {exc}); it resumes where it "
-            "stopped at the next start"
+            f"downloading {model} failed ({type(exc).__name__}: {exc}); it goes on from "
+            "where it stopped",
+            may_mend=True,
         ) from None
     finally:
         done.set()
@@ -429,13 +438,15 @@ def _fetch_resumably(
         if not partial.exists() or partial.stat().st_size < file.size:
             raise ModelUnobtainable(
                 f"downloading {name} of {repo_id} kept being cut short; it goes on from "
-                "where it stopped at the next start"
+                "where it stopped",
+                may_mend=True,
             )
         if _sha256_of(partial) != file.sha256:
             partial.unlink()
             raise ModelUnobtainable(
                 f"{name} of {repo_id} arrived damaged (its sha256 does not match); it is "
-                "downloaded again at the next start"
+                "downloaded again",
+                may_mend=True,
             )
         os.replace(partial, blob)
     if not pointer.exists():

@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 LOG_EVERY_PERCENT = 10  # without a terminal, one log line per this much of a download
 BAR_WIDTH = 30
 REDRAW_INTERVAL_S = 0.2
+RETRY_FIRST_S = 5.0  # a failure that may mend by itself is tried again after this long,
+RETRY_MAX_S = 300.0  # then twice as long each time, up to this
 
 
 class Phase(StrEnum):
@@ -93,6 +95,18 @@ def downloading_message(model: str, progress: DownloadProgress) -> str:
 StatusListener = Callable[[ModelStatus], None]
 
 
+@dataclass(frozen=True)
+class Problem:
+    """Why the model cannot be served now, and whether trying again later may help."""
+
+    words: str
+    may_mend: bool = False
+
+
+def _failed(message: str) -> str:
+    return f"the model cannot be served: {message}"
+
+
 class ModelStartup:
     """Brings the engine's model from nothing to answering, saying how far it is."""
 
@@ -120,53 +134,72 @@ class ModelStartup:
         for listener in self._listeners:
             listener(status)
 
-    def fail(self, message: str) -> None:
-        """Record that the model cannot be had, and why (logged with what to set)."""
+    def fail(self, message: str, retry_in_s: float | None = None) -> None:
+        """Record that the model cannot be had, and why (logged with what to set); with
+        ``retry_in_s``, that it is tried again then (the server or network may come back)."""
+        if retry_in_s is not None:
+            message = f"{message} (trying again in {retry_in_s:.0f} s)"
         if self._log_failure:
-            log.error("the model cannot be served: %s", message)
+            log.log(logging.WARNING if retry_in_s else logging.ERROR, "%s", _failed(message))
         self._set(ModelStatus(Phase.FAILED, message))
 
     async def run(self, store: Store) -> bool:
         """Choose, fetch, check and load the model; True once the engine answers with it.
 
         A model that cannot be had ends in `Phase.FAILED` with the reason, not an exception.
+        What may mend by itself (an openai server not up yet, the hub or the network down, a
+        download cut short) is tried again, less and less often, until it works.
         """
-        try:
-            spec = await self._chosen_model(store)
-        except ModelUnobtainable as exc:
-            self.fail(str(exc))
-            return False
-        return await self.start(spec)
+        delay = RETRY_FIRST_S
+        while True:
+            try:
+                spec = await self._chosen_model(store)
+            except ModelUnobtainable as exc:
+                problem: Problem | None = Problem(str(exc), exc.may_mend)
+            else:
+                problem = await self._start(spec)
+            if problem is None:
+                return True
+            if not problem.may_mend:
+                self.fail(problem.words)
+                return False
+            self.fail(problem.words, retry_in_s=delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX_S)
 
     async def start(self, spec: ModelSpec) -> bool:
         """Fetch, check and load ``spec``; True once the engine answers with it, False (and
         `Phase.FAILED` with the reason) when it cannot be had."""
+        problem = await self._start(spec)
+        if problem is not None:
+            self.fail(problem.words)
+        return problem is None
+
+    async def _start(self, spec: ModelSpec) -> Problem | None:
+        openai = resolve_backend_name(self.settings.engine) == "openai"
         try:
             check_format(self.settings, spec.path)
-            if resolve_backend_name(self.settings.engine) != "openai":
+            if not openai:
                 directory = await _on_daemon_thread(fetch, spec.path, self._downloading(spec))
                 self._check_memory(spec, directory)
             self._set(ModelStatus(Phase.LOADING, f"loading the model {spec.path}"))
             log.info("loading the model %s", spec.path)
             await self.engine.start(spec)
         except ModelUnobtainable as exc:
-            self.fail(str(exc))
-            return False
+            return Problem(str(exc), exc.may_mend)
         except EngineError as exc:
             words = str(exc)
             if "DISHBOT_" not in words:  # it does not say what to set yet
                 words += f"; set {MODEL_VARIABLE} to another model, or see `dishbot doctor`"
-            self.fail(words)
-            return False
+            return Problem(words, may_mend=openai)  # a server that is down may come up
         except MemoryError:
-            self.fail(
+            return Problem(
                 f"the machine ran out of memory loading the model: set {MODEL_VARIABLE} to a "
                 "smaller checkpoint, or free memory"
             )
-            return False
         self._set(ModelStatus(Phase.READY, f"ready: answering with {spec.path}"))
         log.info("the model %s is ready", spec.path)
-        return True
+        return None
 
     async def _chosen_model(self, store: Store) -> ModelSpec:
         """The active version's model; on a fresh install, the configured one, which for the
@@ -185,7 +218,8 @@ class ModelStartup:
         except EngineError as exc:
             raise ModelUnobtainable(
                 f"{exc}: start the server, or set DISHBOT_ENGINE__OPENAI__BASE_URL to where it "
-                "listens"
+                "listens",
+                may_mend=True,
             ) from None
         finally:
             await self.engine.backend.close()

@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from bot import model_source
+from bot import model_source, model_startup
 from bot.app import App
 from bot.model_source import DownloadProgress
 from bot.model_startup import ModelStatus, Phase, TerminalStatus, downloading_message
@@ -219,6 +219,23 @@ async def test_the_openai_backend_serves_the_servers_own_model_when_none_is_name
 
     assert active is not None
     assert active.path == "served-internvl"
+
+
+async def test_an_openai_server_that_comes_up_later_is_served_without_a_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(model_startup, "RETRY_FIRST_S", 0.2)  # not minutes, in a test
+    async with FakeOpenAIServer(models=["served-internvl"]) as server:
+        await server.go_down()  # docker compose started dishbot before the model server
+        settings = _fresh_settings(tmp_path, backend="openai", openai={"base_url": server.url})
+        async with dishbot_run(settings) as dishbot:
+            failed = await dishbot.until_status(lambda status: status["phase"] == "failed")
+            await server.come_back()
+            ready = await dishbot.until_status(lambda status: status["ready"])
+
+    assert "DISHBOT_ENGINE__OPENAI__BASE_URL" in failed["message"]
+    assert "trying again in" in failed["message"]
+    assert ready["message"] == "ready: answering with served-internvl"
 
 
 def test_the_terminal_shows_a_bar_on_a_tty_and_a_line_per_tenth_in_a_log(
