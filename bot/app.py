@@ -204,7 +204,9 @@ class App:
             for adapter in consoles:
                 await self._start(adapter, started, admin)
             ready = await startup.run(recovery.store)
-            if not ready and not consoles:
+            # A console that could not listen (its port taken, beside chat bots) shows nothing.
+            showing = [adapter for adapter in consoles if getattr(adapter, "url", None)]
+            if not ready and not showing:
                 # Nowhere to show what is wrong but the log: say it there, and stop.
                 raise ModelNotServed(startup.status.message)
             if ready:

@@ -12,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import TextIO
@@ -103,6 +104,25 @@ class Problem:
     may_mend: bool = False
 
 
+def ready_message(engine: Engine) -> str:
+    """The ready line: the model version's name (not its path, which is nobody's business
+    on a public page)."""
+    return f"ready: answering with model version {engine.model.name}"
+
+
+# Credentials in a URL: user:password@, and the values of its query string (?api-key=...).
+_URL_USERINFO = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^/\s@]+@", re.IGNORECASE)
+_URL_QUERY = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^\s?#]+)\?[^\s#)]*", re.IGNORECASE)
+
+
+def scrubbed(text: str, secrets: Sequence[str]) -> str:
+    """``text`` without ``secrets`` and without the credentials and query of any URL in it."""
+    for secret in sorted(secrets, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    text = _URL_USERINFO.sub(r"\1***@", text)
+    return _URL_QUERY.sub(r"\1?***", text)
+
+
 def _failed(message: str) -> str:
     return f"the model cannot be served: {message}"
 
@@ -123,6 +143,7 @@ class ModelStartup:
         memory a device ("cpu", "cuda") has free; without ``log_failure`` a failure is only
         in `status` (for a caller that reports it itself)."""
         self.settings = settings
+        self._secrets = settings.secret_values()
         self._log_failure = log_failure
         self.engine = engine
         self.status = ModelStatus(Phase.STARTING, "starting: choosing the model")
@@ -130,6 +151,9 @@ class ModelStartup:
         self._free_memory_of = free_memory_of or (lambda device: model_source.free_memory(device))
 
     def _set(self, status: ModelStatus) -> None:
+        # What the public page and /readyz show: never a token, password or key that a
+        # message quotes (a server's URL with its credentials, say).
+        status = replace(status, message=scrubbed(status.message, self._secrets))
         self.status = status
         for listener in self._listeners:
             listener(status)
@@ -162,6 +186,7 @@ class ModelStartup:
                 return True
             if not problem.may_mend:
                 self.fail(problem.words)
+                self.engine.abandon_start()  # questions now hear it is unavailable
                 return False
             self.fail(problem.words, retry_in_s=delay)
             await asyncio.sleep(delay)
@@ -197,7 +222,7 @@ class ModelStartup:
                 f"the machine ran out of memory loading the model: set {MODEL_VARIABLE} to a "
                 "smaller checkpoint, or free memory"
             )
-        self._set(ModelStatus(Phase.READY, f"ready: answering with {spec.path}"))
+        self._set(ModelStatus(Phase.READY, ready_message(self.engine)))
         log.info("the model %s is ready", spec.path)
         return None
 
@@ -274,7 +299,7 @@ def current_status(startup: ModelStartup | None, engine: Engine) -> ModelStatus:
     if startup is not None and not startup.status.ready:
         return startup.status
     if engine.serving:
-        return ModelStatus(Phase.READY, f"ready: answering with {engine.model.path}")
+        return ModelStatus(Phase.READY, ready_message(engine))
     return ModelStatus(Phase.STARTING, "not loaded")
 
 

@@ -293,6 +293,12 @@ class Engine:
         self._started = True
         self._dispatcher = asyncio.create_task(self._dispatch_forever(), name="engine-dispatch")
 
+    def abandon_start(self) -> None:
+        """The model will not be loaded (it cannot be had): from now on questions are refused
+        with `EngineClosed` ("not running"), no longer with `ModelNotReady` ("not yet")."""
+        if self._closed:
+            self._started = True
+
     async def stop(self) -> None:
         """Stop serving: end every open request with `EngineClosed`, then free the model."""
         self._closed = True

@@ -23,8 +23,15 @@ import pytest
 
 from bot import model_source, model_startup
 from bot.app import App
+from bot.core.i18n import say
 from bot.model_source import DownloadProgress
-from bot.model_startup import ModelStatus, Phase, TerminalStatus, downloading_message
+from bot.model_startup import (
+    ModelStatus,
+    Phase,
+    TerminalStatus,
+    downloading_message,
+    scrubbed,
+)
 from bot.settings import Settings, load_settings
 from bot.store import Store
 from tests.factories import jpeg_bytes
@@ -151,7 +158,7 @@ async def test_with_no_model_to_be_had_the_console_serves_and_says_what_to_set(
     assert any("DISHBOT_ENGINE__MODEL" in message for message in errors)
 
 
-async def test_a_question_before_the_model_is_ready_is_told_to_come_back(
+async def test_a_question_when_the_model_cannot_be_had_gets_an_apology_not_a_promise(
     tmp_path: Path, hub_offline: None, caplog: pytest.LogCaptureFixture
 ) -> None:
     settings = _fresh_settings(tmp_path)
@@ -162,7 +169,7 @@ async def test_a_question_before_the_model_is_ready_is_told_to_come_back(
         reply = await dishbot.ask("what dish is this?", until=lambda update: True)
         await asyncio.sleep(0.5)
 
-    assert "still getting ready" in reply
+    assert reply == say("unavailable", "en")  # not "still getting ready": it will not be
     # A visitor who leaves is no error of the server's.
     assert not [record for record in caplog.records if record.name == "aiohttp.server"]
 
@@ -227,15 +234,29 @@ async def test_an_openai_server_that_comes_up_later_is_served_without_a_restart(
     monkeypatch.setattr(model_startup, "RETRY_FIRST_S", 0.2)  # not minutes, in a test
     async with FakeOpenAIServer(models=["served-internvl"]) as server:
         await server.go_down()  # docker compose started dishbot before the model server
-        settings = _fresh_settings(tmp_path, backend="openai", openai={"base_url": server.url})
+        with_password = server.url.replace("http://", "http://operator:s3cret@")
+        settings = _fresh_settings(tmp_path, backend="openai", openai={"base_url": with_password})
         async with dishbot_run(settings) as dishbot:
             failed = await dishbot.until_status(lambda status: status["phase"] == "failed")
+            _, page = await dishbot.get("")
+            meanwhile = await dishbot.ask("what dish is this?", until=lambda update: True)
             await server.come_back()
             ready = await dishbot.until_status(lambda status: status["ready"])
 
     assert "DISHBOT_ENGINE__OPENAI__BASE_URL" in failed["message"]
     assert "trying again in" in failed["message"]
-    assert ready["message"] == "ready: answering with served-internvl"
+    assert "s3cret" not in failed["message"]  # the public page shows no credentials
+    assert "s3cret" not in page
+    assert "still getting ready" in meanwhile
+    assert ready["message"] == "ready: answering with model version base"
+
+
+def test_a_status_message_quotes_no_secret_nor_a_urls_credentials() -> None:
+    message = "http://operator:pw@gpu:23333/v1?api-key=qk-1 answered 401; token 123:ABC is wrong"
+
+    shown = scrubbed(message, ["123:ABC"])
+
+    assert shown == "http://***@gpu:23333/v1?*** answered 401; token *** is wrong"
 
 
 def test_the_terminal_shows_a_bar_on_a_tty_and_a_line_per_tenth_in_a_log(
