@@ -33,7 +33,7 @@ from bot.model_source import (
     size_words,
 )
 from bot.settings import Settings
-from bot.store import Store
+from bot.store import ModelVersionRecord, Store
 from bot.training.versions import ensure_base_version, model_spec
 from engine.backends.worker_thread import WorkerThread
 from engine.engine import Engine
@@ -147,6 +147,7 @@ class ModelStartup:
         self._log_failure = log_failure
         self.engine = engine
         self.status = ModelStatus(Phase.STARTING, "starting: choosing the model")
+        self.active_version: ModelVersionRecord | None = None  # once chosen
         self._listeners = listeners
         self._free_memory_of = free_memory_of or (lambda device: model_source.free_memory(device))
 
@@ -229,10 +230,15 @@ class ModelStartup:
     async def _chosen_model(self, store: Store) -> ModelSpec:
         """The active version's model; on a fresh install, the configured one, which for the
         openai backend with none named is the server's first model."""
-        model = model_for(self.settings.engine, resolve_backend_name(self.settings.engine))
+        engine = self.settings.engine
+        model = model_for(engine, resolve_backend_name(engine))
         if model is None:  # openai, nothing named: ask the server what it serves
             model = await self._served_model()
-        active = await ensure_base_version(store, self.settings, model)
+        # A model the operator named wins over an untrained one the database had; a default
+        # does not, so hosts whose `auto` lands on different backends do not take turns.
+        named = engine.model is not None or engine.openai.model is not None
+        active = await ensure_base_version(store, self.settings, model, repoint=named)
+        self.active_version = active
         return model_spec(active)
 
     async def _served_model(self) -> str | None:

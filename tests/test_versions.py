@@ -78,9 +78,9 @@ async def test_setting_another_model_after_a_first_start_serves_it_while_untrain
     await ensure_base_version(store, settings)
     changed = Settings(data_dir=data_dir, engine=EngineSettings(model="/models/local"))
 
-    switched = await ensure_base_version(store, changed)
-    again = await ensure_base_version(store, changed)
-    back = await ensure_base_version(store, settings)
+    switched = await ensure_base_version(store, changed, repoint=True)
+    again = await ensure_base_version(store, changed, repoint=True)
+    back = await ensure_base_version(store, settings, repoint=True)
 
     assert (switched.name, switched.path, switched.is_active) == ("base-2", "/models/local", True)
     assert again == switched
@@ -96,9 +96,23 @@ async def test_a_trained_version_once_active_wins_over_the_settings(
     await activate(store, "run-1")
     changed = Settings(data_dir=data_dir, engine=EngineSettings(model="/models/local"))
 
-    served = await ensure_base_version(store, changed)
+    served = await ensure_base_version(store, changed, repoint=True)
 
     assert (served.name, served.path) == ("run-1", "/runs/1/model")
+
+
+async def test_only_dishbot_run_with_a_named_model_repoints_the_base(
+    store: Store, settings: Settings, data_dir: Path
+) -> None:
+    # A retrain or another host (whose `auto` may land on another backend's default) reads
+    # the active version; it does not take turns switching every process's model.
+    base = await ensure_base_version(store, settings)
+    other = Settings(data_dir=data_dir, engine=EngineSettings(model="/models/local"))
+
+    served = await ensure_base_version(store, other)
+
+    assert served == base
+    assert [v.name for v in await store.model_versions()] == ["base"]
 
 
 async def test_every_process_follows_an_activation_made_elsewhere_within_seconds(

@@ -41,6 +41,7 @@ class _Served:
 
     model: str | None
     version: str | None = None
+    trained: bool = False
 
 
 async def check_model(context: Context) -> Finding:
@@ -56,10 +57,16 @@ async def check_model(context: Context) -> Finding:
         return finding
     # `dishbot run` serves the active version whatever engine.model says: say so, or a fix
     # that sets DISHBOT_ENGINE__MODEL would seem to do nothing.
-    overruled = (
-        f"engine.model {configured} is not used: the trained version {active.version} is "
-        "active and wins (`dishbot models` lists the versions)"
-    )
+    if active.trained:
+        overruled = (
+            f"engine.model {configured} is not used: the trained version {active.version} "
+            "is active and wins (`dishbot models` lists the versions)"
+        )
+    else:
+        overruled = (
+            f"the default {configured} is not used: the database serves {active.model} as "
+            f"{active.version}; set DISHBOT_ENGINE__MODEL to serve another"
+        )
     if finding.status is Status.OK:
         return warn("model", f"{finding.text}; {overruled}")
     return Finding(finding.status, "model", f"{finding.text} ({overruled})")
@@ -98,9 +105,10 @@ async def _model_finding(
 
 
 async def _active_version(settings: Settings) -> _Served | None:
-    """The database's active version when it is a trained one; None for a base version (the
-    configured model replaces it), or when the database is not there or not at head (the
-    database line says so, and the configured model is what is checked)."""
+    """The database's active version when `dishbot run` serves it: a trained one, or an
+    untrained one while no model is named; None when the model named replaces it, or when
+    the database is not there or not at head (the database line says so, and the configured
+    model is what is checked)."""
     url = settings.db_url
     try:
         if missing_sqlite_file(url) is not None:
@@ -117,9 +125,13 @@ async def _active_version(settings: Settings) -> _Served | None:
         return None
     finally:
         await store.close()
-    if active is None or (active.parent_id is None and active.run_id is None):
-        return None  # a base version: the configured model replaces it at the next start
-    return _Served(active.path, active.name)
+    if active is None:
+        return None
+    base = active.parent_id is None and active.run_id is None
+    named = settings.engine.model is not None or settings.engine.openai.model is not None
+    if base and named:
+        return None  # an untrained version: the model named replaces it at the next start
+    return _Served(active.path, active.name, trained=not base)
 
 
 async def _fits(

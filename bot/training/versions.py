@@ -41,15 +41,16 @@ def model_spec(version: ModelVersionRecord) -> ModelSpec:
 
 
 async def ensure_base_version(
-    store: Store, settings: Settings, model: str | None = None
+    store: Store, settings: Settings, model: str | None = None, *, repoint: bool = False
 ) -> ModelVersionRecord:
     """The active version; on a fresh install, ``model`` (default: the configured
     ``engine.model``, or the backend's default) as "base".
 
-    While an untrained model is served, the configured one wins: when ``model`` has changed
-    (the operator set another after a first start), it is registered as a new base version
-    ("base-2", ...) and activated, so setting ``engine.model`` is all it takes. A trained
-    version, once active, wins over the settings (`dishbot models` lists them).
+    With ``repoint`` (what `dishbot run` asks when ``engine.model`` is set explicitly), an
+    untrained active model gives way to ``model`` when it differs: the operator set another
+    after a first start, so it is registered as a new base version ("base-2", ...) or an
+    earlier base of it, and activated. A trained version, once active, wins over the
+    settings (`dishbot models` lists them).
 
     Safe to call from several processes starting at once: they agree on one "base".
     """
@@ -58,14 +59,14 @@ async def ensure_base_version(
     if active is not None:
         if active.path == model:
             return active
-        if _is_base(active):
+        if repoint and _is_base(active):
             return await _switch_base(store, model)
         log.warning(
-            "engine.model is %s but the database serves the trained version %r (%s); the "
-            "database wins (`dishbot models` lists the versions)",
+            "engine.model is %s but the database serves %s as %r; the database wins "
+            "(`dishbot models` lists the versions)",
             model,
-            active.name,
             active.path,
+            active.name,
         )
         return active
     with contextlib.suppress(ValueError):  # another process registered it a moment ago
