@@ -168,6 +168,7 @@ class App:
                 trainer_for,
                 notify=admin.report_run,
                 follower=follower,
+                model_ready=lambda: None if engine.serving else startup.status.message,
             )
             admin.runs = runs
             dialog = Dialog(store, engine, self.dialog_config(), admin=admin, observer=self.metrics)

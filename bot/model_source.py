@@ -254,6 +254,11 @@ def _hub_files(model: str, timeout_s: float) -> _HubRepo:
         ) from None
     except OfflineModeIsEnabled:
         raise _not_here(model, "the hub is switched off here (HF_HUB_OFFLINE=1)") from None
+    except ValueError:  # HFValidationError: not a repository id at all
+        raise ModelUnobtainable(
+            f"{model!r} is neither a directory here nor a Hugging Face hub id (owner/name): "
+            f"set {MODEL_VARIABLE} to one, such as {TRANSFORMERS_DEFAULT}"
+        ) from None
     except Exception as exc:  # connection refused, DNS, TLS, timeouts, 5xx
         why = f"the hub cannot be reached ({type(exc).__name__})"
         raise _not_here(model, why, may_mend=True) from None
@@ -313,9 +318,12 @@ def fetch(
     *,
     poll_s: float = 0.5,
     timeout_s: float = HUB_TIMEOUT_S,
+    check: Callable[[Path], None] | None = None,
 ) -> Path:
     """``model``'s directory, downloading it into the hub cache first when it is a repository
     not (completely) there yet; ``progress`` is called from time to time while it downloads.
+    ``check`` is called with the directory once its small files (config.json) are there and
+    before the weights download, to refuse a model early (say, in the wrong format).
 
     Blocking: call it in a thread. Raises `ModelUnobtainable`.
     """
@@ -340,14 +348,16 @@ def fetch(
             f"the hub's {model} has no .safetensors weights: set {MODEL_VARIABLE} to an "
             f"InternVL checkpoint such as {TRANSFORMERS_DEFAULT}"
         )
-    return _download(repo, progress, poll_s, timeout_s)
+    return _download(repo, progress, poll_s, timeout_s, check)
 
 
 def _download(
-    repo: _HubRepo, progress: ProgressCallback | None, poll_s: float, timeout_s: float
+    repo: _HubRepo,
+    progress: ProgressCallback | None,
+    poll_s: float,
+    timeout_s: float,
+    check: Callable[[Path], None] | None,
 ) -> Path:
-    from huggingface_hub import snapshot_download
-
     model, total_bytes = repo.repo_id, repo.total_bytes
     blobs = _repo_cache(model) / "blobs"
     done = threading.Event()
@@ -366,9 +376,13 @@ def _download(
             if file.sha256 is not None and file.size >= RESUMABLE_BYTES
         }
         # The small files (configs, tokenizer, code) first, as the hub's library keeps them,
-        # with the snapshot's refs; then the large ones beside them, each resumable.
+        # with the snapshot's refs; then the large ones beside them, each resumable. One by
+        # one on this (daemon) thread: the library's own pool of threads would keep a
+        # process that was told to stop alive until they finish.
         small = [name for name in repo.files if name not in large]
-        folder = Path(snapshot_download(model, allow_patterns=small))
+        folder = _fetch_small_files(model, small)
+        if check is not None:
+            check(folder)
         for name, file in large.items():
             _fetch_resumably(model, folder, name, file, timeout_s)
     except ModelUnobtainable:
@@ -396,6 +410,18 @@ def _download(
         reporter.join()
     if progress is not None:
         progress(DownloadProgress(total_bytes, total_bytes))
+    return folder
+
+
+def _fetch_small_files(model: str, names: list[str]) -> Path:
+    """Download ``names`` of ``model`` into the hub cache, one after the other; the
+    snapshot's folder."""
+    from huggingface_hub import hf_hub_download
+
+    folder: Path | None = None
+    for name in sorted(names, key=lambda name: name != "config.json"):  # the config first
+        folder = Path(hf_hub_download(model, name)).parent
+    assert folder is not None, "a model has a config.json"
     return folder
 
 
@@ -427,9 +453,11 @@ def _fetch_resumably(
             except urllib.error.HTTPError as exc:
                 if exc.code in (401, 403):
                     raise _gated(repo_id) from None
+                busy = exc.code in (408, 429) or exc.code >= 500  # the hub's trouble: wait
                 raise ModelUnobtainable(
-                    f"the hub answered {exc.code} when asked for {name} of {repo_id}: "
-                    f"try again later, or set {MODEL_VARIABLE} to another model"
+                    f"the hub answered {exc.code} when asked for {name} of {repo_id}"
+                    + ("" if busy else f": set {MODEL_VARIABLE} to another model"),
+                    may_mend=busy,
                 ) from None
             except (OSError, http.client.HTTPException) as exc:
                 if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:

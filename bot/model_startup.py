@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 import sys
@@ -67,6 +68,7 @@ class ModelStatus:
     message: str
     done_bytes: int | None = None
     total_bytes: int | None = None
+    retry_in_s: float | None = None  # a failure that is tried again then
 
     @property
     def ready(self) -> bool:
@@ -80,6 +82,7 @@ class ModelStatus:
             "message": self.message,
             "done_bytes": self.done_bytes,
             "total_bytes": self.total_bytes,
+            "retry_in_s": self.retry_in_s,
             "ready": self.ready,
         }
 
@@ -166,7 +169,7 @@ class ModelStartup:
             message = f"{message} (trying again in {retry_in_s:.0f} s)"
         if self._log_failure:
             log.log(logging.WARNING if retry_in_s else logging.ERROR, "%s", _failed(message))
-        self._set(ModelStatus(Phase.FAILED, message))
+        self._set(ModelStatus(Phase.FAILED, message, retry_in_s=retry_in_s))
 
     async def run(self, store: Store) -> bool:
         """Choose, fetch, check and load the model; True once the engine answers with it.
@@ -185,6 +188,7 @@ class ModelStartup:
                 problem = await self._start(spec)
             if problem is None:
                 return True
+            problem = self._about_a_trained_version(problem)
             if not problem.may_mend:
                 self.fail(problem.words)
                 self.engine.abandon_start()  # questions now hear it is unavailable
@@ -206,7 +210,14 @@ class ModelStartup:
         try:
             check_format(self.settings, spec.path)
             if not openai:
-                directory = await _on_daemon_thread(fetch, spec.path, self._downloading(spec))
+                # The format is known for sure once config.json is here: before the weights.
+                download = functools.partial(
+                    fetch,
+                    spec.path,
+                    self._downloading(spec),
+                    check=lambda _folder: check_format(self.settings, spec.path),
+                )
+                directory = await _on_daemon_thread(download)
                 self._check_memory(spec, directory)
             self._set(ModelStatus(Phase.LOADING, f"loading the model {spec.path}"))
             log.info("loading the model %s", spec.path)
@@ -226,6 +237,19 @@ class ModelStartup:
         self._set(ModelStatus(Phase.READY, ready_message(self.engine)))
         log.info("the model %s is ready", spec.path)
         return None
+
+    def _about_a_trained_version(self, problem: Problem) -> Problem:
+        """When the active version is a trained one, setting engine.model changes nothing
+        (the trained version wins): say what does."""
+        active = self.active_version
+        if active is None or (active.parent_id is None and active.run_id is None):
+            return problem
+        words = (
+            f"the active model version {active.name} is a trained one, which wins over "
+            f"{MODEL_VARIABLE}, and it cannot be served here: {problem.words}. To serve the "
+            "base model instead: `dishbot models activate base` (or `dishbot models rollback`)"
+        )
+        return replace(problem, words=words)
 
     async def _chosen_model(self, store: Store) -> ModelSpec:
         """The active version's model; on a fresh install, the configured one, which for the
@@ -289,13 +313,13 @@ class ModelStartup:
         return device
 
 
-async def _on_daemon_thread(fetch_model: Callable[..., Path], *args: object) -> Path:
+async def _on_daemon_thread(fetch_model: Callable[[], Path]) -> Path:
     """Run a download on a daemon thread of its own: one still going when dishbot is told
     to stop is abandoned at exit (the hub cache resumes it next time) instead of holding the
     process until it ends."""
     worker = WorkerThread("model-download")
     try:
-        return await asyncio.get_running_loop().run_in_executor(worker, fetch_model, *args)
+        return await asyncio.get_running_loop().run_in_executor(worker, fetch_model)
     finally:
         worker.shutdown(wait=False)
 

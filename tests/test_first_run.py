@@ -22,10 +22,12 @@ import aiohttp
 import pytest
 
 from bot import model_source, model_startup
-from bot.app import App
+from bot.app import App, ModelNotServed
 from bot.core.i18n import say
+from bot.engine_setup import engine_to_start
 from bot.model_source import DownloadProgress
 from bot.model_startup import (
+    ModelStartup,
     ModelStatus,
     Phase,
     TerminalStatus,
@@ -34,6 +36,7 @@ from bot.model_startup import (
 )
 from bot.settings import Settings, load_settings
 from bot.store import Store
+from bot.training.versions import activate, ensure_base_version
 from tests.factories import jpeg_bytes
 from tests.openai_server import FakeOpenAIServer
 
@@ -249,6 +252,45 @@ async def test_an_openai_server_that_comes_up_later_is_served_without_a_restart(
     assert "s3cret" not in page
     assert "still getting ready" in meanwhile
     assert ready["message"] == "ready: answering with model version base"
+
+
+async def test_with_the_console_port_taken_a_model_failure_ends_the_run_saying_why(
+    tmp_path: Path, hub_offline: None
+) -> None:
+    # With a chat bot configured the console is optional: its port taken, it is left out.
+    # Then a model that cannot be had leaves nothing to show the reason on: exit with it.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        settings = load_settings(
+            data_dir=tmp_path / "data",
+            web={"port": taken.getsockname()[1]},
+            telegram={"token": "123456:ABCDEF"},
+        )
+        with pytest.raises(ModelNotServed, match="DISHBOT_ENGINE__MODEL"):
+            await asyncio.wait_for(App(settings).run(asyncio.Event()), GUARD_S)
+
+
+async def test_a_trained_version_that_cannot_be_served_says_how_to_go_back_to_the_base(
+    tmp_path: Path, store: Store, data_dir: Path
+) -> None:
+    # Trained with XTuner on a GPU host (OpenGVLab's format) and promoted; now this host
+    # serves with the transformers backend, where the trained version wins over engine.model.
+    gpu = load_settings(data_dir=data_dir, engine={"backend": "lmdeploy"})
+    base = await ensure_base_version(store, gpu)
+    trained = tmp_path / "runs" / "1" / "model"
+    trained.mkdir(parents=True)
+    (trained / "config.json").write_text(json.dumps({"architectures": ["InternVLChatModel"]}))
+    await store.add_model_version("run-1", str(trained), parent_id=base.id)
+    await activate(store, "run-1")
+    cpu = load_settings(data_dir=data_dir, engine={"backend": "transformers"})
+    startup = ModelStartup(cpu, engine_to_start(cpu), log_failure=False)
+
+    assert not await startup.run(store)
+
+    message = startup.status.message
+    assert message.startswith("the active model version run-1 is a trained one")
+    assert "`dishbot models activate base`" in message
 
 
 def test_a_status_message_quotes_no_secret_nor_a_urls_credentials() -> None:

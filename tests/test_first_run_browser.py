@@ -81,3 +81,21 @@ def test_the_page_shows_the_download_then_answers_once_the_model_is_ready(
     assert answer_text
     assert "still getting ready" not in answer_text
     assert status == 0
+
+
+def test_a_page_opened_while_a_retry_waits_shows_the_model_ready_once_it_is(
+    hub: HubEmulator, tmp_path: Path, browser: Any
+) -> None:
+    for _ in range(5):  # five drops in a row: "kept being cut short", tried again in 5 s
+        hub.drop_once(after_bytes=100_000, filename="model.safetensors")
+    dishbot = DishbotRun(hub, tmp_path)
+    try:
+        dishbot.until(lambda: dishbot.model_status()["phase"] == "failed", "the failure")
+        browser.get(dishbot.url)
+        shown_first = browser.find_element("id", "model-status-text").text
+        _wait_for(browser, BANNER_GONE)  # the page keeps asking while a retry is due
+    finally:
+        status = dishbot.stop()
+
+    assert "trying again in" in shown_first
+    assert status == 0

@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]  # the checkout under test, for the c
 # Slow enough that the download takes a while, as a real one does (the hold makes it certain).
 THROTTLE_BYTES_PER_S = 2 * 1024 * 1024
 WAIT_S = 120.0  # a safety net for a broken run, not a timing claim
+STOP_WITHIN_S = 10.0  # what `docker stop` allows before it kills
 PROGRESS = re.compile(r"downloading the model \S+, (\d+)% of ([\d.]+) ([kKMG]?B)")
 UNITS = {"B": 1, "kB": 1e3, "KB": 1e3, "MB": 1e6, "GB": 1e9}
 
@@ -492,3 +493,27 @@ def _bytes_under(folder: Path) -> int:
         except FileNotFoundError:  # renamed into place meanwhile
             continue
     return total
+
+
+def test_a_stop_while_a_small_file_downloads_ends_dishbot_promptly(
+    hub: HubEmulator, tmp_path: Path
+) -> None:
+    # huggingface_hub's own pool of download threads would hold the process until its
+    # retries gave up (over a minute): `docker stop` would have killed it by then.
+    hub.hold(after_bytes=1000, filename="tokenizer.json")
+    dishbot = DishbotRun(hub, tmp_path)
+    try:
+        dishbot.until(lambda: hub.downloads_held > 0, "the download reaching tokenizer.json")
+        dishbot._drain()
+        dishbot.child.kill(signal.SIGTERM)
+        dishbot.child.expect(pexpect.EOF, timeout=STOP_WITHIN_S)  # fails the test past it
+        dishbot.child.close()
+        status = dishbot.child.exitstatus
+        output = dishbot.output
+    finally:
+        hub.release()
+        dishbot.kill()
+
+    assert status == 0, output[-3000:]
+    assert "stopped during start-up" in output
+    assert "Traceback" not in output

@@ -5,8 +5,10 @@ from __future__ import annotations
 import http.server
 import json
 import threading
+import urllib.error
+from email.message import Message
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pytest
 
@@ -199,3 +201,49 @@ def test_the_hub_token_is_not_sent_on_to_the_host_a_download_is_redirected_to(
     assert hub == (f"127.0.0.1:{port}", "Bearer hf_secret_token")
     assert cdn == (f"localhost:{port}", None)
     assert partial.read_bytes() == _Recorder.body  # and it went on from byte 400
+
+
+@pytest.mark.parametrize("code", [429, 500, 503])
+def test_a_busy_or_failing_hub_is_tried_again_later_and_a_refusal_is_not(
+    code: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+    def answering(status: int) -> Any:
+        def append_from(url: str, partial: Path, have: int, timeout_s: float) -> None:
+            raise urllib.error.HTTPError(url, status, "no", Message(), None)
+
+        return append_from
+
+    snapshot = tmp_path / "hub" / "models--org--m" / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    weights = model_source._HubFile(5 << 20, "b" * 64)
+    outcomes = {}
+    for status in (code, 404):
+        monkeypatch.setattr(model_source, "_append_from", answering(status))
+        with pytest.raises(ModelUnobtainable) as refused:
+            model_source._fetch_resumably("org/m", snapshot, "model.safetensors", weights, 1.0)
+        outcomes[status] = refused.value
+
+    assert outcomes[code].may_mend  # `dishbot run` tries again by itself
+    assert f"answered {code}" in str(outcomes[code])
+    assert not outcomes[404].may_mend
+    assert "DISHBOT_ENGINE__MODEL" in str(outcomes[404])
+
+
+@pytest.mark.parametrize("model", ["OpenGVLab/InternVL2 2B", "OpenGVLab/InternVL2--2B"])
+def test_a_malformed_hub_id_is_named_as_such_and_not_tried_again(
+    model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # never asked
+
+    with pytest.raises(ModelUnobtainable) as refused:
+        fetch(model)
+
+    assert "is neither a directory here nor a Hugging Face hub id" in str(refused.value)
+    assert not refused.value.may_mend

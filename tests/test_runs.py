@@ -24,7 +24,7 @@ import pytest
 from bot.settings import EngineSettings, Settings, TrainingSettings
 from bot.store import ReportTarget, RunInProgress, RunStage, Store, TrainingRunRecord
 from bot.training.evaluation import Evaluation, SampleResult
-from bot.training.runs import RunSupervisor, run_directory
+from bot.training.runs import ModelNotServing, RunSupervisor, run_directory
 from bot.training.trainers.base import (
     Progress,
     ProgressCallback,
@@ -564,3 +564,28 @@ async def test_the_trainers_process_group_is_recorded_as_it_starts_even_without_
     assert bench.trainer.pids
     assert running.trainer_pgid == bench.trainer.pids[0]
     assert not group_alive(bench.trainer.pids[0]), "and cancelling stopped it"
+
+
+async def test_no_run_starts_while_the_served_model_is_not_answering_yet(
+    store: Store, data_dir: Path
+) -> None:
+    # dishbot run is still downloading its model: an evaluation now would score an active
+    # model that cannot answer, and promote into an engine not started.
+    settings = settings_for(data_dir)
+    trainer = FakeTrainer()
+    async with Engine(ScriptedBackend(), ModelSpec(BASE_PATH, "base")) as engine:
+        supervisor = RunSupervisor(
+            store,
+            settings,
+            engine,
+            lambda _settings: trainer,
+            model_ready=lambda: "downloading the model org/model, 42% of 2.1 GB",
+        )
+        try:
+            with pytest.raises(ModelNotServing, match=r"42% of 2\.1 GB"):
+                await supervisor.start(None, None)
+        finally:
+            await supervisor.close()
+
+    assert await store.training_runs(limit=5) == []
+    assert trainer.jobs == []

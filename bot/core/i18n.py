@@ -336,6 +336,10 @@ MESSAGES: Final[dict[str, dict[Language, str]]] = {
         "zh": "无论评估结果如何都上线新模型",
     },
     "admin_web_cancel_run": {"en": "Cancel the run", "zh": "取消训练"},
+    "admin_web_run_model_not_ready": {
+        "en": "The model is not answering yet (see the chat page): a run can start once it is.",
+        "zh": "模型还不能回答（见聊天页面）：等它能回答了再开始训练。",
+    },
     "admin_web_run_busy": {
         "en": "A run is already going: one at a time.",
         "zh": "已经有一个训练在进行中：一次只能进行一个。",

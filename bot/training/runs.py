@@ -101,6 +101,10 @@ class _Live:
     trainer_group: int | None = None  # as the trainer reported it (`TrainingJob.on_process`)
 
 
+class ModelNotServing(DishbotError):
+    """A run cannot start: the model it would be compared with is not answering yet."""
+
+
 class RunSupervisor:
     """Starts, supervises, cancels and recovers training runs (see the module docstring).
 
@@ -124,8 +128,13 @@ class RunSupervisor:
         candidate_engine: CandidateEngine | None = None,
         progress_interval_s: float = PROGRESS_INTERVAL_S,
         stale_after_s: float = STALE_AFTER_S,
+        model_ready: Callable[[], str | None] | None = None,
     ) -> None:
+        """``model_ready`` (a serving process's): None when ``engine``'s model answers, else
+        why not; a run is refused until it does, or its evaluation would score an active
+        model that cannot answer (and promote the candidate into an engine not started)."""
         self.store = store
+        self._model_ready = model_ready
         self.settings = settings
         self.engine = engine
         self._trainer_factory = trainer_factory
@@ -156,8 +165,12 @@ class RunSupervisor:
 
         ``force`` promotes whatever the evaluation says; ``dry_run`` exports and reports the
         plan without training. Raises `RunInProgress` (with the running run and its progress)
-        when another run holds the slot, and `ConfigError` when no trainer fits the settings.
+        when another run holds the slot, `ConfigError` when no trainer fits the settings, and
+        `ModelNotServing` while the served model is not ready.
         """
+        not_ready = self._model_ready() if self._model_ready is not None else None
+        if not_ready is not None:
+            raise ModelNotServing(f"the model is not answering yet ({not_ready})")
         trainer = self._trainer_factory(self.settings)
         base = await ensure_base_version(self.store, self.settings)
         claim: dict[str, Any] = {

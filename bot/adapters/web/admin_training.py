@@ -24,6 +24,7 @@ from bot.core.i18n import Language, say
 from bot.errors import DishbotError
 from bot.store import RunInProgress, TrainingRunRecord
 from bot.training.report import duration, stage_name, stage_progress
+from bot.training.runs import ModelNotServing
 from bot.training.trainers.process import log_tail
 
 if TYPE_CHECKING:
@@ -80,6 +81,9 @@ class TrainingPages:
             run_id = await self.admin.runs.start(None, None, force=force)
         except RunInProgress:
             return _back("admin_web_run_busy")
+        except ModelNotServing as exc:
+            log.warning("a training run could not start: %s", exc)
+            return _back("admin_web_run_model_not_ready")
         except DishbotError as exc:
             log.warning("a training run could not start: %s", exc)
             return _back("admin_web_run_not_started")
@@ -179,6 +183,7 @@ _MESSAGES = frozenset(
         "retrain_unavailable",
         "admin_web_run_busy",
         "admin_web_run_not_started",
+        "admin_web_run_model_not_ready",
         "retrain_nothing_running",
     }
 )

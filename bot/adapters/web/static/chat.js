@@ -227,14 +227,14 @@
       .then((response) => response.json())
       .then((status) => {
         showModelStatus(status);
-        if (!status.ready && status.phase !== "failed") {
+        if (!status.ready && (status.phase !== "failed" || status.retry_in_s)) {
           setTimeout(pollModelStatus, MODEL_STATUS_POLL_MS);
         }
       })
       .catch(() => setTimeout(pollModelStatus, MODEL_STATUS_POLL_MS));
   }
 
-  if (!modelStatus.hidden && modelStatus.dataset.phase !== "failed") {
+  if (!modelStatus.hidden && (modelStatus.dataset.phase !== "failed" || modelStatus.dataset.retrying)) {
     setTimeout(pollModelStatus, MODEL_STATUS_POLL_MS);
   }
 })();
