@@ -417,7 +417,9 @@ def _fetch_small_files(model: str, names: list[str]) -> Path:
     """Download ``names`` of ``model`` into the hub cache, one after the other; the
     snapshot's folder."""
     from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import disable_progress_bars  # type: ignore[attr-defined]
 
+    disable_progress_bars()  # dishbot draws one bar for the whole model, not one per file
     folder: Path | None = None
     for name in sorted(names, key=lambda name: name != "config.json"):  # the config first
         folder = Path(hf_hub_download(model, name)).parent

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
-from typing import TextIO
+from typing import TextIO, TypeVar
 
 from bot import model_source
 from bot.engine_setup import check_format, cuda_available, resolve_backend_name
@@ -42,6 +42,7 @@ from engine.errors import EngineError
 from engine.types import ModelSpec
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 LOG_EVERY_PERCENT = 10  # without a terminal, one log line per this much of a download
 BAR_WIDTH = 30
@@ -88,7 +89,7 @@ class ModelStatus:
 
 
 def downloading_message(model: str, progress: DownloadProgress) -> str:
-    """ "downloading the model OpenGVLab/InternVL3-1B-hf, 42% of 2.1 GB"."""
+    """The line shown while the model downloads: "downloading the model X, 42% of 2.1 GB"."""
     total = progress.total_bytes
     if not total:
         return f"downloading the model {model}"
@@ -218,7 +219,8 @@ class ModelStartup:
                     check=lambda _folder: check_format(self.settings, spec.path),
                 )
                 directory = await _on_daemon_thread(download)
-                self._check_memory(spec, directory)
+                # Off the event loop too: telling the device may import torch (seconds).
+                await _on_daemon_thread(functools.partial(self._check_memory, spec, directory))
             self._set(ModelStatus(Phase.LOADING, f"loading the model {spec.path}"))
             log.info("loading the model %s", spec.path)
             await self.engine.start(spec)
@@ -313,13 +315,13 @@ class ModelStartup:
         return device
 
 
-async def _on_daemon_thread(fetch_model: Callable[[], Path]) -> Path:
+async def _on_daemon_thread(call: Callable[[], T]) -> T:
     """Run a download on a daemon thread of its own: one still going when dishbot is told
     to stop is abandoned at exit (the hub cache resumes it next time) instead of holding the
     process until it ends."""
     worker = WorkerThread("model-download")
     try:
-        return await asyncio.get_running_loop().run_in_executor(worker, fetch_model)
+        return await asyncio.get_running_loop().run_in_executor(worker, call)
     finally:
         worker.shutdown(wait=False)
 
