@@ -160,10 +160,28 @@ def format_problem(backend: str, model: str, lmdeploy_engine: str = "turbomind")
     )
 
 
+def check_name(model: str) -> None:
+    """Raise `ModelUnobtainable` unless ``model`` is a directory or a well-formed hub id."""
+    if is_local(model):
+        return
+    from huggingface_hub.utils import validate_repo_id  # type: ignore[attr-defined]
+
+    try:
+        validate_repo_id(model)
+    except ValueError:
+        raise ModelUnobtainable(
+            f"{model!r} is neither a directory here nor a Hugging Face hub id (owner/name): "
+            f"set {MODEL_VARIABLE} to one, such as {TRANSFORMERS_DEFAULT}"
+        ) from None
+
+
 def _cached_file(repo_id: str, filename: str) -> Path | None:
     from huggingface_hub import try_to_load_from_cache
 
-    found = try_to_load_from_cache(repo_id, filename)
+    try:
+        found = try_to_load_from_cache(repo_id, filename)
+    except ValueError:  # not a well-formed hub id: nothing of it is cached
+        return None
     return Path(found) if isinstance(found, str) else None
 
 

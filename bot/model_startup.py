@@ -28,6 +28,7 @@ from bot.model_source import (
     MODEL_VARIABLE,
     DownloadProgress,
     ModelUnobtainable,
+    check_name,
     fetch,
     memory_problem,
     model_for,
@@ -38,7 +39,7 @@ from bot.store import ModelVersionRecord, Store
 from bot.training.versions import ensure_base_version, model_spec
 from engine.backends.worker_thread import WorkerThread
 from engine.engine import Engine
-from engine.errors import EngineError
+from engine.errors import EngineError, ModelRefused
 from engine.types import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,10 @@ T = TypeVar("T")
 LOG_EVERY_PERCENT = 10  # without a terminal, one log line per this much of a download
 BAR_WIDTH = 30
 REDRAW_INTERVAL_S = 0.2
+OPENAI_SETTINGS = (
+    "check DISHBOT_ENGINE__OPENAI__API_KEY, DISHBOT_ENGINE__OPENAI__BASE_URL and "
+    "DISHBOT_ENGINE__OPENAI__MODEL"
+)
 RETRY_FIRST_S = 5.0  # a failure that may mend by itself is tried again after this long,
 RETRY_MAX_S = 300.0  # then twice as long each time, up to this
 
@@ -119,10 +124,16 @@ _URL_USERINFO = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^/\s@]+@", re.IGNORECASE)
 _URL_QUERY = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^\s?#]+)\?[^\s#)]*", re.IGNORECASE)
 
 
+# Shorter secrets are not searched for in free text: a weak password ("dishbot") would star
+# out dishbot's own words, and so tell anyone what it is. In URLs they are starred out anyway.
+MIN_SCRUBBED_LENGTH = 8
+
+
 def scrubbed(text: str, secrets: Sequence[str]) -> str:
     """``text`` without ``secrets`` and without the credentials and query of any URL in it."""
     for secret in sorted(secrets, key=len, reverse=True):
-        text = text.replace(secret, "***")
+        if len(secret) >= MIN_SCRUBBED_LENGTH:
+            text = text.replace(secret, "***")
     text = _URL_USERINFO.sub(r"\1***@", text)
     return _URL_QUERY.sub(r"\1?***", text)
 
@@ -185,6 +196,9 @@ class ModelStartup:
                 spec = await self._chosen_model(store)
             except ModelUnobtainable as exc:
                 problem: Problem | None = Problem(str(exc), exc.may_mend)
+            except Exception as exc:  # the database, say: try again, as for a server down
+                log.exception("choosing the model failed")
+                problem = Problem(f"choosing the model failed ({type(exc).__name__})", True)
             else:
                 problem = await self._start(spec)
             if problem is None:
@@ -226,6 +240,8 @@ class ModelStartup:
             await self.engine.start(spec)
         except ModelUnobtainable as exc:
             return Problem(str(exc), exc.may_mend)
+        except ModelRefused as exc:
+            return Problem(f"{exc}: {OPENAI_SETTINGS}")
         except EngineError as exc:
             words = str(exc)
             if "DISHBOT_" not in words:  # it does not say what to set yet
@@ -235,6 +251,12 @@ class ModelStartup:
             return Problem(
                 f"the machine ran out of memory loading the model: set {MODEL_VARIABLE} to a "
                 "smaller checkpoint, or free memory"
+            )
+        except Exception as exc:  # a library's own error (CUDA out of memory, say): say it
+            log.exception("loading the model %s failed", spec.path)
+            return Problem(
+                f"loading the model failed ({type(exc).__name__}: {exc}); set "
+                f"{MODEL_VARIABLE} to another model, or see `dishbot doctor`"
             )
         self._set(ModelStatus(Phase.READY, ready_message(self.engine)))
         log.info("the model %s is ready", spec.path)
@@ -249,7 +271,8 @@ class ModelStartup:
         words = (
             f"the active model version {active.name} is a trained one, which wins over "
             f"{MODEL_VARIABLE}, and it cannot be served here: {problem.words}. To serve the "
-            "base model instead: `dishbot models activate base` (or `dishbot models rollback`)"
+            "base model instead: `dishbot models activate base` (or `dishbot models rollback`), "
+            "then restart dishbot"
         )
         return replace(problem, words=words)
 
@@ -257,12 +280,17 @@ class ModelStartup:
         """The active version's model; on a fresh install, the configured one, which for the
         openai backend with none named is the server's first model."""
         engine = self.settings.engine
-        model = model_for(engine, resolve_backend_name(engine))
+        backend = resolve_backend_name(engine)
+        model = model_for(engine, backend)
         if model is None:  # openai, nothing named: ask the server what it serves
             model = await self._served_model()
+        elif backend != "openai":
+            check_name(model)  # before a malformed one is kept as a version
         # A model the operator named wins over an untrained one the database had; a default
         # does not, so hosts whose `auto` lands on different backends do not take turns.
-        named = engine.model is not None or engine.openai.model is not None
+        named = engine.model is not None or (
+            backend == "openai" and engine.openai.model is not None
+        )
         active = await ensure_base_version(store, self.settings, model, repoint=named)
         self.active_version = active
         return model_spec(active)
@@ -272,6 +300,8 @@ class ModelStartup:
         try:
             await self.engine.backend.load(ModelSpec(path="", name=""))
             served = getattr(self.engine.backend, "model_name", None)
+        except ModelRefused as exc:
+            raise ModelUnobtainable(f"{exc}: {OPENAI_SETTINGS}") from None
         except EngineError as exc:
             raise ModelUnobtainable(
                 f"{exc}: start the server, or set DISHBOT_ENGINE__OPENAI__BASE_URL to where it "

@@ -42,6 +42,11 @@ class ModelLoadFailed(EngineError):
     """A model could not be loaded (missing files, out of memory, wrong format)."""
 
 
+class ModelRefused(ModelLoadFailed):
+    """A model server refused to serve us (a wrong key, no such model or path: HTTP 401, 403,
+    404): asking again will not help until the settings change."""
+
+
 class EngineClosed(EngineError):
     """The engine is stopped (or stopping) and takes no more requests."""
 

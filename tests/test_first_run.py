@@ -294,9 +294,11 @@ async def test_a_trained_version_that_cannot_be_served_says_how_to_go_back_to_th
 
 
 def test_a_status_message_quotes_no_secret_nor_a_urls_credentials() -> None:
-    message = "http://operator:pw@gpu:23333/v1?api-key=qk-1 answered 401; token 123:ABC is wrong"
+    message = (
+        "http://operator:pw@gpu:23333/v1?api-key=qk-1 answered 401; token 123456:ABCdef is wrong"
+    )
 
-    shown = scrubbed(message, ["123:ABC"])
+    shown = scrubbed(message, ["123456:ABCdef", "pw"])
 
     assert shown == "http://***@gpu:23333/v1?*** answered 401; token *** is wrong"
 

@@ -128,7 +128,10 @@ async def _active_version(settings: Settings) -> _Served | None:
     if active is None:
         return None
     base = active.parent_id is None and active.run_id is None
-    named = settings.engine.model is not None or settings.engine.openai.model is not None
+    engine = settings.engine
+    named = engine.model is not None or (
+        engine.backend == "openai" and engine.openai.model is not None
+    )
     if base and named:
         return None  # an untrained version: the model named replaces it at the next start
     return _Served(active.path, active.name, trained=not base)

@@ -46,7 +46,13 @@ from dataclasses import dataclass, field
 import aiohttp
 from yarl import URL
 
-from engine.errors import Cancelled, GenerationFailed, ModelLoadFailed, RequestRefused
+from engine.errors import (
+    Cancelled,
+    GenerationFailed,
+    ModelLoadFailed,
+    ModelRefused,
+    RequestRefused,
+)
 from engine.images import DecodedImage, encode_jpeg
 from engine.prompts import build_messages, to_openai_messages
 from engine.types import (
@@ -259,9 +265,10 @@ class OpenAIBackend:
             async with session.get(f"{self._base_url}/models") as response:
                 if response.status != 200:
                     message = await _error_message(response)
-                    raise ModelLoadFailed(
-                        f"{where} answered {response.status} to GET /models: {message}"
+                    refused = (
+                        ModelRefused if response.status in (401, 403, 404) else ModelLoadFailed
                     )
+                    raise refused(f"{where} answered {response.status} to GET /models: {message}")
                 payload = await response.json(content_type=None)
         except TimeoutError as error:
             raise ModelLoadFailed(f"{where} timed out listing its models") from error
