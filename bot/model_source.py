@@ -14,6 +14,7 @@ import http.client
 import json
 import logging
 import os
+import ssl
 import threading
 import urllib.error
 import urllib.request
@@ -482,6 +483,12 @@ def _fetch_resumably(
             except (OSError, http.client.HTTPException) as exc:
                 if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
                     raise
+                if isinstance(getattr(exc, "reason", None), ssl.SSLError):
+                    raise ModelUnobtainable(
+                        f"the TLS certificate of the server {name} comes from is not trusted "
+                        f"here ({exc}): set SSL_CERT_FILE to your CA bundle, or set "
+                        f"{MODEL_VARIABLE} to a local directory"
+                    ) from None
                 log.warning("downloading %s was cut short (%s); going on", name, exc)
         if not partial.exists() or partial.stat().st_size < file.size:
             raise ModelUnobtainable(
@@ -554,6 +561,13 @@ def size_words(count: int) -> str:
             shown = count / scale
             return f"{shown:.1f} {unit}" if shown < 10 else f"{shown:.0f} {unit}"
     return f"{count} B"
+
+
+def downloaded_bytes(model: str | None) -> int:
+    """Bytes of ``model`` in the hub cache so far, finished or not (0 for a directory)."""
+    if model is None or is_local(model):
+        return 0
+    return _bytes_in(_repo_cache(model) / "blobs")
 
 
 def _bytes_in(folder: Path) -> int:

@@ -29,7 +29,9 @@ from bot.model_source import (
     DownloadProgress,
     ModelUnobtainable,
     check_name,
+    downloaded_bytes,
     fetch,
+    is_local,
     memory_problem,
     model_for,
     size_words,
@@ -163,6 +165,7 @@ class ModelStartup:
         self.engine = engine
         self.status = ModelStatus(Phase.STARTING, "starting: choosing the model")
         self.active_version: ModelVersionRecord | None = None  # once chosen
+        self._model_path: str | None = None
         self._listeners = listeners
         self._free_memory_of = free_memory_of or (lambda device: model_source.free_memory(device))
 
@@ -191,6 +194,7 @@ class ModelStartup:
         download cut short) is tried again, less and less often, until it works.
         """
         delay = RETRY_FIRST_S
+        downloaded_before = 0
         while True:
             try:
                 spec = await self._chosen_model(store)
@@ -200,6 +204,7 @@ class ModelStartup:
                 log.exception("choosing the model failed")
                 problem = Problem(f"choosing the model failed ({type(exc).__name__})", True)
             else:
+                self._model_path = spec.path
                 problem = await self._start(spec)
             if problem is None:
                 return True
@@ -208,6 +213,11 @@ class ModelStartup:
                 self.fail(problem.words)
                 self.engine.abandon_start()  # questions now hear it is unavailable
                 return False
+            # A download that got further before it broke starts the wait from the beginning:
+            # a link that drops every few minutes must not end up idle for minutes between.
+            got_further = await asyncio.to_thread(downloaded_bytes, self._model_path)
+            delay = RETRY_FIRST_S if got_further > downloaded_before else delay
+            downloaded_before = max(downloaded_before, got_further)
             self.fail(problem.words, retry_in_s=delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, RETRY_MAX_S)
@@ -235,7 +245,8 @@ class ModelStartup:
                 directory = await _on_daemon_thread(download)
                 # Off the event loop too: telling the device may import torch (seconds).
                 await _on_daemon_thread(functools.partial(self._check_memory, spec, directory))
-            self._set(ModelStatus(Phase.LOADING, f"loading the model {spec.path}"))
+            shown = spec.name if is_local(spec.path) else spec.path  # no path on a public page
+            self._set(ModelStatus(Phase.LOADING, f"loading the model {shown}"))
             log.info("loading the model %s", spec.path)
             await self.engine.start(spec)
         except ModelUnobtainable as exc:

@@ -517,3 +517,21 @@ def test_a_stop_while_a_small_file_downloads_ends_dishbot_promptly(
     assert status == 0, output[-3000:]
     assert "stopped during start-up" in output
     assert "Traceback" not in output
+
+
+def test_a_download_that_gets_further_each_time_is_tried_again_soon_not_later_and_later(
+    big_model: Path, tmp_path: Path
+) -> None:
+    # A link that drops every megabyte: each try gets 5 MiB further (5 connections a try).
+    with running_hub() as hub:
+        hub.add_repo(BIG_REPO_ID, big_model)
+        for _ in range(10):
+            hub.drop_once(after_bytes=1024 * 1024, filename="model.safetensors")
+        dishbot = DishbotRun(hub, tmp_path, model=BIG_REPO_ID)
+        try:
+            dishbot.until(lambda: dishbot.output.count("trying again in") >= 2, "two retries")
+            waits = re.findall(r"trying again in (\d+) s", dishbot.output)
+        finally:
+            dishbot.kill()
+
+    assert waits[:2] == ["5", "5"]  # not 5 then 10: it got further each time

@@ -211,6 +211,7 @@
   const modelStatusText = document.getElementById("model-status-text");
   const modelProgress = document.getElementById("model-progress");
   const MODEL_STATUS_POLL_MS = 2000;
+  const MODEL_STATUS_SLOW_POLL_MS = 30000;
 
   function showModelStatus(status) {
     modelStatus.dataset.phase = status.phase;
@@ -227,14 +228,16 @@
       .then((response) => response.json())
       .then((status) => {
         showModelStatus(status);
-        if (!status.ready && (status.phase !== "failed" || status.retry_in_s)) {
-          setTimeout(pollModelStatus, MODEL_STATUS_POLL_MS);
-        }
+        if (status.ready) return;
+        // A failure for good waits for the operator to fix it and restart: ask now and then.
+        const retrying = status.phase !== "failed" || status.retry_in_s;
+        setTimeout(pollModelStatus, retrying ? MODEL_STATUS_POLL_MS : MODEL_STATUS_SLOW_POLL_MS);
       })
       .catch(() => setTimeout(pollModelStatus, MODEL_STATUS_POLL_MS));
   }
 
-  if (!modelStatus.hidden && (modelStatus.dataset.phase !== "failed" || modelStatus.dataset.retrying)) {
-    setTimeout(pollModelStatus, MODEL_STATUS_POLL_MS);
+  if (!modelStatus.hidden) {
+    const retrying = modelStatus.dataset.phase !== "failed" || modelStatus.dataset.retrying;
+    setTimeout(pollModelStatus, retrying ? MODEL_STATUS_POLL_MS : MODEL_STATUS_SLOW_POLL_MS);
   }
 })();
