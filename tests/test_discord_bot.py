@@ -53,7 +53,7 @@ from tests.telegram_emulator import TelegramEmulator
 from tests.telegram_emulator import User as TelegramUser
 
 MODEL = "dishbot-test"
-GUARD_S = 10.0  # how long a test waits for the bot; a guard against hangs, not a measurement
+GUARD_S = 30.0  # how long a test waits for the bot; a guard against hangs, not a measurement
 CALLBACK = "POST /interactions/{interaction_id}/{token}/callback"
 CREATE_MESSAGE = "POST /channels/{channel_id}/messages"
 EDIT_MESSAGE = "PATCH /channels/{channel_id}/messages/{message_id}"
