@@ -103,6 +103,12 @@ def model_for(engine: EngineSettings, backend: str) -> str | None:
     return DEFAULT_MODELS[backend]
 
 
+def names_a_model(engine: EngineSettings, backend: str) -> bool:
+    """Whether the operator named the model (rather than leaving the backend's default):
+    ``engine.model``, or ``engine.openai.model`` for the openai backend."""
+    return engine.model is not None or (backend == "openai" and engine.openai.model is not None)
+
+
 def is_local(model: str) -> bool:
     """Whether ``model`` names a directory rather than a hub repository ("owner/name")."""
     if model.startswith(("/", ".", "~")):

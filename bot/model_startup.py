@@ -34,11 +34,12 @@ from bot.model_source import (
     is_local,
     memory_problem,
     model_for,
+    names_a_model,
     size_words,
 )
 from bot.settings import Settings
 from bot.store import ModelVersionRecord, Store
-from bot.training.versions import ensure_base_version, model_spec
+from bot.training.versions import ensure_base_version, is_trained, model_spec
 from engine.backends.worker_thread import WorkerThread
 from engine.engine import Engine
 from engine.errors import EngineError, ModelRefused
@@ -277,7 +278,7 @@ class ModelStartup:
         """When the active version is a trained one, setting engine.model changes nothing
         (the trained version wins): say what does."""
         active = self.active_version
-        if active is None or (active.parent_id is None and active.run_id is None):
+        if active is None or not is_trained(active):
             return problem
         words = (
             f"the active model version {active.name} is a trained one, which wins over "
@@ -299,9 +300,7 @@ class ModelStartup:
             check_name(model)  # before a malformed one is kept as a version
         # A model the operator named wins over an untrained one the database had; a default
         # does not, so hosts whose `auto` lands on different backends do not take turns.
-        named = engine.model is not None or (
-            backend == "openai" and engine.openai.model is not None
-        )
+        named = names_a_model(engine, backend)
         active = await ensure_base_version(store, self.settings, model, repoint=named)
         self.active_version = active
         return model_spec(active)

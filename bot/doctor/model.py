@@ -25,12 +25,14 @@ from bot.model_source import (
     locate,
     memory_problem,
     model_for,
+    names_a_model,
     reachability_problem,
 )
 from bot.settings import EngineSettings, Settings
 from bot.store import Store
 from bot.store.database import database_errors, missing_sqlite_file
 from bot.store.schema import current_revision, head_revision
+from bot.training.versions import is_trained
 
 HUB_TIMEOUT_S = 10.0
 
@@ -127,14 +129,10 @@ async def _active_version(settings: Settings) -> _Served | None:
         await store.close()
     if active is None:
         return None
-    base = active.parent_id is None and active.run_id is None
-    engine = settings.engine
-    named = engine.model is not None or (
-        engine.backend == "openai" and engine.openai.model is not None
-    )
-    if base and named:
+    trained = is_trained(active)
+    if not trained and names_a_model(settings.engine, settings.engine.backend):
         return None  # an untrained version: the model named replaces it at the next start
-    return _Served(active.path, active.name, trained=not base)
+    return _Served(active.path, active.name, trained=trained)
 
 
 async def _fits(

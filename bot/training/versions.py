@@ -59,7 +59,7 @@ async def ensure_base_version(
     if active is not None:
         if active.path == model:
             return active
-        if repoint and _is_base(active):
+        if repoint and not is_trained(active):
             return await _switch_base(store, model)
         log.warning(
             "engine.model is %s but the database serves %s as %r; the database wins "
@@ -76,15 +76,15 @@ async def ensure_base_version(
     return await store.activate_model_version(BASE_VERSION, reason="base")
 
 
-def _is_base(version: ModelVersionRecord) -> bool:
-    """Whether ``version`` is a model as configured, not one a run trained."""
-    return version.parent_id is None and version.run_id is None
+def is_trained(version: ModelVersionRecord) -> bool:
+    """Whether a run trained ``version`` (else it is a base: a model as configured)."""
+    return version.parent_id is not None or version.run_id is not None
 
 
 async def _switch_base(store: Store, model: str) -> ModelVersionRecord:
     """Serve ``model`` as the base from now on: an earlier base version of it, or a new one."""
     versions = await store.model_versions()
-    earlier = [v for v in versions if _is_base(v) and v.path == model]
+    earlier = [v for v in versions if not is_trained(v) and v.path == model]
     if earlier:
         name = earlier[-1].name
     else:
