@@ -126,18 +126,14 @@ def engine_to_start(settings: Settings) -> Engine:
         try:
             return make_backend(engine)
         except ImportError as exc:
-            raise ModelLoadFailed(_missing_library(name, exc)) from None
+            raise ModelLoadFailed(
+                f"the transformers backend cannot run here ({exc.name or exc} is not "
+                'installed): install it with pip install "dishbot[cpu]", or set '
+                "DISHBOT_ENGINE__BACKEND"
+            ) from None
 
     backend = DeferredBackend(name, engine.max_batch_size, 1, build)
     return Engine(backend, configured_model(settings), engine_config(settings))
-
-
-def _missing_library(backend: str, error: ImportError) -> str:
-    extra = "gpu" if backend == "lmdeploy" else "cpu"
-    return (
-        f"the {backend} backend cannot run here ({error.name or error} is not installed): "
-        f'install it with pip install "dishbot[{extra}]", or set DISHBOT_ENGINE__BACKEND'
-    )
 
 
 def build_engine(settings: Settings, model: ModelSpec | None = None) -> Engine:

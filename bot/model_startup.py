@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
-from typing import TextIO, TypeVar
+from typing import TextIO
 
 from bot import model_source
 from bot.engine_setup import check_format, cuda_available, resolve_backend_name
@@ -40,13 +40,12 @@ from bot.model_source import (
 from bot.settings import Settings
 from bot.store import ModelVersionRecord, Store
 from bot.training.versions import ensure_base_version, is_trained, model_spec
-from engine.backends.worker_thread import WorkerThread
+from engine.backends.worker_thread import on_own_thread
 from engine.engine import Engine
 from engine.errors import EngineError, ModelRefused
 from engine.types import ModelSpec
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 LOG_EVERY_PERCENT = 10  # without a terminal, one log line per this much of a download
 BAR_WIDTH = 30
@@ -243,9 +242,11 @@ class ModelStartup:
                     self._downloading(spec),
                     check=lambda _folder: check_format(self.settings, spec.path),
                 )
-                directory = await _on_daemon_thread(download)
+                directory = await on_own_thread("model-download", download)
                 # Off the event loop too: telling the device may import torch (seconds).
-                await _on_daemon_thread(functools.partial(self._check_memory, spec, directory))
+                await on_own_thread(
+                    "memory-check", functools.partial(self._check_memory, spec, directory)
+                )
             shown = spec.name if is_local(spec.path) else spec.path  # no path on a public page
             self._set(ModelStatus(Phase.LOADING, f"loading the model {shown}"))
             log.info("loading the model %s", spec.path)
@@ -353,17 +354,6 @@ class ModelStartup:
         if device == "auto":
             return "cuda" if cuda_available() else "cpu"
         return device
-
-
-async def _on_daemon_thread(call: Callable[[], T]) -> T:
-    """Run a download on a daemon thread of its own: one still going when dishbot is told
-    to stop is abandoned at exit (the hub cache resumes it next time) instead of holding the
-    process until it ends."""
-    worker = WorkerThread("model-download")
-    try:
-        return await asyncio.get_running_loop().run_in_executor(worker, call)
-    finally:
-        worker.shutdown(wait=False)
 
 
 def current_status(startup: ModelStartup | None, engine: Engine) -> ModelStatus:

@@ -3,11 +3,10 @@ seconds to import (torch, transformers): whatever else the process serves starts
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncGenerator, Callable, Sequence
 
 from engine.backends.base import Backend
-from engine.backends.worker_thread import WorkerThread
+from engine.backends.worker_thread import on_own_thread
 from engine.types import BackendEvent, GenerationJob, ModelSpec
 
 
@@ -40,13 +39,7 @@ class DeferredBackend:
         """Build the backend (importing its libraries on a daemon thread, so a stop during
         the import is not held up by it), then load ``model`` with it."""
         if self._backend is None:
-            importer = WorkerThread(f"{self.name}-import")
-            try:
-                self._backend = await asyncio.get_running_loop().run_in_executor(
-                    importer, self._build
-                )
-            finally:
-                importer.shutdown(wait=False)
+            self._backend = await on_own_thread(f"{self.name}-import", self._build)
         await self._backend.load(model)
 
     def generate(self, jobs: Sequence[GenerationJob]) -> AsyncGenerator[BackendEvent, None]:

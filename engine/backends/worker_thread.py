@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
 from collections.abc import Callable
@@ -54,3 +55,14 @@ class WorkerThread(Executor):
                 future.set_exception(error)
             else:
                 future.set_result(result)
+
+
+async def on_own_thread(name: str, call: Callable[[], T]) -> T:
+    """``call()``, run on a `WorkerThread` of its own named ``name``: one still running when
+    the process is told to stop (a download, an import) is abandoned at exit instead of
+    holding the process until it ends."""
+    worker = WorkerThread(name)
+    try:
+        return await asyncio.get_running_loop().run_in_executor(worker, call)
+    finally:
+        worker.shutdown(wait=False)

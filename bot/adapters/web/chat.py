@@ -39,7 +39,7 @@ from bot.core.events import (
     TextMessage,
 )
 from bot.core.i18n import MESSAGES, Language, language_of, say
-from bot.model_startup import ModelStatus, current_status
+from bot.model_startup import ModelStatus
 
 log = logging.getLogger(__name__)
 
@@ -87,10 +87,10 @@ class ChatRoutes:
         port: WebPort,
         identities: Identities,
         tasks: TasksInHand,
-        model_status: Callable[[], ModelStatus] | None = None,
+        model_status: Callable[[], ModelStatus],
     ) -> None:
         self.dialog = dialog
-        self.model_status = model_status or (lambda: current_status(None, dialog.engine))
+        self.model_status = model_status
         self.port = port
         self.identities = identities
         self._tasks = tasks  # the dialog calls running in the background

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from aiohttp import web
 
 from bot.metrics import CONTENT_TYPE, Metrics
-from bot.model_startup import ModelStatus, current_status
+from bot.model_startup import ModelStatus
 from bot.store import Store
 from engine.engine import Engine
 
@@ -29,13 +29,13 @@ class OpsRoutes:
         engine: Engine,
         store: Store,
         metrics: Metrics,
+        model_status: Callable[[], ModelStatus],
         peers: Sequence[object] = (),
-        model_status: Callable[[], ModelStatus] | None = None,
     ) -> None:
         """``peers`` are the other chat adapters; one may say whether it is `connected`.
         ``model_status`` says how far the model is on its way to answering."""
         self.engine = engine
-        self.model_status = model_status or (lambda: current_status(None, engine))
+        self.model_status = model_status
         self.store = store
         self.metrics = metrics
         self.peers = peers

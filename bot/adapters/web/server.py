@@ -119,7 +119,7 @@ class WebAdapter:
             return current_status(startup, dialog.engine)
 
         ChatRoutes(dialog, self.port, identities, self._in_hand, model_status).register(self.app)
-        OpsRoutes(dialog.engine, dialog.store, metrics, peers, model_status).register(self.app)
+        OpsRoutes(dialog.engine, dialog.store, metrics, model_status, peers).register(self.app)
         admin = admin or Admin(settings, dialog.store, dialog.engine)
         AdminRoutes(admin, self.admin_sessions).register(self.app)
         # aiohttp refuses paths that leave this directory, and follows no symlink out of it.
