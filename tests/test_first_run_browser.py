@@ -7,15 +7,15 @@ downloads, shows how far it is, and answers once the model is ready.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.factories import jpeg_bytes
-from tests.hub_emulator import HubEmulator, running_hub
-from tests.test_model_download import REPO_ID, THROTTLE_BYTES_PER_S, DishbotRun, held_in_the_weights
+from tests.hub_emulator import HubEmulator
+from tests.test_model_download import REPO_ID, DishbotRun, held_in_the_weights
+from tests.test_model_download import hub as hub  # the fixture, shared
 from tests.test_web_browser import ANSWER_WITH_BUTTONS, CHROMEDRIVER, CHROMIUM, WAIT_S
 from tests.test_web_browser import browser as browser  # the fixture, shared
 
@@ -31,13 +31,6 @@ BANNER = (
     "return s.hidden || p.hidden || p.value < 30 ? null : [s.dataset.phase, s.innerText, p.value];"
 )
 BANNER_GONE = "return document.getElementById('model-status').hidden"
-
-
-@pytest.fixture
-def hub(tiny_internvl: Path) -> Iterator[HubEmulator]:
-    with running_hub(throttle_bytes_per_s=THROTTLE_BYTES_PER_S) as hub:
-        hub.add_repo(REPO_ID, tiny_internvl)
-        yield hub
 
 
 def _wait_for(driver: Any, script: str) -> Any:
